@@ -1,0 +1,139 @@
+"""The one place that decides which backend runs an op.
+
+Backends, fastest first: "cuda" (hand-written kernels in csrc/, loaded by ctypes), "triton" (the main GPU
+path; also runs on CPU tensors under TRITON_INTERPRET=1), "torch" (vectorized PyTorch, runs anywhere).
+Availability is probed once. `H3MOE_BACKEND=<name>` overrides "auto". "auto" quietly skips a backend that
+cannot run an op here; an explicit backend that cannot raises an error that says why.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+
+# Ops each backend implements; a backend module adds to its set when it registers an op.
+# Ops: "route", "moe", "gating_loss", "quant_moe".
+_OPS: dict[str, set[str]] = {"torch": {"route", "moe", "gating_loss", "quant_moe"}, "triton": set(), "cuda": set()}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here (the message says why)."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool  # can run on this machine's default device
+    reason: str  # why not, or what it runs on
+    ops: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.name}: {'yes' if self.available else 'no'} ({self.reason})"
+
+
+def register_ops(backend: str, *ops: str) -> None:
+    _OPS[backend].update(ops)
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _cuda_lib_status() -> tuple[bool, str]:
+    from . import _lib
+
+    return _lib.status()
+
+
+def _status(name: str) -> BackendStatus:
+    has_gpu = torch.cuda.is_available()
+    if name == "torch":
+        return BackendStatus(name, True, "cuda and cpu" if has_gpu else "cpu", tuple(sorted(_OPS[name])))
+    if name == "triton":
+        _load_backend_modules()
+        if not _triton_installed():
+            return BackendStatus(name, False, "triton is not installed (pip install h3moe[triton])")
+        if has_gpu:
+            return BackendStatus(name, True, "cuda", tuple(sorted(_OPS[name])))
+        if interpreter_enabled():
+            return BackendStatus(name, True, "no GPU, interpreter only (TRITON_INTERPRET=1)", tuple(sorted(_OPS[name])))
+        return BackendStatus(name, False, "no GPU (set TRITON_INTERPRET=1 to run the kernels in the interpreter)")
+    if name == "cuda":
+        _load_backend_modules()
+        ok, why = _cuda_lib_status()
+        if not ok:
+            return BackendStatus(name, False, why)
+        if not has_gpu:
+            return BackendStatus(name, False, f"no GPU (library built: {why})")
+        return BackendStatus(name, True, why, tuple(sorted(_OPS[name])))
+    raise ValueError(f"backend: expected one of {BACKENDS} or 'auto', got {name!r}")
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Which backends can run here, and why not where one cannot."""
+    return {name: _status(name) for name in BACKENDS}
+
+
+@functools.lru_cache(maxsize=None)
+def _load_backend_modules() -> None:
+    """Import the op modules so that each backend has registered the ops it implements."""
+    from .ops import experts, losses, routing  # noqa: F401
+
+    for mod in ("h3moe.ops.cuda", "h3moe.ops.quant"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            pass
+
+
+def _can_run(name: str, op: str, device: torch.device) -> tuple[bool, str]:
+    if op not in _OPS[name]:
+        return False, f"backend {name!r} does not implement {op!r}"
+    if name == "torch":
+        return True, ""
+    if name == "triton":
+        if not _triton_installed():
+            return False, "triton is not installed (pip install h3moe[triton])"
+        if device.type == "cuda":
+            return True, ""
+        if device.type == "cpu" and interpreter_enabled():
+            return True, ""
+        return False, f"triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); got {device.type}"
+    if name == "cuda":
+        ok, why = _cuda_lib_status()
+        if not ok:
+            return False, why
+        if device.type != "cuda":
+            return False, f"the cuda backend needs CUDA tensors; got {device.type}"
+        return True, ""
+    return False, f"unknown backend {name!r}"
+
+
+def resolve(backend: str, device: torch.device, op: str) -> str:
+    """Pick the backend that runs `op` on tensors on `device`."""
+    if backend == "auto":
+        backend = os.environ.get("H3MOE_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS and backend != "auto":
+        raise ValueError(f"backend: expected one of {BACKENDS} or 'auto', got {backend!r}")
+    _load_backend_modules()
+    if backend != "auto":
+        ok, why = _can_run(backend, op, device)
+        if not ok:
+            raise BackendUnavailable(f"backend {backend!r} cannot run {op!r} here: {why}")
+        return backend
+    if device.type != "cuda":
+        return "torch"  # the interpreter is for tests, never picked automatically
+    for name in BACKENDS:
+        if _can_run(name, op, device)[0]:
+            return name
+    return "torch"

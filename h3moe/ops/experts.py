@@ -1,0 +1,151 @@
+"""h3moe.moe: SwiGLU experts over the fused layout, gather → gate_up GEMM → act(gate)·up → down GEMM →
+routing weight → combine of the K slots.
+
+The torch backend lives here: rows sorted by expert (Routing.sorted_slots), two grouped matmuls
+(`torch.nn.functional.grouped_mm` where it runs, a batched gather-weights fallback elsewhere), a
+deterministic combine (each slot's row written once, then a sum over K in fp32). No per-expert Python
+loop and no host synchronization. triton: h3moe.ops.triton_experts; cuda: h3moe.ops.cuda.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend, _validate
+from ..reference import ACTIVATIONS
+from .routing import Routing, as_routing
+
+__all__ = ["moe", "grouped_mm"]
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
+
+
+def _torch_grouped_mm(a, b, offs):
+    fn = F.grouped_mm if hasattr(F, "grouped_mm") else torch._grouped_mm
+    return fn(a, b, offs=offs)
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_runs(device_type: str, device_index, dtype: torch.dtype) -> bool:
+    """Probe once per (device, dtype) whether torch's grouped matmul runs (it does not for float64, nor
+    for every dtype on every GPU)."""
+    if not _HAS_GROUPED_MM:
+        return False
+    try:
+        dev = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+        a = torch.randn(4, 8, device=dev).to(dtype)
+        b = torch.randn(2, 8, 8, device=dev).to(dtype)
+        offs = torch.tensor([1, 4], dtype=torch.int32, device=dev)
+        _torch_grouped_mm(a, b, offs)
+        _torch_grouped_mm(a.t(), a[:, :8], offs)
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _use_torch_gmm(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        # Inductor lowers grouped_mm for bf16 only; other dtypes take the batched path under compile.
+        return _HAS_GROUPED_MM and (t.dtype == torch.bfloat16 or t.device.type == "cpu") and t.dtype != torch.float64
+    return _grouped_mm_runs(t.device.type, t.device.index, t.dtype)
+
+
+def _row_groups(offs: torch.Tensor, S: int) -> torch.Tensor:
+    """(S,) int64 group of each row, from the cumulative ends offs (E,), on the device."""
+    return torch.searchsorted(offs.long(), torch.arange(S, device=offs.device), right=True)
+
+
+def _gmm_fwd(a, b, offs):
+    """a (S, D) rows sorted by group, b (E, D, N), offs (E,) int32 cumulative ends → (S, N)."""
+    if _use_torch_gmm(a):
+        return _torch_grouped_mm(a, b, offs)
+    g = _row_groups(offs, a.shape[0])
+    return torch.bmm(a.unsqueeze(1), b.index_select(0, g)).squeeze(1)
+
+
+def _gmm_weight_grad(a, dy, offs, E):
+    """Σ over each group's rows of aᵀ·dy: a (S, D), dy (S, N) → (E, D, N)."""
+    if _use_torch_gmm(a):
+        return _torch_grouped_mm(a.t(), dy, offs)
+    g = _row_groups(offs, a.shape[0])
+    out = a.new_zeros(E, a.shape[1], dy.shape[1])
+    return out.index_add_(0, g, a.unsqueeze(2) * dy.unsqueeze(1))
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, offs):
+        ctx.save_for_backward(a, b, offs)
+        return _gmm_fwd(a, b, offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, b, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        da = _gmm_fwd(dy, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+        db = _gmm_weight_grad(a, dy, offs, b.shape[0]) if ctx.needs_input_grad[1] else None
+        return da, db, None
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Differentiable grouped matmul: a (S, D) rows sorted by group, b (E, D, N), offs (E,) int32
+    cumulative row ends → (S, N). Row r of group e is a[r] @ b[e]."""
+    return _GroupedMM.apply(a, b, offs)
+
+
+def _moe_torch(x, w_gate_up, w_down, routing: Routing, activation: str) -> torch.Tensor:
+    T, H = x.shape
+    K = routing.top_k
+    I = w_down.shape[2]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    order = routing.sorted_slots.long()  # (S,) S = T*K, flat slot t*K+k sorted by expert
+    offs = routing.offsets[1:]  # (E,) cumulative row ends
+    xs = x.index_select(0, order // K)  # (S, H) gathered tokens
+    h = grouped_mm(xs, w_gate_up.transpose(1, 2), offs)  # (S, 2I)
+    a = ACTIVATIONS[activation](h[:, :I]) * h[:, I:]  # (S, I)
+    o = grouped_mm(a, w_down.transpose(1, 2), offs)  # (S, H)
+    w = routing.weights.reshape(-1).index_select(0, order).to(acc)  # (S,)
+    o = o.to(acc) * w.unsqueeze(1)
+    slots = o.new_empty(o.shape).index_copy(0, order, o)  # (T*K, H) back in slot order, each row once
+    return slots.view(T, K, H).sum(dim=1).to(x.dtype)
+
+
+def moe(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    routing,
+    *,
+    activation: str = "silu",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SwiGLU mixture of experts.
+
+    Args:
+        x: (T, H) tokens.
+        w_gate_up: (E, 2I, H) gate rows first, then up rows (transformers 5.x fused layout).
+        w_down: (E, H, I).
+        routing: a Routing from h3moe.route, or a (weights (T, K), ids (T, K)) pair.
+        activation: "silu" (SwiGLU), "gelu", "gelu_tanh" or "relu", applied to the gate half.
+        backend: "auto", "torch", "triton" or "cuda".
+    Returns:
+        (T, H) in x's dtype; differentiable w.r.t. x, both weight tensors and the routing weights.
+    """
+    T, H, E, I = _validate.experts(x, w_gate_up, w_down)
+    _validate.activation(activation)
+    if w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
+        raise ValueError(f"w_gate_up/w_down: dtypes {w_gate_up.dtype}/{w_down.dtype} differ from x's {x.dtype}")
+    routing = as_routing(routing, E)
+    _validate.routing(routing.weights, routing.ids, T, E)
+    be = _backend.resolve(backend, x.device, "moe")
+    if be == "triton":
+        from . import triton_experts
+
+        return triton_experts.moe(x, w_gate_up, w_down, routing, activation)
+    if be == "cuda":
+        from . import cuda
+
+        return cuda.moe(x, w_gate_up, w_down, routing, activation)
+    return _moe_torch(x, w_gate_up, w_down, routing, activation)

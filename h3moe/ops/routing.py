@@ -1,0 +1,107 @@
+"""h3moe.route: softmax top-k routing plus the permutation metadata the expert GEMMs need.
+
+Backends: torch (here), triton (h3moe.ops.triton_routing), cuda (h3moe.ops.cuda). All return the same
+`Routing`; none synchronizes with the host, so routing can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import _backend, _validate
+
+__all__ = ["Routing", "route", "sort_by_expert", "as_routing"]
+
+
+@dataclass
+class Routing:
+    """Routing of T tokens to K of E experts.
+
+    weights: (T, K) fp32, differentiable w.r.t. the router logits.
+    ids: (T, K) int64 expert index of each slot.
+    counts: (E,) int32 number of (token, slot) pairs per expert.
+    offsets: (E+1,) int32 exclusive prefix sum of counts: expert e owns sorted rows [offsets[e], offsets[e+1]).
+    sorted_slots: (T*K,) int32 flat slot index t*K+k of each row, sorted by expert (stable: token order
+        within an expert).
+    """
+
+    weights: torch.Tensor
+    ids: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    sorted_slots: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.ids.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[0]
+
+
+def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Permutation metadata from expert ids (T, K), on the device, without host synchronization.
+
+    Returns counts (E,) int32, offsets (E+1,) int32, sorted_slots (T*K,) int32.
+    """
+    flat = ids.reshape(-1).long()  # (T*K,)
+    sorted_slots = torch.argsort(flat, stable=True).to(torch.int32)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return counts, offsets, sorted_slots
+
+
+def as_routing(routing, num_experts: int) -> Routing:
+    """Accept a Routing or a (weights, ids) pair (e.g. from a transformers router)."""
+    if isinstance(routing, Routing):
+        return routing
+    if isinstance(routing, (tuple, list)) and len(routing) == 2:
+        weights, ids = routing
+        _validate.tensor("routing.weights", weights, 2)
+        _validate.tensor("routing.ids", ids, 2, floating=False)
+        counts, offsets, sorted_slots = sort_by_expert(ids, num_experts)
+        return Routing(weights, ids, counts, offsets, sorted_slots)
+    raise ValueError(f"routing: expected a Routing or a (weights, ids) pair, got {type(routing).__name__}")
+
+
+def _route_torch(logits: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(logits.to(dtype), dim=-1)  # (T, E)
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # (T, K)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    counts, offsets, sorted_slots = sort_by_expert(ids, logits.shape[1])
+    return Routing(weights, ids, counts, offsets, sorted_slots)
+
+
+def route(logits: torch.Tensor, top_k: int, *, renormalize: bool = True, backend: str = "auto") -> Routing:
+    """Softmax top-k routing.
+
+    Args:
+        logits: (T, E) router logits, any float dtype.
+        top_k: K, 1 <= K <= E.
+        renormalize: divide the K selected probabilities by their sum (Mixtral, H3Fusion).
+        backend: "auto", "torch", "triton" or "cuda".
+    Returns:
+        Routing (weights (T, K) fp32, ids (T, K) int64 and the permutation metadata).
+    """
+    _validate.tensor("logits", logits, 2)
+    _validate.top_k(top_k, logits.shape[1])
+    be = _backend.resolve(backend, logits.device, "route")
+    if be == "triton":
+        from . import triton_routing
+
+        return triton_routing.route(logits, top_k, renormalize)
+    if be == "cuda":
+        from . import cuda
+
+        return cuda.route(logits, top_k, renormalize)
+    return _route_torch(logits, top_k, renormalize)
