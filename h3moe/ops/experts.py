@@ -45,7 +45,19 @@ def _grouped_mm_runs(device_type: str, device_index, dtype: torch.dtype) -> bool
         return False
 
 
-def _use_torch_gmm(t: torch.Tensor) -> bool:
+def _aligned(*ts: torch.Tensor) -> bool:
+    """torch's grouped matmul wants 16-byte aligned pointers and strides."""
+    compiling = torch.compiler.is_compiling()  # no data pointers on fake tensors
+    for t in ts:
+        size = t.element_size()
+        if (not compiling and t.data_ptr() % 16) or any((s * size) % 16 for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1):
+            return False
+    return True
+
+
+def _use_torch_gmm(t: torch.Tensor, *others: torch.Tensor) -> bool:
+    if not _aligned(t, *others):
+        return False
     if torch.compiler.is_compiling():
         # Inductor lowers grouped_mm for bf16 only; other dtypes take the batched path under compile.
         return _HAS_GROUPED_MM and (t.dtype == torch.bfloat16 or t.device.type == "cpu") and t.dtype != torch.float64
@@ -59,7 +71,7 @@ def _row_groups(offs: torch.Tensor, S: int) -> torch.Tensor:
 
 def _gmm_fwd(a, b, offs):
     """a (S, D) rows sorted by group, b (E, D, N), offs (E,) int32 cumulative ends → (S, N)."""
-    if _use_torch_gmm(a):
+    if _use_torch_gmm(a, b):
         return _torch_grouped_mm(a, b, offs)
     g = _row_groups(offs, a.shape[0])
     return torch.bmm(a.unsqueeze(1), b.index_select(0, g)).squeeze(1)
@@ -67,7 +79,7 @@ def _gmm_fwd(a, b, offs):
 
 def _gmm_weight_grad(a, dy, offs, E):
     """Σ over each group's rows of aᵀ·dy: a (S, D), dy (S, N) → (E, D, N)."""
-    if _use_torch_gmm(a):
+    if _use_torch_gmm(a, dy):
         return _torch_grouped_mm(a.t(), dy, offs)
     g = _row_groups(offs, a.shape[0])
     out = a.new_zeros(E, a.shape[1], dy.shape[1])
