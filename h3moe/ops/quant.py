@@ -1,0 +1,322 @@
+"""h3moe.quant_moe: SwiGLU experts whose fused weights are bitsandbytes-packed (NF4 / FP4 / int8).
+
+Backends: triton (h3moe/kernels/quant.py: dequantize in registers inside the grouped GEMM, never to global
+memory), torch (the CPU / fallback path: dequantize ONE expert at a time with `dequantize`, which equals
+bitsandbytes' dequantize_4bit / int8_vectorwise_dequant, then that expert's rows; a per-expert loop with a
+host sync, fine for a fallback). Inference only (no autograd through packed weights).
+
+`Packed` is the layout both backends read; h3moe.integrations.bitsandbytes builds it (quantize, take over
+bnb Linear4bit / Linear8bitLt experts, save / load). Nothing here needs bitsandbytes.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import _backend, _validate
+from ..reference import ACTIVATIONS
+from .routing import Routing, as_routing
+
+__all__ = ["Packed", "quant_moe", "dequantize", "dequantize_absmax"]
+
+_backend.register_ops("triton", "quant_moe")
+
+
+class Packed(NamedTuple):
+    """One fused expert tensor (E, N, Kd), quantized per expert in bitsandbytes' layout.
+
+    4-bit ("nf4" / "fp4"): qweight (E, N*Kd/2) uint8 (element 2j in the high nibble of byte j);
+        absmax (E, NB) fp32, NB = N*Kd/blocksize — or, nested, uint8 codes with absmax2 (E, ceil(NB/256))
+        fp32, code2 (256,) fp32 and offset (E,) fp32; code (16,) fp32 table.
+    "int8": qweight (E, N, Kd) int8; absmax (E, N) fp32 row absmax (bitsandbytes' row stats).
+    """
+
+    quant_type: str  # "nf4" | "fp4" | "int8"
+    shape: tuple  # (E, N, Kd)
+    blocksize: int  # 0 for int8
+    qweight: torch.Tensor
+    absmax: torch.Tensor
+    code: Optional[torch.Tensor] = None
+    absmax2: Optional[torch.Tensor] = None
+    code2: Optional[torch.Tensor] = None
+    offset: Optional[torch.Tensor] = None
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.quant_type == "int8" else 4
+
+    @property
+    def nested(self) -> bool:
+        return self.absmax2 is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch dequantization (equal to bitsandbytes' default / CPU ops)
+
+def dequantize_absmax(p: Packed, e: int | None = None) -> torch.Tensor:
+    """fp32 absmax (NB,) of expert e (or (E, NB) for all): bitsandbytes' nested dequant
+    (dequantize_blockwise(code2[u8] * absmax2 per 256 blocks) + offset) when nested."""
+    if not p.nested:
+        return p.absmax if e is None else p.absmax[e]
+    q = p.absmax if e is None else p.absmax[e : e + 1]  # (E', NB) uint8
+    nb = q.shape[1]
+    scale = p.absmax2 if e is None else p.absmax2[e : e + 1]  # (E', NB2)
+    scale = scale.repeat_interleave(256, dim=1)[:, :nb]
+    off = p.offset if e is None else p.offset[e : e + 1]
+    out = p.code2[q.long()] * scale  # fp32, as dequantize_blockwise
+    out = out + off.view(-1, 1)
+    return out if e is None else out[0]
+
+
+def dequantize(p: Packed, e: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Expert e's (N, Kd) matrix (or all (E, N, Kd)) in dtype; values computed in fp32 and cast once, as
+    bitsandbytes' dequantize_4bit / int8_vectorwise_dequant compute them."""
+    E, N, Kd = p.shape
+    if p.bits == 8:
+        q = p.qweight if e is None else p.qweight[e : e + 1]  # (E', N, Kd) int8
+        s = p.absmax if e is None else p.absmax[e : e + 1]  # (E', N)
+        out = (q * s.unsqueeze(-1)) * 7.874015718698502e-3  # bitsandbytes' 1/127
+        out = out.to(dtype)
+        return out if e is None else out[0]
+    q = p.qweight if e is None else p.qweight[e : e + 1]  # (E', N*Kd/2) uint8
+    amax = dequantize_absmax(p, e)
+    amax = amax if e is None else amax.unsqueeze(0)  # (E', NB)
+    b = q.long()
+    idx = torch.stack((b >> 4, b & 15), dim=-1).reshape(q.shape[0], -1)  # (E', N*Kd) high nibble first
+    vals = p.code[idx].view(q.shape[0], -1, p.blocksize) * amax.unsqueeze(-1)  # (E', NB, blocksize) fp32
+    out = vals.reshape(q.shape[0], N, Kd).to(dtype)
+    return out if e is None else out[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch backend: one expert at a time
+
+def _quant_moe_torch(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing, activation: str) -> torch.Tensor:
+    T, H = x.shape
+    K = routing.top_k
+    I = dn.shape[2]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    act = ACTIVATIONS[activation]
+    order = routing.sorted_slots.long()  # (S,)
+    w = routing.weights.reshape(-1).to(acc)  # (T*K,)
+    out = torch.zeros(T * K, H, dtype=acc, device=x.device)
+    offs = routing.offsets.tolist()
+    for e in range(len(offs) - 1):
+        if offs[e + 1] == offs[e]:
+            continue
+        slots = order[offs[e] : offs[e + 1]]  # (n_e,)
+        xs = x.index_select(0, slots // K)  # (n_e, H)
+        h = xs @ dequantize(gu, e, x.dtype).t()  # (n_e, 2I)
+        a = act(h[:, :I]) * h[:, I:]
+        o = a @ dequantize(dn, e, x.dtype).t()  # (n_e, H)
+        out.index_copy_(0, slots, o.to(acc) * w.index_select(0, slots).unsqueeze(1))
+    return out.view(T, K, H).sum(dim=1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# triton backend: custom ops h3moe::quant_w4_gate_up / quant_w4_down / quant_w8_gate_up / quant_w8_down
+
+
+def _empty(*shape, dtype, device) -> torch.Tensor:
+    """Output allocation of the Triton launchers (every element is written by a kernel); tests replace it
+    with a NaN-filled allocation to catch unwritten elements."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _m_tiles(S: int, E: int, BM: int) -> int:
+    # Σ_e ceil(count_e / BM) <= S // BM + (number of non-empty experts) <= S // BM + min(E, S)
+    return S // BM + min(E, S)
+
+
+@torch.library.custom_op("h3moe::quant_w4_gate_up", mutates_args=())
+def _w4_gate_up(
+    x: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
+    code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], code: torch.Tensor,
+    sorted_slots: torch.Tensor, offsets: torch.Tensor, top_k: int, intermediate: int, blocksize: int,
+    activation: str,
+) -> torch.Tensor:
+    from ..kernels import quant as kq
+
+    T, H = x.shape
+    S, I, E = sorted_slots.shape[0], intermediate, offsets.shape[0] - 1
+    out = _empty(S, I, dtype=x.dtype, device=x.device)
+    if S == 0:
+        return out
+    cfg = kq.pick_config(S, 4, blocksize, H, I)
+    nested = absmax2 is not None
+    grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
+    kq.w4_gate_up_kernel[grid](
+        x, q, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code, code,
+        sorted_slots, offsets, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E, H=H, I=I,
+        TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation],
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], DOT_PREC=_dot_prec(x.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+@_w4_gate_up.register_fake
+def _(x, q, absmax, absmax2, code2, offset, code, sorted_slots, offsets, top_k, intermediate, blocksize, activation):
+    return x.new_empty(sorted_slots.shape[0], intermediate)
+
+
+@torch.library.custom_op("h3moe::quant_w4_down", mutates_args=())
+def _w4_down(
+    a: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
+    code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], code: torch.Tensor,
+    sorted_slots: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, hidden: int, blocksize: int,
+) -> torch.Tensor:
+    from ..kernels import quant as kq
+
+    S, I = a.shape
+    H, E = hidden, offsets.shape[0] - 1
+    out = _empty(weights.numel(), H, dtype=torch.float32, device=a.device)
+    if S == 0:
+        return out
+    cfg = kq.pick_config(S, 4, blocksize, I, H)
+    nested = absmax2 is not None
+    grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
+    kq.w4_down_kernel[grid](
+        a, q, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code, code,
+        sorted_slots, offsets, weights, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E, H=H, I=I,
+        BLOCKSIZE=blocksize, NESTED=nested, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
+        DOT_PREC=_dot_prec(a.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+@_w4_down.register_fake
+def _(a, q, absmax, absmax2, code2, offset, code, sorted_slots, offsets, weights, hidden, blocksize):
+    return a.new_empty(weights.numel(), hidden, dtype=torch.float32)
+
+
+@torch.library.custom_op("h3moe::quant_w8_gate_up", mutates_args=())
+def _w8_gate_up(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, sorted_slots: torch.Tensor, offsets: torch.Tensor,
+    top_k: int, activation: str,
+) -> torch.Tensor:
+    from ..kernels import quant as kq
+
+    T, H = x.shape
+    S, I, E = sorted_slots.shape[0], q.shape[1] // 2, offsets.shape[0] - 1
+    out = _empty(S, I, dtype=x.dtype, device=x.device)
+    if S == 0:
+        return out
+    cfg = kq.pick_config(S, 8, 0, H, I)
+    grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
+    kq.w8_gate_up_kernel[grid](
+        x, q, scale, sorted_slots, offsets, out, E=E, H=H, I=I, TOPK=top_k, ACT=kq.ACT_IDS[activation],
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], DOT_PREC=_dot_prec(x.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+@_w8_gate_up.register_fake
+def _(x, q, scale, sorted_slots, offsets, top_k, activation):
+    return x.new_empty(sorted_slots.shape[0], q.shape[1] // 2)
+
+
+@torch.library.custom_op("h3moe::quant_w8_down", mutates_args=())
+def _w8_down(
+    a: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, sorted_slots: torch.Tensor, offsets: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    from ..kernels import quant as kq
+
+    S, I = a.shape
+    H, E = q.shape[1], offsets.shape[0] - 1
+    out = _empty(weights.numel(), H, dtype=torch.float32, device=a.device)
+    if S == 0:
+        return out
+    cfg = kq.pick_config(S, 8, 0, I, H)
+    grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
+    kq.w8_down_kernel[grid](
+        a, q, scale, sorted_slots, offsets, weights, out, E=E, H=H, I=I,
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], DOT_PREC=_dot_prec(a.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+@_w8_down.register_fake
+def _(a, q, scale, sorted_slots, offsets, weights):
+    return a.new_empty(weights.numel(), q.shape[1], dtype=torch.float32)
+
+
+def _check_triton_layout(p: Packed, name: str) -> None:
+    E, N, Kd = p.shape
+    if p.bits == 4:
+        if p.blocksize < 32 or Kd % p.blocksize:
+            raise ValueError(f"{name}: the triton kernels need blocksize >= 32 dividing the row length {Kd} "
+                             f"(a block inside one row); got blocksize {p.blocksize}")
+    elif Kd % 32:
+        raise ValueError(f"{name}: the int8 triton kernels need the row length {Kd} to be a multiple of 32")
+
+
+def _quant_moe_triton(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing, activation: str) -> torch.Tensor:
+    _check_triton_layout(gu, "gate_up")
+    _check_triton_layout(dn, "down")
+    T, H = x.shape
+    K = routing.top_k
+    I = dn.shape[2]
+    x = x.contiguous()
+    slots = routing.sorted_slots.to(torch.int32).contiguous()
+    offsets = routing.offsets.to(torch.int32).contiguous()
+    w = routing.weights.detach().reshape(-1).to(torch.float32).contiguous()  # (T*K,)
+    if gu.bits == 4:
+        a = torch.ops.h3moe.quant_w4_gate_up(x, gu.qweight, gu.absmax, gu.absmax2, gu.code2, gu.offset, gu.code,
+                                             slots, offsets, K, I, gu.blocksize, activation)
+    else:
+        a = torch.ops.h3moe.quant_w8_gate_up(x, gu.qweight, gu.absmax, slots, offsets, K, activation)
+    if dn.bits == 4:
+        o = torch.ops.h3moe.quant_w4_down(a, dn.qweight, dn.absmax, dn.absmax2, dn.code2, dn.offset, dn.code,
+                                          slots, offsets, w, H, dn.blocksize)
+    else:
+        o = torch.ops.h3moe.quant_w8_down(a, dn.qweight, dn.absmax, slots, offsets, w)
+    return o.view(T, K, H).sum(dim=1).to(x.dtype)
+
+
+def quant_moe(
+    x: torch.Tensor,
+    gate_up: Packed,
+    down: Packed,
+    routing,
+    *,
+    activation: str = "silu",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SwiGLU mixture of experts over quantized fused weights.
+
+    Args:
+        x: (T, H) fp16 / bf16 / fp32 tokens.
+        gate_up: Packed (E, 2I, H) (gate rows first, then up rows).
+        down: Packed (E, H, I).
+        routing: a Routing or a (weights (T, K), ids (T, K)) pair.
+        activation: "silu" (SwiGLU), "gelu", "gelu_tanh" or "relu".
+        backend: "auto", "torch" or "triton".
+    Returns:
+        (T, H) in x's dtype: equal, within fp16/bf16 rounding, to bitsandbytes' dequantize followed by
+        h3moe.reference.experts_ref.
+    """
+    _validate.tensor("x", x, 2)
+    _validate.activation(activation)
+    E, two_i, H = gate_up.shape
+    if tuple(down.shape) != (E, H, two_i // 2) or x.shape[1] != H:
+        raise ValueError(f"quant_moe: shapes x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, down "
+                         f"{tuple(down.shape)} do not fit (T, H), (E, 2I, H), (E, H, I)")
+    routing = as_routing(routing, E)
+    _validate.routing(routing.weights, routing.ids, x.shape[0], E)
+    be = _backend.resolve(backend, x.device, "quant_moe")
+    if be == "triton":
+        return _quant_moe_triton(x, gate_up, down, routing, activation)
+    return _quant_moe_torch(x, gate_up, down, routing, activation)
