@@ -1,0 +1,144 @@
+"""CPU smoke test of the whole benchmark driver (make test runs it): tiny shapes, every case, the JSON schema,
+the Markdown, the chart, rel_err against the fp32 reference; plus the pieces the driver trusts (the fp32
+loop reference, the timer, input rotation, the plans, the target evaluator). Runs in well under 30 s."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from bench import cases as C
+from bench import report
+from bench.driver import main
+from bench.timing import do_bench
+from h3moe import reference as ref
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny ops on a shared CPU: one thread avoids oversubscription stalls (the driver does the same).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("T,H,I,E,K", [
+    (1, 32, 48, 4, 2),  # a single token
+    (37, 64, 32, 8, 3),  # prime T, some experts likely unused
+    (64, 16, 16, 16, 16),  # K = E: every expert on every token
+])
+def test_experts_fp32_equals_reference(T, H, I, E, K):
+    # The big-shape reference must be reference.experts_ref's math: check it, and its gradients, in float64.
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    wgu = (torch.randn(E, 2 * I, H, dtype=torch.float64) / H**0.5).requires_grad_(True)
+    wd = (torch.randn(E, H, I, dtype=torch.float64) / I**0.5).requires_grad_(True)
+    w, ids = ref.route_ref(torch.randn(T, E, dtype=torch.float64), K)
+    w = w.clone().requires_grad_(True)
+    want = ref.experts_ref(x, wgu, wd, w, ids)
+    got = C.experts_fp32(x, wgu, wd, w, ids)
+    assert got.dtype == torch.float32
+    assert C.rel_err(got, want) < 1e-6
+    dy = torch.randn(T, H, dtype=torch.float64)
+    g_want = torch.autograd.grad(want, (x, wgu, wd, w), dy)
+    g_got = torch.autograd.grad(got, (x, wgu, wd, w), dy.float())
+    for a, b in zip(g_got, g_want):
+        assert C.rel_err(a, b) < 1e-5
+
+
+def test_do_bench_cpu_measures_time():
+    t = do_bench(lambda i: time.sleep(0.002), torch.device("cpu"), warmup_ms=1, rep_ms=10, min_reps=3, max_reps=5)
+    assert 1.9 <= t.p20 <= t.ms <= t.p80 < 50
+    assert 3 <= t.reps <= 5
+
+
+def test_small_inputs_rotate_among_distinct_random_sets():
+    from bench.driver import Runner
+
+    class A:
+        mode, interpreter, impls = "smoke", False, None
+
+    c = C.Case("fwd", C.TINY_MODELS["tiny"], 16, torch.float32)
+    sets = Runner(A, torch.device("cpu"), {}).input_sets(c)
+    assert len(sets) > 1  # tiny inputs fit in L2: several sets
+    for a, b in zip(sets, sets[1:]):
+        assert not torch.equal(a["x"], b["x"]) and not torch.equal(a["w_gate_up"], b["w_gate_up"])
+    for s in sets:
+        for k in ("x", "w_gate_up", "w_down", "router"):  # never zeros
+            assert (s[k] != 0).float().mean() > 0.99, k
+
+
+def test_quick_plan_puts_targets_first_and_skips_eager_at_16384():
+    p = C.plan("quick", torch.bfloat16)
+    assert [c.key for c in p[:3]] == ["fwd/h3fusion/T=1/bf16", "fwd/h3fusion/T=16/bf16", "fwd/h3fusion/T=4096/bf16"]
+    assert {c.model.name for c in p} == set(C.MODELS)
+    assert {c.case for c in p} == set(C.CASES)
+    big = [c for c in p if c.T == 16384 and c.case in ("fwd", "fwdbwd") and c.model.name == "mixtral"]
+    assert big and all("hf:eager" in dict(c.skip) for c in big)
+    full = C.plan("full", torch.bfloat16)
+    assert {c.T for c in full} == set(C.TOKENS) and not any(c.skip for c in full)
+
+
+def _row(case, model, T, impl, ms, tflops=None, gbps=None):
+    return {"case": case, "model": model, "tokens": T, "dtype": "bf16", "impl": impl, "ms": ms, "ms_p20": ms,
+            "ms_p80": ms, "tflops": tflops, "gbps": gbps, "rel_err": 1e-3, "status": "ok"}
+
+
+def test_targets_are_evaluated_from_rows():
+    res = {"ceilings": {"copy_GBps": 3000.0, "bf16_tflops": 800.0}, "rows": [
+        _row("fwd", "mixtral", 4096, "h3moe:triton", 1.0, tflops=500.0),
+        _row("fwd", "mixtral", 4096, "hf:grouped_mm", 1.1),  # 1.1× < 1.2: missed
+        _row("fwd", "mixtral", 4096, "hf:eager", 9.0),  # 9× ≥ 8: met
+        _row("fwd", "mixtral", 1, "h3moe:triton", 0.1, gbps=2400.0),  # 80% of copy: met
+        _row("nf4", "mixtral", 1, "h3moe:triton", 0.05),  # 2× bf16 < 2.5: missed
+        _row("fwdbwd", "mixtral", 4096, "h3moe:triton", 3.0),  # no baselines: n/a
+    ]}
+    got = {(t["target"], t["tokens"]): (round(t["value"], 3) if t["value"] is not None else None, t["met"])
+           for t in report.evaluate_targets(res)}
+    assert got[("fwd_vs_grouped_mm", 4096)] == (1.1, False)
+    assert got[("fwd_vs_eager", 4096)] == (9.0, True)
+    assert got[("fwd_matmul_frac", 4096)] == (0.625, True)
+    assert got[("decode_bw_frac", 1)] == (0.8, True)
+    assert got[("nf4_vs_bf16_decode", 1)] == (2.0, False)
+    assert got[("fwdbwd_vs_eager", 4096)] == (None, None)
+    md = report.targets_table({**res, "targets": report.evaluate_targets(res)})
+    assert "**missed**" in md and "| met |" in md
+
+
+def test_validate_flags_a_broken_row():
+    res = {"gpu": "x", "torch": "x", "triton": None, "commit": "x",
+           "ceilings": {"copy_GBps": 1.0, "bf16_tflops": 1.0},
+           "rows": [_row("fwd", "tiny", 1, "h3moe:torch", 1.0, tflops=1.0)]}
+    assert report.validate(res) == []
+    res["rows"][0]["ms_p20"] = 2.0  # p20 above the median
+    del res["rows"][0]["gbps"]
+    probs = report.validate(res)
+    assert any("p20" in p for p in probs) and any("gbps" in p for p in probs)
+
+
+def test_cpu_smoke_driver_end_to_end(tmp_path):
+    out = tmp_path / "smoke.json"
+    rc = main(["--cpu-smoke", "--tokens", "1,16", "--out", str(out), "--plot", "--plot-combined"])
+    res = json.loads(out.read_text())
+    assert report.validate(res) == []
+    assert rc == 0  # the driver's own smoke checks (every row ran, rel_err small) passed
+    assert res["device"] == "cpu" and res["mode"] == "smoke" and not res["budget"]["truncated"]
+    by = {}
+    for r in res["rows"]:
+        by.setdefault(r["case"], set()).add(r["impl"])
+    for case in ("route", "fwd", "fwdbwd", "layer", "gating"):
+        assert "h3moe:torch" in by.get(case, ()), case
+    for case in ("fwd", "fwdbwd", "layer"):  # every baseline measured in the same run
+        assert {"hf:eager", "hf:batched_mm", "hf:grouped_mm", "torch:grouped_mm"} <= by[case], case
+    assert {"nf4", "int8"} <= set(by)  # bitsandbytes is in the test environment
+    for r in res["rows"]:
+        assert r["status"] == "ok", r
+        lim = 1e-3 if r["case"] in C.QUANT_CASES else 1e-4
+        assert r["rel_err"] < lim, r
+        assert r["ms"] > 0 and (r["tflops"] or r["gbps"])
+    md = out.with_suffix(".md").read_text()
+    assert "## Targets" in md and "## Summary" in md and "h3moe:torch" in md
+    pytest.importorskip("matplotlib")
+    assert out.with_suffix(".png").stat().st_size > 10_000
