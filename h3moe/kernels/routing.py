@@ -1,0 +1,317 @@
+"""Triton kernels for softmax top-k routing and its permutation metadata (h3moe.ops.triton_routing).
+
+Algorithm (two launches, no host synchronization, every shape fixed by (T, E, K)):
+
+1. `route_topk_kernel`, grid (cdiv(T, BLOCK_T),). Each program takes BLOCK_T tokens:
+   - loads the (BLOCK_T, E_PAD) logits tile (columns >= E read as -inf), fp32 softmax (fp64 for fp64 logits);
+   - top-k by K rounds of "row max, then the lowest column holding it" (so ties between equal
+     probabilities go to the lowest expert index; torch.topk leaves tie order unspecified, and on CPU it
+     does not pick the lowest index: the two agree exactly when the K+1 largest probabilities of a row are
+     distinct);
+   - optional renormalization of the K selected probabilities; stores weights (T, K) and ids (T, K);
+   - writes its block histogram hits[t, e] summed over t (one top-k never picks an expert twice, so a
+     token holds at most one slot per expert) into row b of `block_counts` (nb, E_PAD);
+   - "last block done": after its histogram store, each program bumps an int32 ticket with an acq_rel
+     atomic; the program that draws the last ticket (all histograms visible to it) runs the scan: it
+     turns `block_counts` in place into per-(block, expert) exclusive prefix sums over blocks, and writes
+     counts (E,) and offsets (E+1,). No program waits on another, so it cannot deadlock, and the scan is
+     O(nb * E) in total (a scan in every program would be O(nb^2 * E)).
+2. `route_scatter_kernel`, grid (nb,). Program b recomputes its tokens' (BLOCK_T, E_PAD) hit matrix from
+   ids, takes an exclusive cumsum over tokens (rank of a token within its expert, inside the block) and
+   writes sorted_slots[offsets[e] + block_prefix[b, e] + rank] = t*K + k. This is a stable counting sort
+   by expert: token order within an expert, as torch.argsort(ids.flatten(), stable=True) gives.
+
+Why not one launch: the destination of a slot depends on the histograms of all earlier blocks, which needs
+a grid-wide barrier (a spin-wait on other programs can deadlock when the grid does not fit on the GPU).
+Why not torch.argsort: a sort is O(S log S) and several launches; a counting sort on E buckets is O(S).
+
+`route_bwd_kernel`, grid (cdiv(T, BLOCK_T),): recomputes the softmax p from the logits and writes
+    dw_k = (g_k - <g, w>) / s   (renormalized: w = p_sel / s, s = sum of the K selected p), else dw_k = g_k
+    dlogits = p * (dp - <dp, p>),  dp = dw scattered to the selected experts,
+in the logits' dtype.
+
+Limits: E <= 256 (E_PAD = next power of two, padding read as -inf), 1 <= K <= E, T * K < 2**31.
+Register tiles are (BLOCK_T, E_PAD); `block_t_for(E_PAD)` keeps them at TILE_ELEMS elements (tuned on the
+compile tier so that nothing spills, see scripts/kernel_report.py). The K rounds are a loop, not unrolled
+(unrolling K=8 made compiles take 20-80 s and used more registers).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: Largest expert count the routing kernels take (the register tile is (BLOCK_T, E_PAD)).
+MAX_EXPERTS = 256
+
+
+#: Elements of one (BLOCK_T, E_PAD) register tile. 2048 over 4 warps is 16 per thread; 4096 made the
+#: top-k kernel use 255 registers and spill at E=64 (compile tier, scripts/kernel_report.py).
+TILE_ELEMS = 2048
+
+
+def block_t_for(e_pad: int) -> int:
+    """Tokens per program: a (BLOCK_T, E_PAD) tile of TILE_ELEMS elements, 8..64 tokens."""
+    return max(8, min(64, TILE_ELEMS // e_pad))
+
+
+def num_warps_for(e_pad: int) -> int:
+    return 4
+
+
+@triton.jit
+def route_topk_kernel(
+    logits_ptr,  # (T, E) any float dtype, row stride stride_lt, unit column stride
+    weights_ptr,  # (T, K) fp32 (fp64 for fp64 logits), out
+    ids_ptr,  # (T, K) int64, out
+    block_counts_ptr,  # (nb, E_PAD) int32 scratch: block histograms, then per-block exclusive prefixes
+    counts_ptr,  # (E,) int32, out
+    offsets_ptr,  # (E+1,) int32, out
+    ticket_ptr,  # (1,) int32, zero on entry
+    T,  # i32 tokens
+    E,  # i32 experts
+    stride_lt,  # i32 row stride of logits
+    nb,  # i32 number of programs = cdiv(T, BLOCK_T)
+    K: tl.constexpr,  # top-k
+    K_PAD: tl.constexpr,  # next power of two >= K
+    E_PAD: tl.constexpr,  # next power of two >= E
+    BLOCK_T: tl.constexpr,  # tokens per program
+    BLOCK_B: tl.constexpr,  # block rows per step of the scan
+    RENORM: tl.constexpr,  # divide the K selected probabilities by their sum
+    FP64: tl.constexpr,  # compute in fp64 (fp64 logits)
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+    cols = tl.arange(0, E_PAD)  # (E_PAD,)
+    row_ok = rows < T
+    col_ok = cols < E
+    rows64 = rows.to(tl.int64)
+    x = tl.load(
+        logits_ptr + rows64[:, None] * stride_lt + cols[None, :],
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=float("-inf"),
+    )
+    if FP64:
+        x = x.to(tl.float64)
+    else:
+        x = x.to(tl.float32)
+    # fp32 softmax; fully padded rows (rows >= T) are all -inf: keep them finite, they are never stored.
+    x_max = tl.max(x, axis=1)
+    x_max = tl.where(row_ok, x_max, 0.0)
+    ex = tl.exp(x - x_max[:, None])
+    denom = tl.where(row_ok, tl.sum(ex, axis=1), 1.0)
+    p = ex / denom[:, None]  # (BLOCK_T, E_PAD), 0 in padded columns
+    # Work copy: real experts hold p in [0, 1]; padding -1; an expert already picked -2.
+    work = tl.where(col_ok[None, :], p, -1.0)
+    kcols = tl.arange(0, K_PAD)  # (K_PAD,)
+    sel_w = tl.zeros((BLOCK_T, K_PAD), dtype=p.dtype)
+    sel_i = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
+    for k in range(K):
+        m = tl.max(work, axis=1)  # (BLOCK_T,)
+        idx = tl.min(tl.where(work == m[:, None], cols[None, :], E_PAD), axis=1)  # lowest index among ties
+        idx = tl.minimum(idx, E - 1)  # NaN logits match nothing: keep ids in range (routing is garbage then)
+        sel_w = tl.where(kcols[None, :] == k, m[:, None], sel_w)
+        sel_i = tl.where(kcols[None, :] == k, idx[:, None], sel_i)
+        work = tl.where(cols[None, :] == idx[:, None], -2.0, work)
+    if RENORM:
+        s = tl.where(row_ok, tl.sum(sel_w, axis=1), 1.0)  # padded K columns hold 0
+        sel_w = sel_w / s[:, None]
+    out_mask = row_ok[:, None] & (kcols[None, :] < K)
+    out_off = rows64[:, None] * K + kcols[None, :]
+    tl.store(weights_ptr + out_off, sel_w, mask=out_mask)
+    tl.store(ids_ptr + out_off, sel_i.to(tl.int64), mask=out_mask)
+
+    # Block histogram: experts picked by this block's real tokens.
+    hits = ((work == -2.0) & row_ok[:, None]).to(tl.int32)  # (BLOCK_T, E_PAD)
+    hist = tl.sum(hits, axis=0)  # (E_PAD,)
+    tl.store(block_counts_ptr + pid * E_PAD + cols, hist)
+    # Release our histogram, acquire everyone's: the last program to arrive runs the scan. The barrier
+    # orders every thread's histogram store before the (single-thread) release, as CUTLASS's semaphore does.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == nb - 1:
+        carry = tl.zeros((E_PAD,), dtype=tl.int32)
+        brows = tl.arange(0, BLOCK_B)
+        # A while loop, not range(0, nb, ...): triton 3.6's interpreter cannot take a runtime range bound
+        # under numpy >= 2.4 (int() of a 1-element array).
+        b0 = 0
+        while b0 < nb:
+            b = b0 + brows
+            ptrs = block_counts_ptr + b[:, None] * E_PAD + cols[None, :]
+            bmask = (b < nb)[:, None]
+            # .cg: read from L2, never from a stale L1 line.
+            c = tl.load(ptrs, mask=bmask, other=0, cache_modifier=".cg")  # (BLOCK_B, E_PAD)
+            incl = tl.cumsum(c, axis=0)
+            tl.store(ptrs, incl - c + carry[None, :], mask=bmask)
+            carry += tl.sum(c, axis=0)
+            b0 += BLOCK_B
+        tl.store(counts_ptr + cols, carry, mask=col_ok)
+        incl_e = tl.cumsum(carry, axis=0)  # (E_PAD,) offsets[e+1]
+        tl.store(offsets_ptr + 1 + cols, incl_e, mask=col_ok)
+        tl.store(offsets_ptr + cols, incl_e - carry, mask=cols == 0)
+
+
+@triton.jit
+def route_scatter_kernel(
+    ids_ptr,  # (T, K) int64
+    block_prefix_ptr,  # (nb, E_PAD) int32 rows of the block before this one, per expert
+    offsets_ptr,  # (E+1,) int32
+    sorted_slots_ptr,  # (T*K,) int32, out
+    T,  # i32
+    E,  # i32
+    K: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # must equal route_topk_kernel's
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+    cols = tl.arange(0, E_PAD)
+    row_ok = rows < T
+    rows64 = rows.to(tl.int64)
+    hits = tl.zeros((BLOCK_T, E_PAD), dtype=tl.int32)
+    for k in range(K):
+        e = tl.load(ids_ptr + rows64 * K + k, mask=row_ok, other=-1).to(tl.int32)
+        hits += (cols[None, :] == e[:, None]).to(tl.int32)
+    rank = tl.cumsum(hits, axis=0) - hits  # (BLOCK_T, E_PAD) exclusive: earlier tokens of the block
+    base = tl.load(block_prefix_ptr + pid * E_PAD + cols) + tl.load(offsets_ptr + cols, mask=cols < E, other=0)
+    dest_e = rank + base[None, :]  # (BLOCK_T, E_PAD) destination row of (token, expert)
+    for k in range(K):
+        e = tl.load(ids_ptr + rows64 * K + k, mask=row_ok, other=-1).to(tl.int32)
+        dest = tl.sum(tl.where(cols[None, :] == e[:, None], dest_e, 0), axis=1)  # (BLOCK_T,)
+        tl.store(sorted_slots_ptr + dest, (rows * K + k).to(tl.int32), mask=row_ok)
+
+
+@triton.jit
+def route_bwd_kernel(
+    grad_w_ptr,  # (T, K) fp32 (fp64), d loss / d weights, contiguous
+    logits_ptr,  # (T, E) any float dtype, row stride stride_lt
+    ids_ptr,  # (T, K) int64
+    grad_logits_ptr,  # (T, E) logits' dtype, contiguous, out
+    T,  # i32
+    E,  # i32
+    stride_lt,  # i32
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    RENORM: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_PAD)
+    kcols = tl.arange(0, K_PAD)
+    row_ok = rows < T
+    col_ok = cols < E
+    rows64 = rows.to(tl.int64)
+    x = tl.load(
+        logits_ptr + rows64[:, None] * stride_lt + cols[None, :],
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=float("-inf"),
+    )
+    if FP64:
+        x = x.to(tl.float64)
+    else:
+        x = x.to(tl.float32)
+    x_max = tl.where(row_ok, tl.max(x, axis=1), 0.0)
+    ex = tl.exp(x - x_max[:, None])
+    p = ex / tl.where(row_ok, tl.sum(ex, axis=1), 1.0)[:, None]  # (BLOCK_T, E_PAD)
+    k_mask = row_ok[:, None] & (kcols[None, :] < K)
+    kofs = rows64[:, None] * K + kcols[None, :]
+    g = tl.load(grad_w_ptr + kofs, mask=k_mask, other=0.0).to(p.dtype)  # (BLOCK_T, K_PAD)
+    ids = tl.load(ids_ptr + kofs, mask=k_mask, other=-1).to(tl.int32)  # (BLOCK_T, K_PAD)
+    # Selected probabilities p[t, ids[t, k]].
+    sel = tl.zeros((BLOCK_T, K_PAD), dtype=p.dtype)
+    for k in range(K):
+        e_k = tl.sum(tl.where(kcols[None, :] == k, ids, 0), axis=1)  # (BLOCK_T,)
+        p_k = tl.sum(tl.where(cols[None, :] == e_k[:, None], p, 0.0), axis=1)
+        sel = tl.where(kcols[None, :] == k, p_k[:, None], sel)
+    if RENORM:
+        s = tl.sum(sel, axis=1)  # (BLOCK_T,)
+        s = tl.where(row_ok, s, 1.0)
+        w = sel / s[:, None]
+        dw = (g - tl.sum(g * w, axis=1)[:, None]) / s[:, None]
+    else:
+        dw = g
+    # dp scattered onto the experts; <dp, p> = sum_k dw_k * sel_k.
+    dp = tl.zeros((BLOCK_T, E_PAD), dtype=p.dtype)
+    for k in range(K):
+        e_k = tl.sum(tl.where(kcols[None, :] == k, ids, 0), axis=1)
+        dw_k = tl.sum(tl.where(kcols[None, :] == k, dw, 0.0), axis=1)
+        dp += tl.where(cols[None, :] == e_k[:, None], dw_k[:, None], 0.0)
+    dot = tl.sum(dw * sel, axis=1)  # (BLOCK_T,)
+    dx = p * (dp - dot[:, None])
+    tl.store(
+        grad_logits_ptr + rows64[:, None] * E + cols[None, :],
+        dx.to(grad_logits_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compile tier: the configurations route() launches (see h3moe/kernels/aot.py).
+
+_DT = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+
+def _cfg(E: int, K: int) -> dict:
+    e_pad = triton.next_power_of_2(E)
+    return dict(E_PAD=e_pad, K_PAD=triton.next_power_of_2(K), BLOCK_T=block_t_for(e_pad), K=K)
+
+
+def aot_specs():
+    from .aot import AotSpec
+
+    specs = []
+    # (E, K, logits dtypes): Mixtral-like 8/2, fine-grained 64/8, the largest E. The logits dtype only
+    # changes the tile load, so fp32 is compiled once; the compile tier stays fast.
+    for E, K, dts in ((8, 2, ("bf16",)), (64, 8, ("bf16", "fp32")), (256, 8, ("bf16",))):
+        c = _cfg(E, K)
+        nw = num_warps_for(c["E_PAD"])
+        for dt in dts:
+            specs.append(
+                AotSpec(
+                    name=f"route_topk[{dt},E={E},K={K}]",
+                    fn=route_topk_kernel,
+                    signature={
+                        "logits_ptr": _DT[dt], "weights_ptr": "*fp32", "ids_ptr": "*i64",
+                        "block_counts_ptr": "*i32", "counts_ptr": "*i32", "offsets_ptr": "*i32",
+                        "ticket_ptr": "*i32", "T": "i32", "E": "i32", "stride_lt": "i32", "nb": "i32",
+                        "K": "constexpr", "K_PAD": "constexpr", "E_PAD": "constexpr",
+                        "BLOCK_T": "constexpr", "BLOCK_B": "constexpr", "RENORM": "constexpr",
+                        "FP64": "constexpr",
+                    },
+                    constexprs=dict(c, BLOCK_B=16, RENORM=True, FP64=False),
+                    num_warps=nw,
+                    num_stages=1,
+                )
+            )
+            specs.append(
+                AotSpec(
+                    name=f"route_bwd[{dt},E={E},K={K}]",
+                    fn=route_bwd_kernel,
+                    signature={
+                        "grad_w_ptr": "*fp32", "logits_ptr": _DT[dt], "ids_ptr": "*i64",
+                        "grad_logits_ptr": _DT[dt], "T": "i32", "E": "i32", "stride_lt": "i32",
+                        "K": "constexpr", "K_PAD": "constexpr", "E_PAD": "constexpr",
+                        "BLOCK_T": "constexpr", "RENORM": "constexpr", "FP64": "constexpr",
+                    },
+                    constexprs=dict(c, RENORM=True, FP64=False),
+                    num_warps=nw,
+                    num_stages=1,
+                )
+            )
+        specs.append(
+            AotSpec(
+                name=f"route_scatter[E={E},K={K}]",
+                fn=route_scatter_kernel,
+                signature={
+                    "ids_ptr": "*i64", "block_prefix_ptr": "*i32", "offsets_ptr": "*i32",
+                    "sorted_slots_ptr": "*i32", "T": "i32", "E": "i32",
+                    "K": "constexpr", "E_PAD": "constexpr", "BLOCK_T": "constexpr",
+                },
+                constexprs={"K": K, "E_PAD": c["E_PAD"], "BLOCK_T": c["BLOCK_T"]},
+                num_warps=nw,
+                num_stages=1,
+            )
+        )
+    return specs

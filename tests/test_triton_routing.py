@@ -1,0 +1,274 @@
+"""Triton routing (h3moe.ops.triton_routing) against the torch backend and reference.route_ref.
+
+Interpreter tier (tiny shapes: CPU tensors under TRITON_INTERPRET=1, or CUDA tensors where there is a GPU) and GPU tier (marker gpu: realistic shapes, bf16/fp16/
+fp32, poisoned outputs, CUDA-graph capture, torch.compile(fullgraph=True)).
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import h3moe  # noqa: E402
+from h3moe import reference as ref  # noqa: E402
+from h3moe.ops.routing import _route_torch, sort_by_expert  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+def _tr():
+    from h3moe.ops import triton_routing
+
+    return triton_routing
+
+
+def distinct_logits(T, E, dtype, device=DEV, spacing=0.3, bias=None):
+    """Rows of distinct logits (a random permutation of an evenly spaced ramp plus < spacing/3 of noise), so
+    every row's order, and so torch.topk's, is unique: the ids must then match exactly."""
+    ramp = torch.argsort(torch.rand(T, E, device=device), dim=1).float() * spacing
+    x = ramp + torch.rand(T, E, device=device) * (spacing / 3) - (E * spacing) / 2
+    if bias is not None:
+        x = x + bias.to(device)
+    return x.to(dtype)
+
+
+def assert_routing_equal(r, r0, exact_ids=True):
+    torch.testing.assert_close(r.weights, r0.weights, rtol=2e-6, atol=2e-7)
+    assert r.weights.dtype == r0.weights.dtype and r.ids.dtype == torch.int64
+    assert r.counts.dtype == r.offsets.dtype == r.sorted_slots.dtype == torch.int32
+    if exact_ids:
+        assert torch.equal(r.ids, r0.ids)
+    counts, offsets, slots = sort_by_expert(r.ids, r.counts.shape[0])
+    assert torch.equal(r.counts, counts)
+    assert torch.equal(r.offsets, offsets)
+    assert torch.equal(r.sorted_slots, slots)
+
+
+# (T, E, K, dtype, renormalize)
+CASES = [
+    (5, 8, 2, torch.float32, True),  # T < BLOCK_T: one block, mostly padding rows
+    (37, 7, 3, torch.float16, True),  # prime E (padded to 8 with -inf), fp16 logits
+    (23, 7, 1, torch.float32, True),  # K=1: renormalized weights are all 1
+    (19, 7, 7, torch.float32, False),  # K=E: every expert, no renormalization
+    (150, 256, 2, torch.float32, True),  # largest E; 19 blocks of 8 > BLOCK_B=16: the scan loops twice
+    (70, 64, 8, torch.float16, True),  # several blocks of 32: cross-block prefix, K=8 (K_PAD=8)
+    (9, 5, 3, torch.float64, True),  # fp64 logits: fp64 weights, as the torch backend
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("T,E,K,dtype,renorm", CASES)
+def test_route_matches_torch(T, E, K, dtype, renorm):
+    x = distinct_logits(T, E, dtype)
+    r = _tr().route(x, K, renorm)
+    assert_routing_equal(r, _route_torch(x, K, renorm))
+    w_ref, ids_ref = ref.route_ref(x, K, renorm)
+    torch.testing.assert_close(r.weights, w_ref, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.interpreter
+def test_route_dispatch_and_noncontiguous():
+    x = distinct_logits(40, 6, torch.float32).t().contiguous().t()  # (T, E) with column stride T
+    assert x.stride(1) != 1
+    r = h3moe.route(x, 2, backend="triton")
+    assert_routing_equal(r, _route_torch(x, 2, True))
+
+
+@pytest.mark.interpreter
+def test_expert_with_no_tokens_and_all_on_one():
+    T, E = 33, 7
+    bias = torch.zeros(E)
+    bias[2] = -50.0  # expert 2 never picked
+    bias[5] = 50.0  # expert 5 always first
+    x = distinct_logits(T, E, torch.float32, bias=bias)
+    r = _tr().route(x, 1, True)
+    assert_routing_equal(r, _route_torch(x, 1, True))
+    assert r.counts[5].item() == T and r.counts.sum().item() == T
+    assert torch.equal(r.sorted_slots, torch.arange(T, dtype=torch.int32, device=DEV))
+    r = _tr().route(x, 3, False)
+    assert_routing_equal(r, _route_torch(x, 3, False))
+    assert r.counts[2].item() == 0 and r.counts[5].item() == T
+
+
+@pytest.mark.interpreter
+def test_ties_go_to_lowest_index():
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]], device=DEV)
+    r = _tr().route(x, 3, True)
+    assert r.ids.tolist() == [[1, 2, 4], [0, 1, 2]]
+    torch.testing.assert_close(r.weights, torch.full((2, 3), 1 / 3, device=DEV))
+
+
+@pytest.mark.interpreter
+def test_random_ties_consistent():
+    # Logits on a coarse grid: many exact ties. Tie order may differ from torch.topk's (unspecified);
+    # the selected probabilities and the metadata of our ids must still be right.
+    T, E, K = 41, 6, 3
+    x = (torch.randint(0, 4, (T, E), device=DEV).float() * 0.5).to(torch.float16)
+    r = _tr().route(x, K, False)
+    r0 = _route_torch(x, K, False)
+    assert_routing_equal(r, r0, exact_ids=False)
+    p = torch.softmax(x.float(), dim=-1)
+    torch.testing.assert_close(torch.gather(p, 1, r.ids), r.weights, rtol=1e-6, atol=1e-7)
+    assert (r.ids.sort(dim=1).values.diff(dim=1) > 0).all()  # K distinct experts per token
+
+
+@pytest.mark.interpreter
+def test_no_tokens():
+    x = torch.randn(0, 5, device=DEV)
+    r = _tr().route(x, 2, True)
+    assert r.weights.shape == (0, 2) and r.ids.shape == (0, 2) and r.sorted_slots.shape == (0,)
+    assert torch.equal(r.counts, torch.zeros(5, dtype=torch.int32, device=DEV))
+    assert torch.equal(r.offsets, torch.zeros(6, dtype=torch.int32, device=DEV))
+
+
+# (T, E, K, dtype, renormalize)
+GRAD_CASES = [
+    (13, 7, 2, torch.float32, True),  # prime E, renormalized
+    (13, 7, 2, torch.float32, False),  # without renormalization
+    (10, 5, 5, torch.float64, True),  # K=E: the renormalized weights are the softmax itself
+    (21, 8, 1, torch.float16, True),  # K=1 renormalized: weights are constant 1, gradient is 0
+    (21, 8, 3, torch.float16, False),  # fp16 logits, fp16 gradient
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("T,E,K,dtype,renorm", GRAD_CASES)
+def test_route_backward(T, E, K, dtype, renorm):
+    x = distinct_logits(T, E, dtype).requires_grad_()
+    x0 = x.detach().clone().requires_grad_()
+    g = torch.randn(T, K, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEV)
+    (_tr().route(x, K, renorm).weights * g).sum().backward()
+    (_route_torch(x0, K, renorm).weights * g).sum().backward()
+    assert x.grad.dtype == dtype
+    if dtype == torch.float16:
+        torch.testing.assert_close(x.grad, x0.grad, rtol=1e-3, atol=1e-5)
+    else:
+        torch.testing.assert_close(x.grad, x0.grad)
+    if K == 1 and renorm:
+        assert x.grad.abs().max() < 1e-6
+    else:
+        assert x.grad.abs().max() > 1e-3  # not a vacuous comparison
+
+
+@pytest.mark.interpreter
+def test_opcheck():
+    x = distinct_logits(11, 5, torch.float32).requires_grad_()
+    torch.library.opcheck(torch.ops.h3moe.triton_route.default, (x, 2, True))
+    ids = _route_torch(x.detach(), 2, True).ids
+    torch.library.opcheck(torch.ops.h3moe.triton_route_bwd.default, (torch.randn(11, 2, device=DEV), x.detach(), ids, False))
+
+
+@pytest.mark.interpreter
+def test_torch_compile_traces_fullgraph():
+    x = distinct_logits(12, 6, torch.float32).requires_grad_()
+
+    def f(logits):
+        r = _tr().route(logits, 2, True)
+        return r.weights, r.sorted_slots
+
+    w, slots = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    r0 = _route_torch(x.detach(), 2, True)
+    torch.testing.assert_close(w, r0.weights)
+    assert torch.equal(slots, r0.sorted_slots)
+    w.sum().backward()  # renormalized weights sum to 1: the gradient is ~0, but it must flow
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU tier
+
+
+def _poison_allocator():
+    """Fill the caching allocator's free blocks, large pool and small (<= 1 MiB) pool, with NaN bits, so
+    torch.empty in the op hands back poison (0x7fc00000 as int32: an out-of-range count or slot)."""
+    junk = [torch.full((1 << 26,), float("nan"), device="cuda")]
+    junk += [torch.full((1 << 17,), float("nan"), device="cuda") for _ in range(64)]
+    del junk
+
+
+def _assert_gpu_routing(r, x, K, renorm):
+    r0 = _route_torch(x, K, renorm)
+    torch.testing.assert_close(r.weights, r0.weights, rtol=1e-5, atol=1e-6)
+    # Ties (frequent with bf16 logits) may be ordered differently: compare the selected probabilities.
+    p = torch.softmax(x.double() if x.dtype == torch.float64 else x.float(), dim=-1)
+    torch.testing.assert_close(torch.gather(p, 1, r.ids), torch.gather(p, 1, r0.ids), rtol=1e-5, atol=1e-7)
+    assert (r.ids.sort(dim=1).values.diff(dim=1) > 0).all()
+    counts, offsets, slots = sort_by_expert(r.ids, x.shape[1])
+    assert torch.equal(r.counts, counts) and torch.equal(r.offsets, offsets) and torch.equal(r.sorted_slots, slots)
+
+
+# (T, E, K)
+GPU_SHAPES = [
+    (16384, 8, 2),  # Mixtral
+    (16384, 64, 8),  # fine-grained
+    (16384, 128, 8),  # Qwen3-MoE-like
+    (16383, 128, 2),  # T not a multiple of BLOCK_T
+    (1, 256, 8),  # decode: one token, largest E
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,K", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("renorm", [True, False])
+def test_gpu_route(T, E, K, dtype, renorm):
+    x = (torch.randn(T, E, device="cuda") * 2).to(dtype)
+    _poison_allocator()
+    r = _tr().route(x, K, renorm)
+    for t in (r.weights, r.ids, r.counts, r.offsets, r.sorted_slots):
+        assert not t.double().isnan().any()
+    _assert_gpu_routing(r, x, K, renorm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_route_backward(dtype):
+    T, E, K = 8192, 64, 8
+    x = (torch.randn(T, E, device="cuda") * 2).to(dtype).requires_grad_()
+    g = torch.randn(T, K, device="cuda")
+    (_tr().route(x, K, True).weights * g).sum().backward()
+    xe = x.detach().clone().requires_grad_()  # eager torch, same dtype
+    (_route_torch(xe, K, True).weights * g).sum().backward()
+    x64 = x.detach().double().requires_grad_()  # fp64 reference
+    (_route_torch(x64, K, True).weights * g.double()).sum().backward()
+    err = (x.grad.double() - x64.grad).abs().max()
+    err_eager = (xe.grad.double() - x64.grad).abs().max()
+    assert err <= 2 * err_eager + 1e-6, (err, err_eager)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture():
+    T, E, K = 4096, 64, 8
+    static_x = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        _tr().route(static_x, K, True)  # warm-up (compiles the kernels)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # raises on any host synchronization
+        r = _tr().route(static_x, K, True)
+    for _ in range(2):
+        static_x.copy_(torch.randn(T, E, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_gpu_routing(r, static_x, K, True)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    T, E, K = 4096, 128, 8
+    x = torch.randn(T, E, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    g = torch.randn(T, K, device="cuda")
+
+    @torch.compile(fullgraph=True)
+    def f(logits):
+        r = _tr().route(logits, K, True)
+        return r.weights * 2.0, r.ids, r.counts, r.offsets, r.sorted_slots
+
+    w, ids, counts, offsets, slots = f(x)
+    _assert_gpu_routing(h3moe.Routing(w.detach() / 2, ids, counts, offsets, slots), x.detach(), K, True)
+    (w * g).sum().backward()
+    xe = x.detach().clone().requires_grad_()
+    (_tr().route(xe, K, True).weights * 2.0 * g).sum().backward()
+    torch.testing.assert_close(x.grad, xe.grad)
