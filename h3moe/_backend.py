@@ -89,7 +89,7 @@ def _load_backend_modules() -> None:
     """Import the op modules so that each backend has registered the ops it implements."""
     from .ops import experts, losses, routing  # noqa: F401
 
-    for mod in ("h3moe.ops.cuda", "h3moe.ops.quant"):
+    for mod in ("h3moe.ops.cuda", "h3moe.ops.quant", "h3moe.ops.triton_experts", "h3moe.ops.triton_routing", "h3moe.ops.triton_gating"):
         try:
             importlib.import_module(mod)
         except ImportError:
@@ -137,3 +137,9 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
         if _can_run(name, op, device)[0]:
             return name
     return "torch"
+
+
+# torch.compile treats resolve() as a constant (what torch.compiler.assume_constant_result sets), so tracing
+# h3moe ops never steps into the module probing. Set directly: the decorator imports torch._dynamo (and with
+# it triton) at h3moe import time.
+resolve._dynamo_marked_constant = True

@@ -59,8 +59,8 @@ def _use_torch_gmm(t: torch.Tensor, *others: torch.Tensor) -> bool:
     if not _aligned(t, *others):
         return False
     if torch.compiler.is_compiling():
-        # Inductor lowers grouped_mm for bf16 only; other dtypes take the batched path under compile.
-        return _HAS_GROUPED_MM and (t.dtype == torch.bfloat16 or t.device.type == "cpu") and t.dtype != torch.float64
+        # grouped_mm's compile-time checks accept bf16 only; other dtypes take the batched path under compile.
+        return _HAS_GROUPED_MM and t.dtype == torch.bfloat16
     return _grouped_mm_runs(t.device.type, t.device.index, t.dtype)
 
 

@@ -1,0 +1,634 @@
+"""Triton kernels for the grouped SwiGLU experts (forward and backward) over the fused layout
+w_gate_up (E, 2I, H) (gate rows, then up rows) and w_down (E, H, I).
+
+Notation: T tokens, K top-k, S = T*K rows (one per (token, slot)), E experts, H hidden, I intermediate.
+Rows are taken in `Routing.sorted_slots` order (S,) int32: row r holds flat slot s = t*K + k, rows of
+expert e are [offsets[e], offsets[e+1]). Every kernel reads these two tensors on the device; nothing
+here needs a host synchronization, so every launch can be captured in a CUDA graph.
+
+Block schedule (ScatterMoE / vLLM moe_align_block_size, done inside each program instead of a separate
+kernel): the grid has M_SLOTS = min(cdiv(S, BM) + E, S) row-tile slots, an upper bound of
+sum_e cdiv(count_e, BM). Program `pid_m` loads the (E,) counts from `offsets`, takes a cumsum of
+cdiv(count_e, BM) and finds the expert e and row block it covers; programs past the last tile return at
+once. So a tile never mixes experts, an expert with no token costs nothing, and the padding per expert is
+less than one BM tile; decode configurations use BM=16 (the smallest tl.dot M), not a 64-row tile.
+Program ids are swizzled in groups of GROUP_M row tiles (Triton's matmul tutorial) so that consecutive
+programs share an expert's weight tiles in L2.
+
+Kernels (all accumulate in fp32; fp32 inputs use tl.dot's "tf32x3", about fp32 accuracy on tensor cores):
+  _gate_up_kernel (BWD=False)  forward  A[r] = act(x[t] @ Wg[e]^T) * (x[t] @ Wu[e]^T)        (S, I)
+      gather x rows by token, two accumulators (gate, up) share the x tile, the activation is the epilogue.
+  _gate_up_kernel (BWD=True)   backward: recomputes the gate/up tile AND dA' = dy[t] @ Wd[e] in the same
+      K-loop over H (x and dy rows gathered by the same token). Epilogue: a = act(g)*u, per-row partial
+      d(weight) = sum_n dA'*a (one column per N block, summed deterministically by the launcher),
+      dA = w*dA', dH = [dA*u*act'(g), dA*act(g)] (S, 2I), and a (S, I) for the W_down gradient.
+      What is saved for backward: only the op's inputs (x, weights, routing). We recompute the 2I-wide
+      gate/up pre-activation instead of saving it: saving it would cost S*2I elements (470 MB in bf16 for
+      Mixtral at T=4096, K=2) per layer, while the recompute shares the K-loop (and the gathered rows) of
+      the dy @ Wd GEMM that the backward needs anyway: +4*S*H*I FLOPs, backward 16*S*H*I instead of 12.
+  _down_kernel  out[slot] = w[slot] * (A[r] @ Wd[e]^T)   forward down GEMM (TRANS_W=False, SCALE=True)
+                dX[slot]  = dH[r] @ Wgu[e]                backward d(x)      (TRANS_W=True, SCALE=False)
+      rows are scattered to their slot index: out is an (S, N) buffer in slot order (fp32) that the launcher
+      sums over K (deterministic), or y itself when K=1, or (ATOMIC=True, opt-in H3MOE_ATOMIC_COMBINE=1)
+      an fp32 (T, N) buffer that every slot adds into with tl.atomic_add: less memory, but the order of the
+      K additions, hence the rounding, varies from run to run.
+  _wgrad_kernel  dW[e] = sum_{r in e} L[r]^T R[r]: d(w_gate_up) = dH^T x_gathered (E, 2I, H);
+                 d(w_down) = (w*dy_gathered)^T A (E, H, I). The K-loop runs over the expert's rows; an
+                 expert with no row gets zeros.
+
+FLOPs and bytes (bf16, per layer): forward 6*S*H*I FLOPs; bytes ~ E_used*3*H*I*2 (weights) + S*(H+I)*2
++ T*K*H*4 (slot buffer). Backward: bwd-act 6*S*H*I, d(x) 4*S*H*I, d(W) 6*S*H*I -> 16*S*H*I, about 2.7x
+the forward. Decode (S small) is bandwidth bound: each touched expert's 3*H*I weights are read once per
+row tile (once, for S/E_used <= BM).
+
+Limits: offsets inside one expert's weights are int32 (2*I*H < 2**31); expert bases and row offsets are
+int64. E <= 4096 (the in-program schedule scans all E counts in one block). ids must lie in [0, E).
+Activations: silu (SwiGLU), gelu, gelu_tanh, relu (ACT_IDS), forward and derivative in the epilogues.
+Under TRITON_INTERPRET=1 (INTERP=True): the interpreter gets tl.dot on bf16 wrong (../shared/NOTES.md), so
+UPCAST=True casts the dot operands to fp32; and it cannot take a runtime range() bound under numpy >= 2.4,
+so the K-loops run as while loops there (on the GPU they stay `for` loops, which Triton pipelines). Each
+loop body is one @triton.jit step function shared by both forms.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = [
+    "ACT_IDS",
+    "KERNELS",
+    "Config",
+    "candidate_configs",
+    "default_config",
+    "aot_specs",
+]
+
+#: Activation name -> constexpr id used by the epilogues.
+ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+@triton.jit
+def _act_fwd(g, ACT: tl.constexpr):
+    """act(g) in fp32 for the ACT ids of ACT_IDS."""
+    if ACT == 0:
+        return g * tl.sigmoid(g)
+    elif ACT == 1:
+        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        th = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh, portable to the interpreter
+        return 0.5 * g * (1.0 + th)
+    else:
+        return tl.maximum(g, 0.0)
+
+
+@triton.jit
+def _act_bwd(g, ACT: tl.constexpr):
+    """(act(g), act'(g)) in fp32."""
+    if ACT == 0:
+        s = tl.sigmoid(g)
+        return g * s, s * (1.0 + g * (1.0 - s))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+        return g * cdf, cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        th = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        d_inner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+        return 0.5 * g * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * d_inner
+    else:
+        return tl.maximum(g, 0.0), (g > 0.0).to(tl.float32)
+
+
+@triton.jit
+def _expert_tile(pid_m, offsets_ptr, E, BM: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Which expert and row block row-tile slot `pid_m` covers. Returns (e, first row, end row of e);
+    e == E when pid_m is past the last tile."""
+    offs_e = tl.arange(0, BLOCK_E)
+    emask = offs_e < E
+    lo = tl.load(offsets_ptr + offs_e, mask=emask, other=0)  # (BLOCK_E,) int32 offsets[e]
+    hi = tl.load(offsets_ptr + offs_e + 1, mask=emask, other=0)  # offsets[e+1]
+    ntiles = (hi - lo + BM - 1) // BM
+    cum = tl.cumsum(ntiles, 0)  # inclusive
+    e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+    here = offs_e == e
+    first = tl.sum(tl.where(here, cum - ntiles, 0), 0)
+    row0 = tl.sum(tl.where(here, lo, 0), 0) + (pid_m - first) * BM
+    row_end = tl.sum(tl.where(here, hi, 0), 0)
+    return e, row0, row_end
+
+
+@triton.jit
+def _swizzle(pid, M_SLOTS, num_pid_n, GROUP_M: tl.constexpr):
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(M_SLOTS - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, acc_g, acc_u, acc_d, H, I, offs_k, nmask,
+                  BWD: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """One BK step of the K-loop over H of _gate_up_kernel."""
+    k0 = kk * BK
+    if EVEN_K:
+        xa = tl.load(x_ptrs + k0)
+        wg = tl.load(wg_ptrs + k0)
+        wu = tl.load(wg_ptrs + I * H + k0)
+    else:
+        kmask = offs_k < H - k0
+        xa = tl.load(x_ptrs + k0, mask=kmask[None, :], other=0.0)
+        wg = tl.load(wg_ptrs + k0, mask=kmask[:, None], other=0.0)
+        wu = tl.load(wg_ptrs + I * H + k0, mask=kmask[:, None], other=0.0)
+    if UPCAST:
+        xa = xa.to(tl.float32)
+        wg = wg.to(tl.float32)
+        wu = wu.to(tl.float32)
+    acc_g = tl.dot(xa, wg, acc_g, input_precision=PREC)
+    acc_u = tl.dot(xa, wu, acc_u, input_precision=PREC)
+    if BWD:
+        if EVEN_K:
+            dya = tl.load(dy_ptrs + k0)
+            wd = tl.load(wd_ptrs + k0 * I, mask=nmask[None, :], other=0.0)  # n contiguous: masked, not clamped
+        else:
+            dya = tl.load(dy_ptrs + k0, mask=kmask[None, :], other=0.0)
+            wd = tl.load(wd_ptrs + k0 * I, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if UPCAST:
+            dya = dya.to(tl.float32)
+            wd = wd.to(tl.float32)
+        acc_d = tl.dot(dya, wd, acc_d, input_precision=PREC)
+    return acc_g, acc_u, acc_d
+
+
+# Values that change with the batch (T) or the model are not specialized: one compile serves them all.
+@triton.jit(do_not_specialize=["E", "M_SLOTS", "K"])
+def _gate_up_kernel(
+    x_ptr,  # (T, H) x dtype
+    wgu_ptr,  # (E, 2I, H) x dtype
+    slots_ptr,  # (S,) int32 sorted_slots
+    offsets_ptr,  # (E+1,) int32
+    a_ptr,  # (S, I) x dtype, out: act(gate)*up per sorted row
+    dy_ptr,  # (T, H) x dtype (BWD only)
+    wd_ptr,  # (E, H, I) x dtype (BWD only)
+    rw_ptr,  # (S,) fp32 routing weights in flat slot order (BWD only)
+    dh_ptr,  # (S, 2I) x dtype, out (BWD only): [d gate, d up]
+    dw_ptr,  # (S, NB) fp32, out (BWD only): partial d(routing weight), NB = cdiv(I, BN)
+    H,
+    I,
+    E,
+    M_SLOTS,  # number of row-tile slots in the grid
+    K,  # top-k: token = slot // K (a runtime value: one compile serves every K)
+    ACT: tl.constexpr,
+    BWD: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,  # columns of I per tile (gate and up each)
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    EVEN_K: tl.constexpr,  # H % BK == 0
+    PREC: tl.constexpr,  # tl.dot input_precision ("tf32x3" for fp32; ignored for 16-bit)
+    UPCAST: tl.constexpr,  # cast dot operands to fp32 (interpreter only)
+    INTERP: tl.constexpr,  # running under TRITON_INTERPRET=1
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(I, BN)
+    pid_m, pid_n = _swizzle(pid, M_SLOTS, num_pid_n, GROUP_M)
+    e, row0, row_end = _expert_tile(pid_m, offsets_ptr, E, BM, BLOCK_E)
+    if e < E:
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        slot = tl.load(slots_ptr + rows, mask=rmask, other=0)
+        tok = (slot // K).to(tl.int64)  # masked rows read token 0: no mask on the x loads
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        nmask = offs_n < I
+        offs_nc = tl.where(nmask, offs_n, 0)  # clamped: no mask on the weight loads
+        offs_k = tl.arange(0, BK)
+        e64 = e.to(tl.int64)
+        x_ptrs = x_ptr + tok[:, None] * H + offs_k[None, :]  # (BM, BK)
+        wg_ptrs = wgu_ptr + e64 * 2 * I * H + offs_nc[None, :].to(tl.int64) * H + offs_k[:, None]  # (BK, BN)
+        dy_ptrs = dy_ptr + tok[:, None] * H + offs_k[None, :]  # (BM, BK), BWD only
+        wd_ptrs = wd_ptr + e64 * H * I + offs_k[:, None].to(tl.int64) * I + offs_n[None, :]  # (BK, BN), BWD
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_d = tl.zeros((BM, BN), dtype=tl.float32)  # dy @ Wd (BWD only; dead code otherwise)
+        nk = tl.cdiv(H, BK)
+        if INTERP:  # the interpreter cannot take a runtime range bound (numpy >= 2.4): a while loop there
+            kk = 0
+            while kk < nk:
+                acc_g, acc_u, acc_d = _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, acc_g, acc_u, acc_d,
+                                                    H, I, offs_k, nmask, BWD, BK, EVEN_K, PREC, UPCAST)
+                kk += 1
+        else:
+            for kk in range(0, nk):
+                acc_g, acc_u, acc_d = _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, acc_g, acc_u, acc_d,
+                                                    H, I, offs_k, nmask, BWD, BK, EVEN_K, PREC, UPCAST)
+        rows64 = rows.to(tl.int64)
+        omask = rmask[:, None] & nmask[None, :]
+        if BWD:
+            act, dact = _act_bwd(acc_g, ACT)
+            a = act * acc_u  # (BM, BN) fp32
+            part = tl.sum(tl.where(omask, acc_d * a, 0.0), 1)  # (BM,) partial d(routing weight)
+            tl.store(dw_ptr + rows64 * num_pid_n + pid_n, part, mask=rmask)
+            w = tl.load(rw_ptr + slot, mask=rmask, other=0.0)  # (BM,) fp32
+            da = acc_d * w[:, None]
+            dg = da * acc_u * dact
+            du = da * act
+            dh_ptrs = dh_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]
+            tl.store(dh_ptrs, dg.to(dh_ptr.dtype.element_ty), mask=omask)
+            tl.store(dh_ptrs + I, du.to(dh_ptr.dtype.element_ty), mask=omask)
+        else:
+            a = _act_fwd(acc_g, ACT) * acc_u
+        tl.store(a_ptr + rows64[:, None] * I + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _down_step(kk, a_ptrs, w_ptrs, w_step, acc, KD, offs_k, nmask, MASK_N: tl.constexpr, BK: tl.constexpr,
+               EVEN_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One BK step of the K-loop of _down_kernel; w_step: weight elements per unit of k."""
+    k0 = kk * BK
+    if EVEN_K:
+        aa = tl.load(a_ptrs + k0)
+        if MASK_N:
+            ww = tl.load(w_ptrs + k0 * w_step, mask=nmask[None, :], other=0.0)
+        else:
+            ww = tl.load(w_ptrs + k0 * w_step)
+    else:
+        kmask = offs_k < KD - k0
+        aa = tl.load(a_ptrs + k0, mask=kmask[None, :], other=0.0)
+        if MASK_N:
+            ww = tl.load(w_ptrs + k0 * w_step, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        else:
+            ww = tl.load(w_ptrs + k0 * w_step, mask=kmask[:, None], other=0.0)
+    if UPCAST:
+        aa = aa.to(tl.float32)
+        ww = ww.to(tl.float32)
+    return tl.dot(aa, ww, acc, input_precision=PREC)
+
+
+# Values that change with the batch (T) or the model are not specialized: one compile serves them all.
+@triton.jit(do_not_specialize=["E", "M_SLOTS", "K"])
+def _down_kernel(
+    a_ptr,  # (S, KD) x dtype, rows in sorted order: A (forward) or dH (backward d(x))
+    w_ptr,  # forward: w_down (E, N=H, KD=I); backward d(x): w_gate_up (E, KD=2I, N=H); x dtype
+    slots_ptr,  # (S,) int32 sorted_slots
+    offsets_ptr,  # (E+1,) int32
+    rw_ptr,  # (S,) fp32 routing weights in flat slot order (SCALE only)
+    out_ptr,  # (S, N) slot-ordered buffer (fp32, or y itself when K=1); ATOMIC: (T, N) fp32
+    N,
+    KD,
+    E,
+    M_SLOTS,
+    K,  # top-k
+    TRANS_W: tl.constexpr,  # False: w[e, n, k] (k contiguous); True: w[e, k, n] (n contiguous)
+    SCALE: tl.constexpr,  # multiply each row by its routing weight
+    ATOMIC: tl.constexpr,  # tl.atomic_add into out[token] instead of a store to out[slot]
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    EVEN_K: tl.constexpr,  # KD % BK == 0
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BN)
+    pid_m, pid_n = _swizzle(pid, M_SLOTS, num_pid_n, GROUP_M)
+    e, row0, row_end = _expert_tile(pid_m, offsets_ptr, E, BM, BLOCK_E)
+    if e < E:
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        rows_c = tl.where(rmask, rows, row0).to(tl.int64)  # clamped: no row mask on the A loads
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        nmask = offs_n < N
+        offs_nc = tl.where(nmask, offs_n, 0).to(tl.int64)
+        offs_k = tl.arange(0, BK)
+        a_ptrs = a_ptr + rows_c[:, None] * KD + offs_k[None, :]  # (BM, BK)
+        w_base = w_ptr + e.to(tl.int64) * N * KD
+        if TRANS_W:  # n contiguous: mask n (a clamp by tl.where would hide the contiguity)
+            w_ptrs = w_base + offs_k[:, None].to(tl.int64) * N + offs_n[None, :]  # (BK, BN)
+            w_step = N
+        else:
+            w_ptrs = w_base + offs_nc[None, :] * KD + offs_k[:, None]  # (BK, BN)
+            w_step = 1
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        nk = tl.cdiv(KD, BK)
+        if INTERP:
+            kk = 0
+            while kk < nk:
+                acc = _down_step(kk, a_ptrs, w_ptrs, w_step, acc, KD, offs_k, nmask, TRANS_W, BK, EVEN_K, PREC,
+                                 UPCAST)
+                kk += 1
+        else:
+            for kk in range(0, nk):
+                acc = _down_step(kk, a_ptrs, w_ptrs, w_step, acc, KD, offs_k, nmask, TRANS_W, BK, EVEN_K, PREC,
+                                 UPCAST)
+        slot = tl.load(slots_ptr + rows, mask=rmask, other=0)
+        if SCALE:
+            w = tl.load(rw_ptr + slot, mask=rmask, other=0.0)  # (BM,) fp32
+            acc = acc * w[:, None]
+        omask = rmask[:, None] & nmask[None, :]
+        if ATOMIC:
+            tok = (slot // K).to(tl.int64)
+            tl.atomic_add(out_ptr + tok[:, None] * N + offs_n[None, :], acc, mask=omask, sem="relaxed")
+        else:
+            out_ptrs = out_ptr + slot.to(tl.int64)[:, None] * N + offs_n[None, :]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _wgrad_step(r0, hi, l_ptr, r_ptr, slots_ptr, rw_ptr, acc, M, N, offs_m, offs_n, mmask, nmask, offs_r,
+                K,
+                L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """One step of BK rows of _wgrad_kernel's loop over an expert's rows."""
+    rows = r0 + offs_r
+    rmask = rows < hi
+    if L_GATHER or R_GATHER or SCALE:
+        slot = tl.load(slots_ptr + rows, mask=rmask, other=0)
+    if L_GATHER:
+        lrow = (slot // K).to(tl.int64)
+    else:
+        lrow = rows.to(tl.int64)
+    if R_GATHER:
+        rrow = (slot // K).to(tl.int64)
+    else:
+        rrow = rows.to(tl.int64)
+    # masks, not clamped indices, on the contiguous dims: tl.where would hide their contiguity and turn the
+    # tile loads into scalar loads that the pipeliner cannot make asynchronous
+    lt = tl.load(l_ptr + lrow[None, :] * M + offs_m[:, None], mask=rmask[None, :] & mmask[:, None],
+                 other=0.0)  # (BM, BK)
+    rt = tl.load(r_ptr + rrow[:, None] * N + offs_n[None, :], mask=rmask[:, None] & nmask[None, :],
+                 other=0.0)  # (BK, BN)
+    if SCALE:
+        w = tl.load(rw_ptr + slot, mask=rmask, other=0.0)
+        lt = (lt.to(tl.float32) * w[None, :]).to(l_ptr.dtype.element_ty)
+    if UPCAST:
+        lt = lt.to(tl.float32)
+        rt = rt.to(tl.float32)
+    return tl.dot(lt, rt, acc, input_precision=PREC)
+
+
+# Values that change with the batch (T) or the model are not specialized: one compile serves them all.
+@triton.jit(do_not_specialize=["K"])
+def _wgrad_kernel(
+    l_ptr,  # rows of the left operand, (., M) x dtype: dH (S, 2I) sorted | dy (T, H) gathered
+    r_ptr,  # rows of the right operand, (., N) x dtype: x (T, H) gathered | A (S, I) sorted
+    slots_ptr,  # (S,) int32 sorted_slots
+    offsets_ptr,  # (E+1,) int32
+    rw_ptr,  # (S,) fp32 routing weights in flat slot order (SCALE only: scales the left rows)
+    out_ptr,  # (E, M, N) weight dtype: d(w_gate_up) (E, 2I, H) | d(w_down) (E, H, I)
+    M,
+    N,
+    K,  # top-k
+    L_GATHER: tl.constexpr,  # left row of sorted row r is token(slot(r)) (else r)
+    R_GATHER: tl.constexpr,
+    SCALE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,  # rows per step
+    GROUP_M: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    tiles = num_pid_m * num_pid_n
+    e = pid // tiles
+    pid_m, pid_n = _swizzle(pid % tiles, num_pid_m, num_pid_n, GROUP_M)
+    lo = tl.load(offsets_ptr + e)
+    hi = tl.load(offsets_ptr + e + 1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    offs_r = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if INTERP:
+        r0 = lo
+        while r0 < hi:
+            acc = _wgrad_step(r0, hi, l_ptr, r_ptr, slots_ptr, rw_ptr, acc, M, N, offs_m, offs_n, mmask, nmask,
+                              offs_r, K, L_GATHER, R_GATHER, SCALE, PREC, UPCAST)
+            r0 += BK
+    else:
+        for r0 in range(lo, hi, BK):
+            acc = _wgrad_step(r0, hi, l_ptr, r_ptr, slots_ptr, rw_ptr, acc, M, N, offs_m, offs_n, mmask, nmask,
+                              offs_r, K, L_GATHER, R_GATHER, SCALE, PREC, UPCAST)
+    out_ptrs = out_ptr + e.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configurations: (BM, BN, BK, GROUP_M, num_warps, num_stages). Every candidate below compiles for its
+# architectures without a register spill and within their shared memory (A100 164 KB, H100 228 KB),
+# checked with the cuobjdump of the Triton wheel (aot_specs, tests/test_compile_tier.py). Candidates marked
+# Hopper-only spill or overflow on sm_80 (its mma.sync keeps more in registers than wgmma does).
+# ---------------------------------------------------------------------------------------------------
+
+#: Kernel roles: the launcher's name for each use of a kernel.
+KERNELS = ("gate_up", "down", "bwd_act", "dx", "wgrad_gu", "wgrad_down")
+
+
+class Config(tuple):
+    """(BM, BN, BK, GROUP_M, num_warps, num_stages)"""
+
+    __slots__ = ()
+    hopper_only = False
+
+    def __new__(cls, BM, BN, BK, GROUP_M=8, num_warps=4, num_stages=3):
+        return super().__new__(cls, (BM, BN, BK, GROUP_M, num_warps, num_stages))
+
+    BM = property(lambda s: s[0])
+    BN = property(lambda s: s[1])
+    BK = property(lambda s: s[2])
+    GROUP_M = property(lambda s: s[3])
+    num_warps = property(lambda s: s[4])
+    num_stages = property(lambda s: s[5])
+
+    def as_dict(self) -> dict:
+        return dict(zip(("BM", "BN", "BK", "GROUP_M", "num_warps", "num_stages"), self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return cls(int(d["BM"]), int(d["BN"]), int(d["BK"]), int(d.get("GROUP_M", 8)), int(d["num_warps"]),
+                   int(d["num_stages"]))
+
+    def __repr__(self) -> str:
+        return "BM={},BN={},BK={},G={},w{},s{}".format(*self)
+
+
+class _HopperConfig(Config):
+    __slots__ = ()
+    hopper_only = True
+
+
+C = Config
+Hp = _HopperConfig
+
+# 16-bit dtypes. Row tiles by regime: "decode" (<= 16 rows per used expert), "small" (<= 64), "large".
+# 16 is tl.dot's smallest M; decode is bandwidth bound, so its tiles are narrow in N (many programs stream
+# the weights) and deep in K (many bytes in flight per program). The first candidate that runs on the
+# device's architecture is the pinned default.
+_CANDIDATES = {
+    "gate_up": {  # BN counts gate columns (the tile computes BN gate + BN up columns)
+        "decode": [C(16, 64, 128, 1, 4, 4), C(16, 32, 128, 1, 4, 4), C(16, 64, 64, 1, 4, 5)],
+        "small": [C(64, 64, 64, 8, 4, 4), C(32, 64, 128, 8, 4, 3), C(64, 128, 64, 8, 8, 3)],
+        "large": [Hp(128, 128, 64, 8, 8, 3), C(128, 64, 64, 8, 8, 4), C(64, 128, 64, 8, 8, 3)],
+    },
+    "down": {
+        "decode": [C(16, 64, 128, 1, 4, 4), C(16, 32, 128, 1, 4, 4), C(16, 64, 64, 1, 4, 5)],
+        "small": [C(64, 64, 64, 8, 4, 4), C(32, 64, 128, 8, 4, 3), C(64, 128, 64, 8, 4, 3)],
+        "large": [Hp(128, 256, 64, 8, 8, 3), C(128, 128, 64, 8, 8, 4), Hp(128, 128, 64, 8, 4, 3)],
+    },
+    "bwd_act": {  # three accumulators (gate, up, dy @ Wd)
+        "decode": [C(16, 64, 64, 1, 4, 3), C(16, 32, 128, 1, 4, 3)],
+        "small": [C(32, 64, 64, 8, 4, 3), Hp(64, 64, 64, 8, 4, 3)],
+        # 128x64x64 s3 needs 172 KB of shared memory: H100 only
+        "large": [C(128, 64, 32, 8, 8, 4), Hp(128, 64, 64, 8, 8, 3), C(64, 64, 32, 8, 4, 4)],
+    },
+    "dx": {
+        "decode": [C(16, 64, 128, 1, 4, 4), C(16, 32, 128, 1, 4, 4)],
+        "small": [C(64, 64, 64, 8, 4, 4), C(64, 128, 64, 8, 4, 3)],
+        "large": [C(128, 128, 64, 8, 8, 4), C(128, 256, 64, 8, 8, 3), Hp(128, 128, 64, 8, 4, 3)],
+    },
+    # weight gradients: a BM x BN tile of dW[e], BK of the expert's rows per step
+    "wgrad_gu": {
+        "decode": [C(64, 64, 16, 8, 4, 3), C(32, 64, 32, 8, 4, 3)],
+        "small": [C(64, 64, 32, 8, 4, 3), C(64, 128, 32, 8, 4, 3)],
+        "large": [C(128, 128, 64, 8, 8, 3), C(128, 128, 32, 8, 4, 4), Hp(128, 256, 64, 8, 8, 3)],
+    },
+    "wgrad_down": {
+        "decode": [C(64, 64, 16, 8, 4, 3), C(32, 64, 32, 8, 4, 3)],
+        "small": [C(64, 64, 32, 8, 4, 3), C(64, 128, 32, 8, 4, 3)],
+        "large": [C(128, 128, 64, 8, 8, 3), Hp(128, 128, 32, 8, 4, 4), Hp(128, 256, 64, 8, 8, 3)],
+    },
+}
+
+# fp32 (tf32x3: three tensor-core products per dot, about fp32 accuracy) needs about twice the registers
+# and shared memory of 16-bit: smaller tiles, the same for every regime but decode. Not a speed target.
+_CANDIDATES_FP32 = {
+    "gate_up": {"decode": [C(16, 32, 32, 1, 4, 3)], "rest": [C(64, 32, 32, 8, 4, 3)]},
+    "down": {"decode": [C(16, 64, 32, 1, 4, 3)], "rest": [C(64, 64, 32, 8, 4, 3)]},
+    "bwd_act": {"decode": [C(16, 32, 32, 1, 4, 3)], "rest": [C(64, 32, 16, 8, 4, 3)]},
+    "dx": {"decode": [C(16, 64, 32, 1, 4, 3)], "rest": [C(64, 64, 32, 8, 4, 3)]},
+    "wgrad_gu": {"decode": [C(64, 64, 16, 8, 4, 3)], "rest": [C(64, 64, 32, 8, 4, 3)]},
+    "wgrad_down": {"decode": [C(64, 64, 16, 8, 4, 3)], "rest": [C(64, 64, 32, 8, 4, 3)]},
+}
+
+
+def regime(S: int, E: int, K: int) -> str:
+    """Rows per used expert decide the tile height. At most min(E, S) experts are used."""
+    used = max(1, min(E, S))
+    per = S / used
+    if per <= 16:
+        return "decode"
+    if per <= 64:
+        return "small"
+    return "large"
+
+
+def candidate_configs(kernel: str, S: int, E: int, K: int, fp32: bool = False, arch: int = 90) -> list[Config]:
+    """Candidates for one launch; `arch` is the compute capability major*10 (80: Ampere, 90: Hopper)."""
+    reg = regime(S, E, K)
+    if fp32:
+        table = _CANDIDATES_FP32[kernel]
+        return list(table["decode" if reg == "decode" else "rest"])
+    return [c for c in _CANDIDATES[kernel][reg] if arch >= 90 or not c.hopper_only]
+
+
+def default_config(kernel: str, S: int, E: int, K: int, fp32: bool = False, arch: int = 90) -> Config:
+    """The pinned config (H3MOE_AUTOTUNE=0, and any shape with no tuned entry under CUDA graph capture)."""
+    return candidate_configs(kernel, S, E, K, fp32, arch)[0]
+
+
+def all_configs(kernel: str, fp32: bool = False) -> list[Config]:
+    table = _CANDIDATES_FP32[kernel] if fp32 else _CANDIDATES[kernel]
+    seen: list[Config] = []
+    for cands in table.values():
+        for c in cands:
+            if c not in seen:
+                seen.append(c)
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (h3moe/kernels/aot.py)
+# ---------------------------------------------------------------------------------------------------
+
+_DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+def _prec(dt: str) -> str:
+    return "tf32x3" if dt == "fp32" else "tf32"
+
+
+#: Integer arguments that are multiples of 16 at every realistic shape (H, I and their multiples). Triton's
+#: JIT specializes such values (and 16-byte aligned pointers) as divisible by 16, which is what lets it
+#: vectorize the tile loads and pipeline them with cp.async; an ahead-of-time compile without these hints
+#: shows scalar loads, no pipelining and register spills that never happen at run time.
+AOT_DIVISIBLE = {"_gate_up_kernel": ("H", "I"), "_down_kernel": ("N", "KD"), "_wgrad_kernel": ("M", "N")}
+
+
+def _divisible(fn) -> dict:
+    """Keyword for AotSpec when it has a `divisible` field (argument names to compile as multiples of 16,
+    pointers included): compile_spec turns it into ASTSource attrs {(index,): [["tt.divisibility", 16]]}."""
+    from .aot import AotSpec
+
+    if "divisible" not in getattr(AotSpec, "__dataclass_fields__", {}):
+        return {}
+    ptrs = tuple(n for n in fn.arg_names if n.endswith("_ptr"))
+    return {"divisible": ptrs + AOT_DIVISIBLE[fn.__name__]}
+
+
+def aot_specs() -> list:
+    from .aot import AotSpec
+
+    specs = []
+    for dt, p in _DT.items():
+        fp32 = dt == "fp32"
+        prec = _prec(dt)
+        for role in KERNELS:
+            for cfg in all_configs(role, fp32):
+                tile = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M)
+                name = f"experts_{role}[{dt},{cfg!r}]"
+                if role in ("gate_up", "bwd_act"):
+                    bwd = role == "bwd_act"
+                    sig = {"x_ptr": p, "wgu_ptr": p, "slots_ptr": "*i32", "offsets_ptr": "*i32", "a_ptr": p,
+                           "dy_ptr": p, "wd_ptr": p, "rw_ptr": "*fp32", "dh_ptr": p, "dw_ptr": "*fp32",
+                           "H": "i32", "I": "i32", "E": "i32", "M_SLOTS": "i32", "K": "i32"}
+                    const = dict(ACT=0, BWD=bwd, **tile, BLOCK_E=8, EVEN_K=True, PREC=prec, UPCAST=False,
+                                 INTERP=False)
+                    fn = _gate_up_kernel
+                elif role in ("down", "dx"):
+                    dx = role == "dx"
+                    sig = {"a_ptr": p, "w_ptr": p, "slots_ptr": "*i32", "offsets_ptr": "*i32", "rw_ptr": "*fp32",
+                           "out_ptr": "*fp32", "N": "i32", "KD": "i32", "E": "i32", "M_SLOTS": "i32", "K": "i32"}
+                    const = dict(TRANS_W=dx, SCALE=not dx, ATOMIC=False, **tile, BLOCK_E=8, EVEN_K=True,
+                                 PREC=prec, UPCAST=False, INTERP=False)
+                    fn = _down_kernel
+                else:
+                    gu = role == "wgrad_gu"
+                    sig = {"l_ptr": p, "r_ptr": p, "slots_ptr": "*i32", "offsets_ptr": "*i32", "rw_ptr": "*fp32",
+                           "out_ptr": p, "M": "i32", "N": "i32", "K": "i32"}
+                    const = dict(L_GATHER=not gu, R_GATHER=gu, SCALE=not gu, BM=cfg.BM, BN=cfg.BN,
+                                 BK=cfg.BK, GROUP_M=cfg.GROUP_M, PREC=prec, UPCAST=False, INTERP=False)
+                    fn = _wgrad_kernel
+                sig.update({k: "constexpr" for k in const})
+                assert set(sig) == set(fn.arg_names), (name, set(sig) ^ set(fn.arg_names))
+                sig = {n: sig[n] for n in fn.arg_names}  # in argument order
+                # BM < 64 (decode tiles) is below wgmma's M: those use mma.sync on sm_90 too, by design.
+                specs.append(AotSpec(name=name, fn=fn, signature=sig, constexprs=const, num_warps=cfg.num_warps,
+                                     num_stages=cfg.num_stages, gemm=cfg.BM >= 64,
+                                     archs=(90,) if cfg.hopper_only else (80, 90), **_divisible(fn)))
+    return specs

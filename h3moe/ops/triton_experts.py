@@ -1,0 +1,471 @@
+"""Triton backend of h3moe.moe: launchers, custom ops h3moe::triton_experts_fwd / _bwd, autograd, and the
+config selection (tuned JSON files, autotuning keyed on shapes only, pinned defaults).
+
+Forward (kernels in h3moe/kernels/experts.py):
+    A (S, I) = act(x_gathered @ Wg^T) * (x_gathered @ Wu^T)      _gate_up_kernel
+    out[slot] = w[slot] * (A @ Wd^T)                             _down_kernel, rows scattered to slots
+    y (T, H) = sum over the K slots of out (fp32, deterministic)  torch .sum; K=1 writes y directly
+Backward: _gate_up_kernel(BWD) recomputes gate/up and dA' = dy @ Wd together, emitting dH (S, 2I), A and the
+partial d(routing weight); d(x) with _down_kernel (transposed w_gate_up) + the same K-sum; d(w_gate_up) and
+d(w_down) with _wgrad_kernel. Saved for backward: the op's inputs only (see the kernel header for why).
+
+Combine: deterministic by default (an (S, H) fp32 slot buffer, summed over K). H3MOE_ATOMIC_COMBINE=1 adds
+the slots into an fp32 (T, H) buffer with float atomics instead: less memory, run-to-run rounding varies.
+
+Configs, per kernel role and key (role, S-bucket, H, I, E, K, dtype) — S = T*K bucketed to a power of two:
+  1. H3MOE_AUTOTUNE=0: the pinned default (kernels.experts.default_config), nothing else is read.
+  2. A tuned JSON file h3moe/configs/E={E},H={H},I={I},dtype={dt},device_name={name}.json (vLLM style;
+     see h3moe/configs/README.md): the entry of the nearest S-bucket. A missing file falls back.
+  3. Otherwise (CUDA only) the first call with a new key benchmarks the candidates with
+     triton.testing.do_bench (this synchronizes the host once per key) and caches the winner in memory;
+     `save_tuned(path)` writes them as JSON. During CUDA graph capture no benchmark runs: a key not yet
+     tuned takes the default, so warm up once before capturing if you want the tuned configs.
+Candidates and defaults depend on the GPU architecture (Hopper-only tiles are left out on sm_80).
+Tune and save for one model shape: `python -m h3moe.ops.triton_experts --E 8 --H 4096 --I 14336 --K 2`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .. import _backend
+from ..reference import ACTIVATIONS
+from .routing import Routing
+
+__all__ = ["moe", "experts_fwd", "experts_bwd", "save_tuned", "config_for", "tune"]
+
+if __name__ == "__main__":
+    # `python -m h3moe.ops.triton_experts --E 8 --H 4096 --I 14336 --K 2`: run the CLI of the package's own
+    # module (importing it registers the custom ops once; this __main__ copy must not register them again).
+    from h3moe.ops.triton_experts import _main
+
+    _main()
+    raise SystemExit(0)
+
+_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _kernels():
+    from ..kernels import experts as k  # lazy: importing h3moe must not import triton
+
+    return k
+
+
+def _s_bucket(S: int) -> int:
+    return 1 << max(0, (max(S, 1) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name_of(index) -> str:
+    return torch.cuda.get_device_name(index).replace(" ", "_")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return _device_name_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_of(index) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def _arch(device: torch.device) -> int:
+    """Compute capability as major*10+minor (90 on Hopper); 90 off the GPU (the interpreter ignores it)."""
+    return _arch_of(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 90
+
+
+def _json_name(E: int, H: int, I: int, dt: str, device_name: str) -> str:
+    return f"E={E},H={H},I={I},dtype={dt},device_name={device_name}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_json(name: str) -> dict | None:
+    path = _CONFIG_DIR / name
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        warnings.warn(f"h3moe: ignoring unreadable tuned config {path}: {err}")
+        return None
+
+
+_TUNED: dict[tuple, object] = {}  # (role, S_bucket, H, I, E, K, dtype, device_name) -> Config
+
+
+def _from_json(role: str, key: tuple):
+    _, sb, H, I, E, K, dt, dev = key
+    table = _load_json(_json_name(E, H, I, dt, dev))
+    if not table or role not in table:
+        return None
+    entries = table[role]  # {"K=2,S=4096": {...}} or {"4096": {...}}
+    best, best_d = None, None
+    for k, cfg in entries.items():
+        parts = dict(p.split("=") for p in k.split(",")) if "=" in k else {"S": k}
+        if "K" in parts and int(parts["K"]) != K:
+            continue
+        d = abs(int(parts["S"]).bit_length() - sb.bit_length())
+        if best_d is None or d < best_d:
+            best, best_d = cfg, d
+    return None if best is None else _kernels().Config.from_dict(best)
+
+
+def config_for(role: str, S: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, device: torch.device,
+               bench=None):
+    """The config a launch of `role` uses (see the module docstring). `bench(cfg) -> ms` runs one candidate;
+    given only where autotuning is allowed."""
+    k = _kernels()
+    fp32 = dtype == torch.float32
+    arch = _arch(device)
+    if os.environ.get("H3MOE_AUTOTUNE", "1") == "0" or device.type != "cuda":
+        return k.default_config(role, S, E, K, fp32, arch)
+    key = (role, _s_bucket(S), H, I, E, K, _DTYPES[dtype], _device_name(device))
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    cfg = _from_json(role, key)
+    if cfg is None:
+        if bench is None or torch.cuda.is_current_stream_capturing():
+            return k.default_config(role, S, E, K, fp32, arch)
+        timings = []
+        for c in k.candidate_configs(role, S, E, K, fp32, arch):
+            try:
+                timings.append((bench(c), c))
+            except Exception as err:  # out of shared memory / registers on this GPU: skip the candidate
+                if "OutOfResources" not in type(err).__name__ and "out of resource" not in str(err).lower():
+                    raise
+        cfg = min(timings)[1] if timings else k.default_config(role, S, E, K, fp32, arch)
+    _TUNED[key] = cfg
+    return cfg
+
+
+def save_tuned(directory: str | os.PathLike | None = None) -> list[Path]:
+    """Write the configs autotuned so far as JSON files (one per E, H, I, dtype, device), merged with what
+    the files already hold. Default directory: h3moe/configs/. Returns the paths written."""
+    out_dir = Path(directory) if directory is not None else _CONFIG_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, dict] = {}
+    for (role, sb, H, I, E, K, dt, dev), cfg in sorted(_TUNED.items(), key=lambda kv: str(kv[0])):
+        name = _json_name(E, H, I, dt, dev)
+        if name not in files:
+            path = out_dir / name
+            files[name] = json.loads(path.read_text()) if path.is_file() else {}
+        files[name].setdefault(role, {})[f"K={K},S={sb}"] = cfg.as_dict()
+    paths = []
+    for name, table in files.items():
+        path = out_dir / name
+        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        paths.append(path)
+    _load_json.cache_clear()
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _block_e(E: int) -> int:
+    return max(2, 1 << (E - 1).bit_length())
+
+
+def _m_slots(S: int, E: int, BM: int) -> int:
+    # sum_e cdiv(count_e, BM) <= cdiv(S, BM) + E, and every tile has a row, so <= S as well
+    return min(-(-S // BM) + E, S)
+
+
+def _launch(role, S, H, I, E, K, dtype, device, run):
+    """Pick the config (benchmarking candidates where allowed) and launch `run(cfg)`."""
+    bench = None
+    if device.type == "cuda":
+        def bench(cfg):
+            from triton.testing import do_bench
+
+            return do_bench(lambda: run(cfg), warmup=5, rep=20)
+    cfg = config_for(role, S, H, I, E, K, dtype, device, bench)
+    run(cfg)
+
+
+def _check(x, w_gate_up, w_down):
+    if x.dtype not in _DTYPES:
+        raise NotImplementedError(
+            f"the triton backend runs fp16, bf16 and fp32; got {x.dtype} (use backend='torch')")
+    if w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
+        raise ValueError(f"w_gate_up/w_down: dtypes {w_gate_up.dtype}/{w_down.dtype} differ from x's {x.dtype}")
+    if w_gate_up.device != x.device or w_down.device != x.device:
+        raise ValueError(f"x, w_gate_up, w_down: on {x.device}, {w_gate_up.device}, {w_down.device}")
+
+
+def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str) -> torch.Tensor:
+    k = _kernels()
+    T, H = x.shape
+    E, I = w_down.shape[0], w_down.shape[2]
+    K = rw.shape[1]
+    S = T * K
+    interp = _backend.interpreter_enabled()
+    if S == 0:
+        return x.new_zeros(T, H)
+    atomic = K > 1 and os.environ.get("H3MOE_ATOMIC_COMBINE", "0") == "1"
+    a = torch.empty(S, I, device=x.device, dtype=x.dtype)
+    rw_flat = rw.reshape(-1)
+    act_id = k.ACT_IDS[activation]
+
+    def run_gate_up(cfg):
+        m = _m_slots(S, E, cfg.BM)
+        grid = (m * _cdiv(I, cfg.BN),)
+        k._gate_up_kernel[grid](
+            x, w_gate_up, slots, offsets, a, x, w_down, rw_flat, a, rw_flat, H, I, E, m,
+            K=K, ACT=act_id, BWD=False, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+            BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0, PREC=_prec(x.dtype), UPCAST=interp, INTERP=interp,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    _launch("gate_up", S, H, I, E, K, x.dtype, x.device, run_gate_up)
+
+    if K == 1:
+        out = torch.empty(T, H, device=x.device, dtype=x.dtype)  # slot == token: write y directly
+    elif atomic:
+        out = torch.zeros(T, H, device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty(S, H, device=x.device, dtype=torch.float32)
+
+    def run_down(cfg):
+        m = _m_slots(S, E, cfg.BM)
+        grid = (m * _cdiv(H, cfg.BN),)
+        if atomic:
+            out.zero_()
+        k._down_kernel[grid](
+            a, w_down, slots, offsets, rw_flat, out, H, I, E, m,
+            K=K, TRANS_W=False, SCALE=True, ATOMIC=atomic, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+            BLOCK_E=_block_e(E), EVEN_K=I % cfg.BK == 0, PREC=_prec(x.dtype), UPCAST=interp, INTERP=interp,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    _launch("down", S, H, I, E, K, x.dtype, x.device, run_down)
+    if K == 1:
+        return out
+    if atomic:
+        return out.to(x.dtype)
+    return out.view(T, K, H).sum(dim=1).to(x.dtype)
+
+
+def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_gu, need_down, need_w):
+    k = _kernels()
+    T, H = x.shape
+    E, I = w_down.shape[0], w_down.shape[2]
+    K = rw.shape[1]
+    S = T * K
+    interp = _backend.interpreter_enabled()
+    dev, dt = x.device, x.dtype
+    # The kernels write every element of these (an expert with no row gets zeros from _wgrad_kernel), so
+    # they start empty: a memset of d(w_gate_up) alone would be 1.9 GB for Mixtral-8x7B.
+    new = torch.zeros_like if S == 0 else torch.empty_like
+    dx = new(x) if need_x else x.new_empty(0)
+    dwgu = new(w_gate_up) if need_gu else w_gate_up.new_empty(0)
+    dwd = new(w_down) if need_down else w_down.new_empty(0)
+    drw = new(rw, dtype=torch.float32) if need_w else rw.new_empty(0, dtype=torch.float32)
+    if S == 0 or not (need_x or need_gu or need_down or need_w):
+        return dx, dwgu, dwd, drw
+    prec = _prec(dt)
+    rw_flat = rw.reshape(-1)
+    act_id = k.ACT_IDS[activation]
+    dh = torch.empty(S, 2 * I, device=dev, dtype=dt)
+    a = torch.empty(S, I, device=dev, dtype=dt)
+    part = {}
+
+    def run_act(cfg):
+        m = _m_slots(S, E, cfg.BM)
+        nb = _cdiv(I, cfg.BN)
+        part["dw"] = dwp = torch.empty(S, nb, device=dev, dtype=torch.float32)
+        k._gate_up_kernel[(m * nb,)](
+            x, w_gate_up, slots, offsets, a, dy, w_down, rw_flat, dh, dwp, H, I, E, m,
+            K=K, ACT=act_id, BWD=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+            BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0, PREC=prec, UPCAST=interp, INTERP=interp,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    _launch("bwd_act", S, H, I, E, K, dt, dev, run_act)
+    if need_w:
+        # row r's partial sums over the I blocks -> slot order (each slot written once: deterministic)
+        drw.view(-1).index_copy_(0, slots.long(), part["dw"].sum(dim=1))
+
+    if need_x:
+        buf = torch.empty(S, H, device=dev, dtype=torch.float32) if K > 1 else dx
+
+        def run_dx(cfg):
+            m = _m_slots(S, E, cfg.BM)
+            k._down_kernel[(m * _cdiv(H, cfg.BN),)](
+                dh, w_gate_up, slots, offsets, rw_flat, buf, H, 2 * I, E, m,
+                K=K, TRANS_W=True, SCALE=False, ATOMIC=False, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+                GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=(2 * I) % cfg.BK == 0, PREC=prec,
+                UPCAST=interp, INTERP=interp, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+        _launch("dx", S, H, I, E, K, dt, dev, run_dx)
+        if K > 1:
+            dx = buf.view(T, K, H).sum(dim=1).to(dt)
+
+    def wgrad(role, left, right, out, M, N, l_gather, r_gather, scale):
+        def run(cfg):
+            grid = (E * _cdiv(M, cfg.BM) * _cdiv(N, cfg.BN),)
+            k._wgrad_kernel[grid](
+                left, right, slots, offsets, rw_flat, out, M, N,
+                K=K, L_GATHER=l_gather, R_GATHER=r_gather, SCALE=scale, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+                GROUP_M=cfg.GROUP_M, PREC=prec, UPCAST=interp, INTERP=interp, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+
+        _launch(role, S, H, I, E, K, dt, dev, run)
+
+    if need_gu:  # d(w_gate_up)[e] = dH_e^T @ x_e  (E, 2I, H)
+        wgrad("wgrad_gu", dh, x, dwgu, 2 * I, H, False, True, False)
+    if need_down:  # d(w_down)[e] = (w * dy)_e^T @ A_e  (E, H, I)
+        wgrad("wgrad_down", dy, a, dwd, H, I, True, False, True)
+    return dx, dwgu, dwd, drw
+
+
+# ---------------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("h3moe::triton_experts_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def experts_fwd(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
+                sorted_slots: torch.Tensor, offsets: torch.Tensor, activation: str) -> torch.Tensor:
+    """Grouped SwiGLU experts (Triton).
+
+    Args:
+        x: (T, H) fp16/bf16/fp32. w_gate_up: (E, 2I, H), w_down: (E, H, I), x's dtype.
+        weights: (T, K) fp32 routing weights. sorted_slots: (T*K,) int32. offsets: (E+1,) int32.
+        activation: "silu" | "gelu" | "gelu_tanh" | "relu".
+    Returns:
+        y (T, H) in x's dtype.
+    """
+    return _fwd(x.contiguous(), w_gate_up.contiguous(), w_down.contiguous(), weights.float().contiguous(),
+                sorted_slots.contiguous(), offsets.contiguous(), activation)
+
+
+@experts_fwd.register_fake
+def _(x, w_gate_up, w_down, weights, sorted_slots, offsets, activation):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("h3moe::triton_experts_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def experts_bwd(dy: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                weights: torch.Tensor, sorted_slots: torch.Tensor, offsets: torch.Tensor, activation: str,
+                need_x: bool, need_gate_up: bool, need_down: bool, need_weights: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of triton_experts_fwd. Returns (dx (T, H), d w_gate_up (E, 2I, H), d w_down (E, H, I),
+    d weights (T, K) fp32); a gradient not asked for is an empty (0,) tensor."""
+    return _bwd(dy.contiguous(), x.contiguous(), w_gate_up.contiguous(), w_down.contiguous(),
+                weights.float().contiguous(), sorted_slots.contiguous(), offsets.contiguous(), activation,
+                need_x, need_gate_up, need_down, need_weights)
+
+
+@experts_bwd.register_fake
+def _(dy, x, w_gate_up, w_down, weights, sorted_slots, offsets, activation, need_x, need_gate_up, need_down,
+      need_weights):
+    def like(t, need, dtype=None):
+        dtype = dtype or t.dtype
+        return t.new_empty(t.shape, dtype=dtype) if need else t.new_empty(0, dtype=dtype)
+
+    return (like(x, need_x), like(w_gate_up, need_gate_up), like(w_down, need_down),
+            like(weights, need_weights, torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_gate_up, w_down, weights, sorted_slots, offsets, activation = inputs
+    ctx.save_for_backward(x, w_gate_up, w_down, weights, sorted_slots, offsets)
+    ctx.activation = activation
+
+
+def _backward(ctx, dy):
+    x, w_gate_up, w_down, weights, sorted_slots, offsets = ctx.saved_tensors
+    nx, ngu, nd, nw = ctx.needs_input_grad[:4]
+    dx, dgu, dd, dw = experts_bwd(dy, x, w_gate_up, w_down, weights, sorted_slots, offsets, ctx.activation,
+                                  nx, ngu, nd, nw)
+    return (dx if nx else None, dgu if ngu else None, dd if nd else None,
+            dw.to(weights.dtype) if nw else None, None, None, None)
+
+
+def _bwd_backward(ctx, *grads):
+    raise NotImplementedError("h3moe::triton_experts_bwd: double backward is not supported")
+
+
+experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+experts_bwd.register_autograd(_bwd_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, routing: Routing,
+        activation: str = "silu") -> torch.Tensor:
+    """SwiGLU experts with the Triton kernels. x (T, H), w_gate_up (E, 2I, H), w_down (E, H, I) in one dtype
+    (fp16, bf16 or fp32); routing from h3moe.route. Returns (T, H) in x's dtype, differentiable w.r.t. x,
+    both weights and routing.weights."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    _check(x, w_gate_up, w_down)
+    if w_down.shape[0] > 4096:
+        raise NotImplementedError(f"the triton experts kernels take E <= 4096 experts; got {w_down.shape[0]}")
+    return experts_fwd(x, w_gate_up, w_down, routing.weights, routing.sorted_slots, routing.offsets, activation)
+
+
+_backend.register_ops("triton", "moe")
+
+
+def tune(E: int, H: int, I: int, K: int, dtype: torch.dtype = torch.bfloat16, tokens=(1, 4, 16, 64, 256, 1024, 4096),
+         backward: bool = True, directory=None) -> list[Path]:
+    """Autotune every kernel role at each token count (fresh random inputs on the current GPU) and write the
+    winners to h3moe/configs/ (or `directory`). Run it once per GPU type and model shape."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("tune() needs a CUDA GPU")
+    os.environ["H3MOE_AUTOTUNE"] = "1"
+    from .routing import sort_by_expert
+
+    dev = torch.device("cuda")
+    wgu = (torch.randn(E, 2 * I, H, device=dev) / H**0.5).to(dtype).requires_grad_(backward)
+    wd = (torch.randn(E, H, I, device=dev) / I**0.5).to(dtype).requires_grad_(backward)
+    for T in tokens:
+        x = torch.randn(T, H, device=dev, dtype=dtype, requires_grad=backward)
+        logits = torch.randn(T, E, device=dev)
+        w, ids = torch.topk(torch.softmax(logits, -1), K, dim=-1)
+        counts, offsets, slots = sort_by_expert(ids, E)
+        y = moe(x, wgu, wd, Routing(w, ids, counts, offsets, slots))
+        if backward:
+            y.backward(torch.randn_like(y))
+        torch.cuda.synchronize()
+    return save_tuned(directory)
+
+
+def _main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m h3moe.ops.triton_experts",
+                                 description="Autotune the Triton expert kernels for one model shape on this GPU "
+                                             "and save the configs as JSON in h3moe/configs/.")
+    ap.add_argument("--E", type=int, required=True)
+    ap.add_argument("--H", type=int, required=True)
+    ap.add_argument("--I", type=int, required=True)
+    ap.add_argument("--K", type=int, required=True)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--tokens", default="1,4,16,64,256,1024,4096", help="comma-separated token counts T")
+    ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--out", default=None, help="directory (default: h3moe/configs/)")
+    a = ap.parse_args(argv)
+    dtype = {v: k for k, v in _DTYPES.items()}[a.dtype]
+    paths = tune(a.E, a.H, a.I, a.K, dtype, [int(t) for t in a.tokens.split(",")], not a.no_backward, a.out)
+    for p in paths:
+        print(p)
+
