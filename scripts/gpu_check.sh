@@ -83,9 +83,26 @@ fi
 timeout 60 "$PY" -c "import h3moe; [print(' ', s) for s in h3moe.backends().values()]" >> "$LOG" 2>&1
 
 # ------------------------------------------------------------------------------------------ gpu tests
-TO=""; "$PY" -c "import pytest_timeout" 2>/dev/null && TO="--timeout=90"
-step tests "$(min 200 $(( $(left) - 200 )))" "$OUT/pytest_gpu.log" \
-  "$PY" -m pytest -q -m gpu tests -x $TO -p no:cacheprovider -o addopts="-ra"
+TO=""; "$PY" -c "import pytest_timeout" 2>/dev/null && TO="--timeout=120"
+# One pytest process per test file, all at once: a kernel fault stays in its file, and Triton's compiles
+# (CPU-bound) spread over the machine's cores. Each file's log goes to pytest_gpu.log in turn.
+gpu_tests() {
+  local files=$(grep -l "pytest.mark.gpu" tests/test_*.py) pids=() f
+  mkdir -p "$OUT/.pt"
+  for f in $files; do
+    timeout -k 5 "$PER_FILE_S" "$PY" -m pytest -q -m gpu "$f" $TO -p no:cacheprovider -o addopts="-ra" > "$OUT/.pt/$(basename "$f").log" 2>&1 &
+    pids+=($!)
+  done
+  local rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  for f in $files; do
+    echo "===== $f: $(tail -n 1 "$OUT/.pt/$(basename "$f").log")"; cat "$OUT/.pt/$(basename "$f").log"; echo
+  done
+  rm -rf "$OUT/.pt"
+  return $rc
+}
+TESTS_S=$(min 260 $(( $(left) - 170 ))); PER_FILE_S=$(( TESTS_S - 15 ))
+export -f gpu_tests; export PY TO OUT PER_FILE_S
+step tests "$TESTS_S" "$OUT/pytest_gpu.log" bash -c gpu_tests
 
 # ---------------------------------------------------------------------------------------------- bench
 BUDGET=$(( $(left) - 45 ))
@@ -118,5 +135,5 @@ if [ -f "$OUT/bench.md" ]; then
 else
   tail -n 30 "$OUT/bench.log"
 fi
-echo "== gpu tests ($OUT/pytest_gpu.log)"; grep -E '^(FAILED|ERROR)|passed|failed|error' "$OUT/pytest_gpu.log" 2>/dev/null | tail -n 8
+echo "== gpu tests ($OUT/pytest_gpu.log)"; grep -E '^===== tests/|^(FAILED|ERROR)' "$OUT/pytest_gpu.log" 2>/dev/null | cut -c1-200 | head -n 60
 echo "== steps"; printf '%s' "$SUMMARY"

@@ -437,25 +437,20 @@ def test_gpu_kernels_equal_dequantize_reference(monkeypatch, quant_type, nested,
 
 
 @pytest.mark.gpu
-def test_gpu_quantizer_runs_without_bitsandbytes_and_decode_bandwidth():
-    """Quantize on the GPU with the pure-torch quantizer, then time the NF4 decode path (T=1, K=2) and
-    report its bandwidth against the bytes its docstring counts."""
+def test_gpu_quantizer_runs_without_bitsandbytes():
+    """Quantize on the GPU with the pure-torch quantizer (no bitsandbytes there), run the NF4 decode path
+    (T=1, K=2) and check it against dequantize + reference. Its speed is the benchmark driver's business."""
     E, H, I, K = 8, 4096, 14336, 2
     w_gu, w_dn = _weights(E, H, I, torch.bfloat16, "cuda")
     gu, dn = hb.quantize_weight(w_gu, "nf4", 64), hb.quantize_weight(w_dn, "nf4", 64)
     assert gu.qweight.is_cuda and gu.qweight.shape == (E, 2 * I * H // 2)
     x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
-    logits = torch.randn(1, E, device="cuda")
-    r = route(logits, K)
-    fn = lambda: oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")  # noqa: E731
-    fn()
-    from triton.testing import do_bench
-
-    ms = do_bench(fn, warmup=20, rep=200)
-    nbytes = K * 3 * H * I * (0.5 + 4 / 64)
-    gbs = nbytes / ms / 1e6
-    print(f"\nNF4 decode T=1 K=2 H={H} I={I}: {ms * 1e3:.1f} us, {gbs:.0f} GB/s of counted weight bytes")
-    assert gbs > 500  # far below an H100's ~3 TB/s: catches a path that re-reads or serializes
+    r = route(torch.randn(1, E, device="cuda"), K)
+    y = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
+    want = ref.experts_ref(x.float(), gu.dequantize().float(), dn.dequantize().float(), r.weights, r.ids)
+    assert torch.isfinite(y).all()
+    rel = ((y.float() - want).norm() / want.norm()).item()
+    assert rel < 2e-2, rel
 
 
 @pytest.mark.gpu
