@@ -119,6 +119,11 @@ def _can_run(name: str, op: str, device: torch.device) -> tuple[bool, str]:
     return False, f"unknown backend {name!r}"
 
 
+def auto_requested() -> bool:
+    """No H3MOE_BACKEND override: "auto" may apply per-shape preferences."""
+    return os.environ.get("H3MOE_BACKEND", "auto") in ("", "auto")
+
+
 def resolve(backend: str, device: torch.device, op: str) -> str:
     """Pick the backend that runs `op` on tensors on `device`."""
     if backend == "auto":

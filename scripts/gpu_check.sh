@@ -84,16 +84,15 @@ timeout 60 "$PY" -c "import h3moe; [print(' ', s) for s in h3moe.backends().valu
 
 # ------------------------------------------------------------------------------------------ gpu tests
 TO=""; "$PY" -c "import pytest_timeout" 2>/dev/null && TO="--timeout=120"
-# One pytest process per test file, all at once: a kernel fault stays in its file, and Triton's compiles
-# (CPU-bound) spread over the machine's cores. Each file's log goes to pytest_gpu.log in turn.
+# One pytest process per test file, three at a time (all at once ran the GPU out of memory): a kernel fault
+# stays in its file, and Triton's compiles (CPU-bound) spread over the cores. Heaviest files first.
 gpu_tests() {
-  local files=$(grep -l "pytest.mark.gpu" tests/test_*.py) pids=() f
+  local files f
+  files=$(for f in $(grep -l "pytest.mark.gpu" tests/test_*.py); do echo "$(wc -c < "$f") $f"; done | sort -rn | cut -d' ' -f2)
   mkdir -p "$OUT/.pt"
-  for f in $files; do
-    timeout -k 5 "$PER_FILE_S" "$PY" -m pytest -q -m gpu "$f" $TO -p no:cacheprovider -o addopts="-ra" > "$OUT/.pt/$(basename "$f").log" 2>&1 &
-    pids+=($!)
-  done
-  local rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  printf '%s\n' $files | xargs -P 3 -I{} bash -c \
+    'timeout -k 5 "$PER_FILE_S" "$PY" -m pytest -q -m gpu "{}" $TO -p no:cacheprovider -o addopts="-ra" > "$OUT/.pt/$(basename "{}").log" 2>&1'
+  local rc=$?
   for f in $files; do
     echo "===== $f: $(tail -n 1 "$OUT/.pt/$(basename "$f").log")"; cat "$OUT/.pt/$(basename "$f").log"; echo
   done

@@ -133,7 +133,8 @@ def test_route_api_forward_and_backward(T, E, K, dtype, renorm):
     g_ref = logits_ref.grad
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     err = (logits.grad.float() - g_ref).abs().max().item()
-    assert err <= tol * (g_ref.abs().max().item() + 1e-6), f"route_bwd: max error {err}"
+    # Absolute floor: with K=1 and renormalization the exact gradient is 0 and both sides are rounding noise.
+    assert err <= tol * g_ref.abs().max().item() + 1e-6, f"route_bwd: max error {err}"
 
 
 def test_route_beyond_limits_falls_back():

@@ -226,13 +226,24 @@ def test_gpu_route_backward(dtype):
     T, E, K = 8192, 64, 8
     x = (torch.randn(T, E, device="cuda") * 2).to(dtype).requires_grad_()
     g = torch.randn(T, K, device="cuda")
-    (_tr().route(x, K, True).weights * g).sum().backward()
+
+    def weights_at(logits, ids):  # renormalized softmax at the given experts: the fp64 reference per choice
+        p = torch.softmax(logits.double(), -1).gather(1, ids)
+        return p / p.sum(-1, keepdim=True)
+
+    r = _tr().route(x, K, True)
+    (r.weights * g).sum().backward()
     xe = x.detach().clone().requires_grad_()  # eager torch, same dtype
-    (_route_torch(xe, K, True).weights * g).sum().backward()
-    x64 = x.detach().double().requires_grad_()  # fp64 reference
-    (_route_torch(x64, K, True).weights * g.double()).sum().backward()
-    err = (x.grad.double() - x64.grad).abs().max()
-    err_eager = (xe.grad.double() - x64.grad).abs().max()
+    re = _route_torch(xe, K, True)
+    (re.weights * g).sum().backward()
+    # bf16 logits tie often (E=64 values of 8-bit mantissa); the kernel and torch.topk may then choose
+    # different, equally valid experts, so each is checked against the fp64 reference for its own choice.
+    errs = []
+    for grad, ids in ((x.grad, r.ids), (xe.grad, re.ids)):
+        x64 = x.detach().double().requires_grad_()
+        (weights_at(x64, ids) * g.double()).sum().backward()
+        errs.append((grad.double() - x64.grad).abs().max())
+    err, err_eager = errs
     assert err <= 2 * err_eager + 1e-6, (err, err_eager)
 
 

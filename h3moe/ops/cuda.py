@@ -313,15 +313,16 @@ def gating_loss(layers, labels, attention_mask=None, variant: str = "paper") -> 
 
             return gating_loss_ref(layers, labels, attention_mask, variant)
     B = labels.shape[0]
-    psums = []
-    seq_len = None
-    for g in layers:
-        g2 = g.reshape(-1, g.shape[-1]).contiguous()
-        T = g2.shape[0]
-        seq_len = T // B
-        mask = _token_mask(attention_mask, T)
-        psums.append(_route_fwd_op(g2, 0, False, B, mask)[5])
-    return gating_loss_from_psums(psums, labels, attention_mask, variant, seq_len)
+    flat = [g.reshape(-1, g.shape[-1]) for g in layers]  # L × (B*S, E)
+    L, T = len(flat), flat[0].shape[0]
+    if L > 1 and all(f.shape == flat[0].shape and f.dtype == flat[0].dtype for f in flat):
+        # All L layers in one launch each way (per-layer launches were launch-bound on an H100): the layers'
+        # logits concatenated are L·B samples of S tokens; costs one copy of the logits in their own dtype.
+        m = None if attention_mask is None else attention_mask.reshape(B, -1).repeat(L, 1)  # (L*B, S)
+        psum = _route_fwd_op(torch.cat(flat, 0).contiguous(), 0, False, L * B, _token_mask(m, L * T))[5]
+        return gating_loss_from_psums(list(psum.view(L, B, -1).unbind(0)), labels, attention_mask, variant, T // B)
+    psums = [_route_fwd_op(f.contiguous(), 0, False, B, _token_mask(attention_mask, T))[5] for f in flat]
+    return gating_loss_from_psums(psums, labels, attention_mask, variant, T // B)
 
 
 def moe(x, w_gate_up, w_down, routing: Routing, activation: str = "silu") -> torch.Tensor:

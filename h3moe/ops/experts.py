@@ -124,6 +124,14 @@ def _moe_torch(x, w_gate_up, w_down, routing: Routing, activation: str) -> torch
     return slots.view(T, K, H).sum(dim=1).to(x.dtype)
 
 
+def _cuda_moe_pays(T: int, E: int) -> bool:
+    """Whether "auto" should take the cuda expert kernels (mma.sync, weight-streaming decode) over Triton.
+    From bench/results/h100-80gb-hbm3-2026-11-27-run1.md: cuda beat Triton only at T=1 with many small experts (OLMoE
+    E=64: 0.175 vs 0.332 ms; Qwen3 E=128: 0.101 vs 0.174 ms) and lost everywhere else (T=1 Mixtral
+    0.42 vs 0.26 ms; 7x slower at 4096 tokens)."""
+    return T <= 2 and E >= 32
+
+
 def moe(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,
@@ -152,6 +160,8 @@ def moe(
     routing = as_routing(routing, E)
     _validate.routing(routing.weights, routing.ids, T, E)
     be = _backend.resolve(backend, x.device, "moe")
+    if be == "cuda" and backend == "auto" and _backend.auto_requested() and not _cuda_moe_pays(T, E):
+        be = "triton" if _backend._can_run("triton", "moe", x.device)[0] else "torch"
     if be == "triton":
         from . import triton_experts
 
