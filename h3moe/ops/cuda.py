@@ -298,6 +298,31 @@ def gating_loss_from_psums(
     raise ValueError(f"variant: expected 'paper' or 'nll', got {variant!r}")
 
 
+class _PsumAllLayers(torch.autograd.Function):
+    """psum (L*B, E) of L same-shaped layers with one routing-kernel launch each way (K = 0). Keeps for the
+    backward only what the caller holds (the layers' logits, the mask): no concatenated (L*T, E) copy."""
+
+    @staticmethod
+    def forward(ctx, attention_mask, B, *flat):
+        L, T = len(flat), flat[0].shape[0]
+        ctx.B = B
+        ctx.save_for_backward(attention_mask, *flat)
+        m = None if attention_mask is None else attention_mask.reshape(B, -1).repeat(L, 1)  # (L*B, S)
+        with torch.no_grad():
+            out = _route_fwd_op(torch.cat(flat, 0).contiguous(), 0, False, L * B, _token_mask(m, L * T))
+        ctx.ids = out[1]  # (L*T, 0): no slots with K = 0
+        return out[5]
+
+    @staticmethod
+    def backward(ctx, dpsum):
+        attention_mask, *flat = ctx.saved_tensors
+        L, T = len(flat), flat[0].shape[0]
+        m = None if attention_mask is None else attention_mask.reshape(ctx.B, -1).repeat(L, 1)
+        d = _route_bwd_op(torch.cat(flat, 0).contiguous(), ctx.ids, None, dpsum.contiguous(),
+                          _token_mask(m, L * T), L * ctx.B, False)
+        return (None, None, *d.split(T, 0))
+
+
 def gating_loss(layers, labels, attention_mask=None, variant: str = "paper") -> torch.Tensor:
     """H3Fusion gating loss (reference.gating_loss_ref): p̄ (B, E) accumulated by the routing kernel with
     K = 0 (no (T, E) probabilities kept); backward by the routing backward kernel."""
@@ -317,9 +342,8 @@ def gating_loss(layers, labels, attention_mask=None, variant: str = "paper") -> 
     L, T = len(flat), flat[0].shape[0]
     if L > 1 and all(f.shape == flat[0].shape and f.dtype == flat[0].dtype for f in flat):
         # All L layers in one launch each way (per-layer launches were launch-bound on an H100): the layers'
-        # logits concatenated are L·B samples of S tokens; costs one copy of the logits in their own dtype.
-        m = None if attention_mask is None else attention_mask.reshape(B, -1).repeat(L, 1)  # (L*B, S)
-        psum = _route_fwd_op(torch.cat(flat, 0).contiguous(), 0, False, L * B, _token_mask(m, L * T))[5]
+        # logits concatenated are L·B samples of S tokens. The concatenation is a temporary of each pass.
+        psum = _PsumAllLayers.apply(attention_mask, B, *flat)  # (L*B, E)
         return gating_loss_from_psums(list(psum.view(L, B, -1).unbind(0)), labels, attention_mask, variant, T // B)
     psums = [_route_fwd_op(f.contiguous(), 0, False, B, _token_mask(attention_mask, T))[5] for f in flat]
     return gating_loss_from_psums(psums, labels, attention_mask, variant, T // B)

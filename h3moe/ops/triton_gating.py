@@ -131,19 +131,24 @@ _triton_gating_pbar.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _PbarAllLayers(torch.autograd.Function):
-    """p̄ of L same-shaped layers in one launch each way; saves the layers, not their concatenation."""
+    """p̄ of L same-shaped layers in one launch each way. Keeps for the backward only what the caller already
+    holds (the layers' logits, the (B, S) mask): the concatenation and the repeated mask are rebuilt there."""
 
     @staticmethod
     def forward(ctx, mask, batch, *flat):
         ctx.batch = batch
         ctx.save_for_backward(mask, *flat)
+        L = len(flat)
         with torch.no_grad():
-            return torch.ops.h3moe.triton_gating_pbar(torch.cat(flat, 0), mask, batch)
+            m = None if mask is None else mask.repeat(L, 1)  # (L*B, S)
+            return torch.ops.h3moe.triton_gating_pbar(torch.cat(flat, 0), m, L * batch)
 
     @staticmethod
     def backward(ctx, grad):
         mask, *flat = ctx.saved_tensors
-        d = torch.ops.h3moe.triton_gating_pbar_bwd(grad.contiguous(), torch.cat(flat, 0), mask, ctx.batch)
+        L = len(flat)
+        m = None if mask is None else mask.repeat(L, 1)
+        d = torch.ops.h3moe.triton_gating_pbar_bwd(grad.contiguous(), torch.cat(flat, 0), m, L * ctx.batch)
         return (None, None, *d.split(flat[0].shape[0], 0))
 
 
@@ -160,8 +165,7 @@ def mean_router_probs(
         # per-layer ops were launch-bound, slower than eager torch at 32 layers). The L layers' logits,
         # concatenated, are L·B samples of S tokens. The concatenation is a temporary of each pass: the
         # backward keeps only the layers' own logits (and (L*B, E) results), no (T, E) copy or probabilities.
-        m = None if mask is None else mask.repeat(L, 1)  # (L*B, S)
-        p = _PbarAllLayers.apply(m, L * B, *flat)  # (L*B, E)
+        p = _PbarAllLayers.apply(mask, B, *flat)  # (L*B, E)
         return p.view(L, B, -1).mean(dim=0)
     per_layer = [torch.ops.h3moe.triton_gating_pbar(f, mask, B) for f in flat]
     return per_layer[0] if L == 1 else torch.stack(per_layer, dim=0).mean(dim=0)
