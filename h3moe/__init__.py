@@ -7,8 +7,9 @@ Backends: "torch" (vectorized, anywhere), "triton" (GPU; CPU under TRITON_INTERP
 from ._backend import BackendStatus, BackendUnavailable, backends
 from .nn.moe import MoE
 from .ops.experts import moe
-from .ops.losses import drift_reg, gating_loss, load_balancing_loss, z_loss
+from .ops.losses import drift_reg, gating_loss, gating_loss_from_psums, load_balancing_loss, z_loss
 from .ops.routing import Routing, route
+from .ops.routing import route_with_gating
 from .integrations.transformers import install_import_hook as _install_import_hook
 from .integrations.transformers import patch, unpatch
 
@@ -35,11 +36,13 @@ __all__ = [
     "backends",
     "drift_reg",
     "gating_loss",
+    "gating_loss_from_psums",
     "load_balancing_loss",
     "moe",
     "patch",
     "quantize",
     "route",
+    "route_with_gating",
     "unpatch",
     "z_loss",
 ]

@@ -22,6 +22,7 @@ __all__ = [
     "moe_ref",
     "mean_router_probs_ref",
     "gating_loss_ref",
+    "gating_loss_from_pbar",
     "drift_reg_ref",
     "load_balancing_loss_ref",
     "z_loss_ref",
@@ -161,8 +162,12 @@ def gating_loss_ref(
     Returns:
         scalar loss (fp32, float64 for float64 logits).
     """
-    B = labels.shape[0]
-    p_bar = mean_router_probs_ref(router_logits, B, attention_mask)  # (B, E)
+    p_bar = mean_router_probs_ref(router_logits, labels.shape[0], attention_mask)  # (B, E)
+    return gating_loss_from_pbar(p_bar, labels, variant)
+
+
+def gating_loss_from_pbar(p_bar: torch.Tensor, labels: torch.Tensor, variant: str = "paper") -> torch.Tensor:
+    """The gating loss from p̄ (B, E) (see gating_loss_ref); every backend ends with this."""
     if variant == "paper":
         target = labels if labels.dim() == 1 else labels.to(p_bar.dtype)
         return F.cross_entropy(p_bar, target)

@@ -21,6 +21,14 @@ Algorithm (two launches, no host synchronization, every shape fixed by (T, E, K)
    writes sorted_slots[offsets[e] + block_prefix[b, e] + rank] = t*K + k. This is a stable counting sort
    by expert: token order within an expert, as torch.argsort(ids.flatten(), stable=True) gives.
 
+Gating-loss sums (PSUM, route_with_gating): the top-k kernel also writes, per program, the sum over its
+tokens of mask_t * p_t into row pid of `psum_part` (nb, E_PAD); the caller sums each sample's rows (torch,
+a (B, nbs, E) reduction: deterministic, no atomics) into psum (B, E). For that the grid is aligned to samples:
+program pid = b * nbs + j takes the tokens [j*BLOCK_T, (j+1)*BLOCK_T) of sample b (S tokens per sample,
+nbs = cdiv(S, BLOCK_T) programs per sample, the last one padded), and the scatter kernel uses the same
+partition (SAMPLE_BLOCKS). Blocks are still in token order, so the counting sort stays stable. The softmax
+is the one the top-k already holds in registers: no (T, E) probabilities are written.
+
 Why not one launch: the destination of a slot depends on the histograms of all earlier blocks, which needs
 a grid-wide barrier (a spin-wait on other programs can deadlock when the grid does not fit on the GPU).
 Why not torch.argsort: a sort is O(S log S) and several launches; a counting sort on E buckets is O(S).
@@ -28,7 +36,9 @@ Why not torch.argsort: a sort is O(S log S) and several launches; a counting sor
 `route_bwd_kernel`, grid (cdiv(T, BLOCK_T),): recomputes the softmax p from the logits and writes
     dw_k = (g_k - <g, w>) / s   (renormalized: w = p_sel / s, s = sum of the K selected p), else dw_k = g_k
     dlogits = p * (dp - <dp, p>),  dp = dw scattered to the selected experts,
-in the logits' dtype.
+in the logits' dtype. With PSUM_GRAD it also takes d loss / d psum (B, E) and adds the gating-loss term
+in the same pass:  dlogits += m_t * p_t * (dpsum_b - <dpsum_b, p_t>),  b = t // S. Without TOPK_GRAD the
+top-k term is skipped (only psum was used).
 
 Limits: E <= 256 (E_PAD = next power of two, padding read as -inf), 1 <= K <= E, T * K < 2**31.
 Register tiles are (BLOCK_T, E_PAD); `block_t_for(E_PAD)` keeps them at TILE_ELEMS elements (tuned on the
@@ -67,10 +77,14 @@ def route_topk_kernel(
     counts_ptr,  # (E,) int32, out
     offsets_ptr,  # (E+1,) int32, out
     ticket_ptr,  # (1,) int32, zero on entry
+    mask_ptr,  # (T,) any int / float dtype (bool as uint8), token mask; read only with PSUM and HAS_MASK
+    psum_part_ptr,  # (nb, E_PAD) fp32 (fp64), out with PSUM: sum over the program's tokens of mask * p
     T,  # i32 tokens
     E,  # i32 experts
     stride_lt,  # i32 row stride of logits
-    nb,  # i32 number of programs = cdiv(T, BLOCK_T)
+    nb,  # i32 number of programs: cdiv(T, BLOCK_T), or B * nbs with PSUM
+    S,  # i32 tokens per sample (PSUM only)
+    nbs,  # i32 programs per sample, cdiv(S, BLOCK_T) (PSUM only)
     K: tl.constexpr,  # top-k
     K_PAD: tl.constexpr,  # next power of two >= K
     E_PAD: tl.constexpr,  # next power of two >= E
@@ -78,11 +92,19 @@ def route_topk_kernel(
     BLOCK_B: tl.constexpr,  # block rows per step of the scan
     RENORM: tl.constexpr,  # divide the K selected probabilities by their sum
     FP64: tl.constexpr,  # compute in fp64 (fp64 logits)
+    PSUM: tl.constexpr,  # sample-aligned blocks, write the per-block gating-loss sums
+    HAS_MASK: tl.constexpr,  # PSUM weighs each token by mask_ptr[t]
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+    if PSUM:  # program pid = b * nbs + j: tokens [j*BLOCK_T, (j+1)*BLOCK_T) of sample b, never two samples
+        sample = pid // nbs
+        srow = (pid - sample * nbs) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) token index in the sample
+        rows = sample * S + srow
+        row_ok = srow < S
+    else:
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+        row_ok = rows < T
     cols = tl.arange(0, E_PAD)  # (E_PAD,)
-    row_ok = rows < T
     col_ok = cols < E
     rows64 = rows.to(tl.int64)
     x = tl.load(
@@ -99,7 +121,13 @@ def route_topk_kernel(
     x_max = tl.where(row_ok, x_max, 0.0)
     ex = tl.exp(x - x_max[:, None])
     denom = tl.where(row_ok, tl.sum(ex, axis=1), 1.0)
-    p = ex / denom[:, None]  # (BLOCK_T, E_PAD), 0 in padded columns
+    p = ex / denom[:, None]  # (BLOCK_T, E_PAD), 0 in padded columns and padded rows
+    if PSUM:
+        if HAS_MASK:
+            m = tl.load(mask_ptr + rows64, mask=row_ok, other=0).to(p.dtype)  # (BLOCK_T,)
+            tl.store(psum_part_ptr + pid * E_PAD + cols, tl.sum(p * m[:, None], axis=0))
+        else:
+            tl.store(psum_part_ptr + pid * E_PAD + cols, tl.sum(p, axis=0))
     # Work copy: real experts hold p in [0, 1]; padding -1; an expert already picked -2.
     work = tl.where(col_ok[None, :], p, -1.0)
     kcols = tl.arange(0, K_PAD)  # (K_PAD,)
@@ -158,14 +186,23 @@ def route_scatter_kernel(
     sorted_slots_ptr,  # (T*K,) int32, out
     T,  # i32
     E,  # i32
+    S,  # i32 tokens per sample (SAMPLE_BLOCKS only)
+    nbs,  # i32 programs per sample (SAMPLE_BLOCKS only)
     K: tl.constexpr,
     E_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,  # must equal route_topk_kernel's
+    SAMPLE_BLOCKS: tl.constexpr,  # the sample-aligned partition of route_topk_kernel's PSUM
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+    if SAMPLE_BLOCKS:
+        sample = pid // nbs
+        srow = (pid - sample * nbs) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+        rows = sample * S + srow
+        row_ok = srow < S
+    else:
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+        row_ok = rows < T
     cols = tl.arange(0, E_PAD)
-    row_ok = rows < T
     rows64 = rows.to(tl.int64)
     hits = tl.zeros((BLOCK_T, E_PAD), dtype=tl.int32)
     for k in range(K):
@@ -182,19 +219,25 @@ def route_scatter_kernel(
 
 @triton.jit
 def route_bwd_kernel(
-    grad_w_ptr,  # (T, K) fp32 (fp64), d loss / d weights, contiguous
+    grad_w_ptr,  # (T, K) fp32 (fp64), d loss / d weights, contiguous; read only with TOPK_GRAD
     logits_ptr,  # (T, E) any float dtype, row stride stride_lt
-    ids_ptr,  # (T, K) int64
+    ids_ptr,  # (T, K) int64; read only with TOPK_GRAD
+    dpsum_ptr,  # (B, E) fp32 (fp64) contiguous, d loss / d psum; read only with PSUM_GRAD
+    mask_ptr,  # (T,) any int / float dtype (bool as uint8); read only with PSUM_GRAD and HAS_MASK
     grad_logits_ptr,  # (T, E) logits' dtype, contiguous, out
     T,  # i32
     E,  # i32
     stride_lt,  # i32
+    S,  # i32 tokens per sample (PSUM_GRAD only)
     K: tl.constexpr,
     K_PAD: tl.constexpr,
     E_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     RENORM: tl.constexpr,
     FP64: tl.constexpr,
+    TOPK_GRAD: tl.constexpr,  # add the gradient through the top-k weights
+    PSUM_GRAD: tl.constexpr,  # add the gradient through psum
+    HAS_MASK: tl.constexpr,  # psum was masked
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -215,30 +258,45 @@ def route_bwd_kernel(
     x_max = tl.where(row_ok, tl.max(x, axis=1), 0.0)
     ex = tl.exp(x - x_max[:, None])
     p = ex / tl.where(row_ok, tl.sum(ex, axis=1), 1.0)[:, None]  # (BLOCK_T, E_PAD)
-    k_mask = row_ok[:, None] & (kcols[None, :] < K)
-    kofs = rows64[:, None] * K + kcols[None, :]
-    g = tl.load(grad_w_ptr + kofs, mask=k_mask, other=0.0).to(p.dtype)  # (BLOCK_T, K_PAD)
-    ids = tl.load(ids_ptr + kofs, mask=k_mask, other=-1).to(tl.int32)  # (BLOCK_T, K_PAD)
-    # Selected probabilities p[t, ids[t, k]].
-    sel = tl.zeros((BLOCK_T, K_PAD), dtype=p.dtype)
-    for k in range(K):
-        e_k = tl.sum(tl.where(kcols[None, :] == k, ids, 0), axis=1)  # (BLOCK_T,)
-        p_k = tl.sum(tl.where(cols[None, :] == e_k[:, None], p, 0.0), axis=1)
-        sel = tl.where(kcols[None, :] == k, p_k[:, None], sel)
-    if RENORM:
-        s = tl.sum(sel, axis=1)  # (BLOCK_T,)
-        s = tl.where(row_ok, s, 1.0)
-        w = sel / s[:, None]
-        dw = (g - tl.sum(g * w, axis=1)[:, None]) / s[:, None]
+    if TOPK_GRAD:
+        k_mask = row_ok[:, None] & (kcols[None, :] < K)
+        kofs = rows64[:, None] * K + kcols[None, :]
+        g = tl.load(grad_w_ptr + kofs, mask=k_mask, other=0.0).to(p.dtype)  # (BLOCK_T, K_PAD)
+        ids = tl.load(ids_ptr + kofs, mask=k_mask, other=-1).to(tl.int32)  # (BLOCK_T, K_PAD)
+        # Selected probabilities p[t, ids[t, k]].
+        sel = tl.zeros((BLOCK_T, K_PAD), dtype=p.dtype)
+        for k in range(K):
+            e_k = tl.sum(tl.where(kcols[None, :] == k, ids, 0), axis=1)  # (BLOCK_T,)
+            p_k = tl.sum(tl.where(cols[None, :] == e_k[:, None], p, 0.0), axis=1)
+            sel = tl.where(kcols[None, :] == k, p_k[:, None], sel)
+        if RENORM:
+            s = tl.sum(sel, axis=1)  # (BLOCK_T,)
+            s = tl.where(row_ok, s, 1.0)
+            w = sel / s[:, None]
+            dw = (g - tl.sum(g * w, axis=1)[:, None]) / s[:, None]
+        else:
+            dw = g
+        # dp scattered onto the experts; <dp, p> = sum_k dw_k * sel_k.
+        dp = tl.zeros((BLOCK_T, E_PAD), dtype=p.dtype)
+        for k in range(K):
+            e_k = tl.sum(tl.where(kcols[None, :] == k, ids, 0), axis=1)
+            dw_k = tl.sum(tl.where(kcols[None, :] == k, dw, 0.0), axis=1)
+            dp += tl.where(cols[None, :] == e_k[:, None], dw_k[:, None], 0.0)
+        dot = tl.sum(dw * sel, axis=1)  # (BLOCK_T,)
     else:
-        dw = g
-    # dp scattered onto the experts; <dp, p> = sum_k dw_k * sel_k.
-    dp = tl.zeros((BLOCK_T, E_PAD), dtype=p.dtype)
-    for k in range(K):
-        e_k = tl.sum(tl.where(kcols[None, :] == k, ids, 0), axis=1)
-        dw_k = tl.sum(tl.where(kcols[None, :] == k, dw, 0.0), axis=1)
-        dp += tl.where(cols[None, :] == e_k[:, None], dw_k[:, None], 0.0)
-    dot = tl.sum(dw * sel, axis=1)  # (BLOCK_T,)
+        dp = tl.zeros((BLOCK_T, E_PAD), dtype=p.dtype)
+        dot = tl.zeros((BLOCK_T,), dtype=p.dtype)
+    if PSUM_GRAD:  # m_t * p_t * (gs_b - <gs_b, p_t>): fold m_t * gs_b into dp and m_t * <gs_b, p_t> into dot
+        sample = rows64 // S  # (BLOCK_T,)
+        gs = tl.load(
+            dpsum_ptr + sample[:, None] * E + cols[None, :],
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        ).to(p.dtype)  # (BLOCK_T, E_PAD)
+        if HAS_MASK:
+            gs = gs * tl.load(mask_ptr + rows64, mask=row_ok, other=0).to(p.dtype)[:, None]
+        dp += gs
+        dot += tl.sum(gs * p, axis=1)
     dx = p * (dp - dot[:, None])
     tl.store(
         grad_logits_ptr + rows64[:, None] * E + cols[None, :],
@@ -248,9 +306,9 @@ def route_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Compile tier: the configurations route() launches (see h3moe/kernels/aot.py).
+# Compile tier: the configurations route() and route_with_gating() launch (see h3moe/kernels/aot.py).
 
-_DT = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+_DT = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "i64": "*i64", "u8": "*u8"}
 
 
 def _cfg(E: int, K: int) -> dict:
@@ -258,9 +316,66 @@ def _cfg(E: int, K: int) -> dict:
     return dict(E_PAD=e_pad, K_PAD=triton.next_power_of_2(K), BLOCK_T=block_t_for(e_pad), K=K)
 
 
-def aot_specs():
+def _topk_spec(name, dt, c, nw, psum=False, mask_dt=None):
     from .aot import AotSpec
 
+    return AotSpec(
+        name=name,
+        fn=route_topk_kernel,
+        signature={
+            "logits_ptr": _DT[dt], "weights_ptr": "*fp32", "ids_ptr": "*i64",
+            "block_counts_ptr": "*i32", "counts_ptr": "*i32", "offsets_ptr": "*i32",
+            "ticket_ptr": "*i32", "mask_ptr": _DT[mask_dt or dt], "psum_part_ptr": "*fp32",
+            "T": "i32", "E": "i32", "stride_lt": "i32", "nb": "i32", "S": "i32", "nbs": "i32",
+            "K": "constexpr", "K_PAD": "constexpr", "E_PAD": "constexpr",
+            "BLOCK_T": "constexpr", "BLOCK_B": "constexpr", "RENORM": "constexpr",
+            "FP64": "constexpr", "PSUM": "constexpr", "HAS_MASK": "constexpr",
+        },
+        constexprs=dict(c, BLOCK_B=16, RENORM=True, FP64=False, PSUM=psum, HAS_MASK=mask_dt is not None),
+        num_warps=nw,
+        num_stages=1,
+    )  # fmt: skip
+
+
+def _bwd_spec(name, dt, c, nw, topk_grad=True, psum_grad=False, mask_dt=None):
+    from .aot import AotSpec
+
+    return AotSpec(
+        name=name,
+        fn=route_bwd_kernel,
+        signature={
+            "grad_w_ptr": "*fp32", "logits_ptr": _DT[dt], "ids_ptr": "*i64", "dpsum_ptr": "*fp32",
+            "mask_ptr": _DT[mask_dt or dt], "grad_logits_ptr": _DT[dt], "T": "i32", "E": "i32",
+            "stride_lt": "i32", "S": "i32",
+            "K": "constexpr", "K_PAD": "constexpr", "E_PAD": "constexpr", "BLOCK_T": "constexpr",
+            "RENORM": "constexpr", "FP64": "constexpr", "TOPK_GRAD": "constexpr", "PSUM_GRAD": "constexpr",
+            "HAS_MASK": "constexpr",
+        },
+        constexprs=dict(c, RENORM=True, FP64=False, TOPK_GRAD=topk_grad, PSUM_GRAD=psum_grad,
+                        HAS_MASK=mask_dt is not None),
+        num_warps=nw,
+        num_stages=1,
+    )  # fmt: skip
+
+
+def _scatter_spec(name, c, nw, sample_blocks=False):
+    from .aot import AotSpec
+
+    return AotSpec(
+        name=name,
+        fn=route_scatter_kernel,
+        signature={
+            "ids_ptr": "*i64", "block_prefix_ptr": "*i32", "offsets_ptr": "*i32",
+            "sorted_slots_ptr": "*i32", "T": "i32", "E": "i32", "S": "i32", "nbs": "i32",
+            "K": "constexpr", "E_PAD": "constexpr", "BLOCK_T": "constexpr", "SAMPLE_BLOCKS": "constexpr",
+        },
+        constexprs={"K": c["K"], "E_PAD": c["E_PAD"], "BLOCK_T": c["BLOCK_T"], "SAMPLE_BLOCKS": sample_blocks},
+        num_warps=nw,
+        num_stages=1,
+    )  # fmt: skip
+
+
+def aot_specs():
     specs = []
     # (E, K, logits dtypes): Mixtral-like 8/2, fine-grained 64/8, the largest E. The logits dtype only
     # changes the tile load, so fp32 is compiled once; the compile tier stays fast.
@@ -268,50 +383,24 @@ def aot_specs():
         c = _cfg(E, K)
         nw = num_warps_for(c["E_PAD"])
         for dt in dts:
-            specs.append(
-                AotSpec(
-                    name=f"route_topk[{dt},E={E},K={K}]",
-                    fn=route_topk_kernel,
-                    signature={
-                        "logits_ptr": _DT[dt], "weights_ptr": "*fp32", "ids_ptr": "*i64",
-                        "block_counts_ptr": "*i32", "counts_ptr": "*i32", "offsets_ptr": "*i32",
-                        "ticket_ptr": "*i32", "T": "i32", "E": "i32", "stride_lt": "i32", "nb": "i32",
-                        "K": "constexpr", "K_PAD": "constexpr", "E_PAD": "constexpr",
-                        "BLOCK_T": "constexpr", "BLOCK_B": "constexpr", "RENORM": "constexpr",
-                        "FP64": "constexpr",
-                    },
-                    constexprs=dict(c, BLOCK_B=16, RENORM=True, FP64=False),
-                    num_warps=nw,
-                    num_stages=1,
-                )
-            )
-            specs.append(
-                AotSpec(
-                    name=f"route_bwd[{dt},E={E},K={K}]",
-                    fn=route_bwd_kernel,
-                    signature={
-                        "grad_w_ptr": "*fp32", "logits_ptr": _DT[dt], "ids_ptr": "*i64",
-                        "grad_logits_ptr": _DT[dt], "T": "i32", "E": "i32", "stride_lt": "i32",
-                        "K": "constexpr", "K_PAD": "constexpr", "E_PAD": "constexpr",
-                        "BLOCK_T": "constexpr", "RENORM": "constexpr", "FP64": "constexpr",
-                    },
-                    constexprs=dict(c, RENORM=True, FP64=False),
-                    num_warps=nw,
-                    num_stages=1,
-                )
-            )
-        specs.append(
-            AotSpec(
-                name=f"route_scatter[E={E},K={K}]",
-                fn=route_scatter_kernel,
-                signature={
-                    "ids_ptr": "*i64", "block_prefix_ptr": "*i32", "offsets_ptr": "*i32",
-                    "sorted_slots_ptr": "*i32", "T": "i32", "E": "i32",
-                    "K": "constexpr", "E_PAD": "constexpr", "BLOCK_T": "constexpr",
-                },
-                constexprs={"K": K, "E_PAD": c["E_PAD"], "BLOCK_T": c["BLOCK_T"]},
-                num_warps=nw,
-                num_stages=1,
-            )
-        )
+            specs.append(_topk_spec(f"route_topk[{dt},E={E},K={K}]", dt, c, nw))
+            specs.append(_bwd_spec(f"route_bwd[{dt},E={E},K={K}]", dt, c, nw))
+        specs.append(_scatter_spec(f"route_scatter[E={E},K={K}]", c, nw))
+    # route_with_gating (PSUM): bf16 logits with a transformers int64 attention mask (and without a mask),
+    # the backward with both gradients, and with the psum gradient only; fp32 logits with an fp32 mask.
+    # Training shapes have S >= BLOCK_T, so BLOCK_T is block_t_for(E_PAD) as above.
+    scattered = set()
+    psum_cases = ((8, 2, "bf16", "i64"), (64, 8, "bf16", "i64"), (64, 8, "fp32", "fp32"), (256, 8, "bf16", None))
+    for E, K, dt, mask_dt in psum_cases:
+        c = _cfg(E, K)
+        nw = num_warps_for(c["E_PAD"])
+        tag = f"{dt},E={E},K={K},mask={mask_dt or 0}"
+        specs.append(_topk_spec(f"route_topk_psum[{tag}]", dt, c, nw, psum=True, mask_dt=mask_dt))
+        specs.append(_bwd_spec(f"route_bwd_psum[{tag}]", dt, c, nw, psum_grad=True, mask_dt=mask_dt))
+        if E == 64 and dt == "bf16":
+            specs.append(_bwd_spec(f"route_bwd_psum_only[{tag}]", dt, c, nw, topk_grad=False, psum_grad=True,
+                                   mask_dt=mask_dt))
+        if (E, K) not in scattered:  # the scatter reads no logits and no mask: once per (E, K)
+            scattered.add((E, K))
+            specs.append(_scatter_spec(f"route_scatter_samples[E={E},K={K}]", c, nw, sample_blocks=True))
     return specs

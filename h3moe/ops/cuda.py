@@ -26,6 +26,7 @@ import torch
 
 from .. import _backend, _lib
 from ..reference import ACTIVATIONS
+from .losses import gating_loss_from_psums
 from .routing import Routing
 
 __all__ = ["route", "moe", "gating_loss", "route_with_gating", "gating_loss_from_psums", "supports"]
@@ -271,31 +272,6 @@ def route_with_gating(
     w, ids, counts, offsets, sorted_slots, psum = _route_fwd_op(
         logits.contiguous(), top_k, renormalize, num_samples, mask)
     return Routing(w, ids, counts, offsets, sorted_slots), psum
-
-
-def gating_loss_from_psums(
-    psums: list, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, variant: str = "paper",
-    seq_len: Optional[int] = None,
-) -> torch.Tensor:
-    """The gating loss (reference.gating_loss_ref) from L layers' psum (B, E): p̄ = mean over layers of
-    psum / (number of each sample's tokens: the mask's sum, clamped to 1; seq_len without a mask)."""
-    B = labels.shape[0]
-    total = torch.stack(list(psums), 0).sum(0)  # (B, E)
-    if attention_mask is None:
-        if seq_len is None:
-            raise ValueError("seq_len: needed without an attention_mask")
-        denom = torch.full((B, 1), float(seq_len), device=total.device)
-    else:
-        denom = attention_mask.reshape(B, -1).to(torch.float32).sum(1, keepdim=True).clamp_min(1)
-    p_bar = total / (denom * len(psums))
-    if variant == "paper":
-        target = labels if labels.dim() == 1 else labels.to(p_bar.dtype)
-        return torch.nn.functional.cross_entropy(p_bar, target)
-    if variant == "nll":
-        y = (torch.nn.functional.one_hot(labels, p_bar.shape[-1]).to(p_bar.dtype) if labels.dim() == 1
-             else labels.to(p_bar.dtype))
-        return -(y * torch.log(p_bar)).sum(dim=-1).mean()
-    raise ValueError(f"variant: expected 'paper' or 'nll', got {variant!r}")
 
 
 class _PsumAllLayers(torch.autograd.Function):

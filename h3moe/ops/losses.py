@@ -13,7 +13,7 @@ import torch
 from .. import _backend, _validate
 from .. import reference as ref
 
-__all__ = ["gating_loss", "drift_reg", "load_balancing_loss", "z_loss"]
+__all__ = ["gating_loss", "gating_loss_from_psums", "drift_reg", "load_balancing_loss", "z_loss"]
 
 
 def _check_logits(router_logits) -> list[torch.Tensor]:
@@ -70,6 +70,43 @@ def gating_loss(
 
         return cuda.gating_loss(layers, labels, attention_mask, variant)
     return ref.gating_loss_ref(layers, labels, attention_mask, variant)
+
+
+def gating_loss_from_psums(
+    psums: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    variant: str = "paper",
+    seq_len: int | None = None,
+) -> torch.Tensor:
+    """The gating loss (reference.gating_loss_ref) from L layers' psum (B, E), as h3moe.route_with_gating
+    returns them (any backend): p̄ = mean over layers of psum / n_b, n_b = the sample's mask sum clamped
+    to 1, or seq_len (S) without a mask.
+
+    Args:
+        psums: L tensors (B, E), Σ over each sample's tokens of mask·softmax(logits).
+        labels: (B,) task index per sample, or (B, E) soft targets.
+        attention_mask: the (B, S) mask the psums were taken with, or None.
+        variant: "paper" (cross-entropy with p̄ as logits) or "nll" (-Σ y·log p̄).
+        seq_len: S, needed without an attention_mask.
+    Returns:
+        scalar, fp32 (fp64 for fp64 psums); differentiable w.r.t. the psums.
+    """
+    psums = list(psums)
+    if not psums:
+        raise ValueError("psums: expected at least one layer's (B, E) sums")
+    if variant not in ("paper", "nll"):
+        raise ValueError(f"variant: expected 'paper' or 'nll', got {variant!r}")
+    B, E = psums[0].shape
+    _check_labels(labels, B, E)
+    total = torch.stack(psums, 0).sum(0)  # (B, E)
+    if attention_mask is None:
+        if seq_len is None:
+            raise ValueError("seq_len: needed without an attention_mask")
+        denom = torch.full((B, 1), float(seq_len), dtype=total.dtype, device=total.device)
+    else:
+        denom = attention_mask.reshape(B, -1).to(total.dtype).sum(1, keepdim=True).clamp_min(1)
+    return ref.gating_loss_from_pbar(total / (denom * len(psums)), labels, variant)
 
 
 def drift_reg(expert_weights, gammas, initial=None) -> torch.Tensor:

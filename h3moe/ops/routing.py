@@ -11,7 +11,7 @@ import torch
 
 from .. import _backend, _validate
 
-__all__ = ["Routing", "route", "sort_by_expert", "as_routing"]
+__all__ = ["Routing", "route", "route_with_gating", "sort_by_expert", "as_routing"]
 
 
 @dataclass
@@ -105,3 +105,74 @@ def route(logits: torch.Tensor, top_k: int, *, renormalize: bool = True, backend
 
         return cuda.route(logits, top_k, renormalize)
     return _route_torch(logits, top_k, renormalize)
+
+
+def _route_with_gating_torch(
+    logits: torch.Tensor, top_k: int, num_samples: int, attention_mask: torch.Tensor | None, renormalize: bool
+) -> tuple[Routing, torch.Tensor]:
+    """torch fallback of route_with_gating: one softmax serves the top-k and psum (it keeps (T, E) probs)."""
+    T, E = logits.shape
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(logits.to(dtype), dim=-1)  # (T, E)
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # (T, K)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    counts, offsets, sorted_slots = sort_by_expert(ids, E)
+    if attention_mask is not None:
+        probs = probs * attention_mask.reshape(T, 1).to(dtype)
+    psum = probs.reshape(num_samples, T // num_samples, E).sum(dim=1)  # (B, E)
+    return Routing(weights, ids, counts, offsets, sorted_slots), psum
+
+
+def route_with_gating(
+    logits: torch.Tensor,
+    top_k: int,
+    num_samples: int,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    renormalize: bool = True,
+    backend: str = "auto",
+) -> tuple[Routing, torch.Tensor]:
+    """Softmax top-k routing fused with the layer's gating-loss sums (H3Fusion training).
+
+    The triton and cuda backends read the logits once forward (no (T, E) probabilities kept) and once
+    backward: a single kernel adds the gradients through the weights and through psum.
+
+    Args:
+        logits: (T, E) or (B, S, E) router logits, any float dtype; T = num_samples * S, token t belongs to
+            sample t // S.
+        top_k: K, 1 <= K <= E.
+        num_samples: B, the batch size (divides T).
+        attention_mask: optional (B, S), 1 for real tokens; padding tokens add nothing to psum.
+        renormalize: divide the K selected probabilities by their sum.
+        backend: "auto", "torch", "triton" or "cuda" (the cuda backend hands E > 256, K > 8 or fp64 logits on,
+            with one log line, as h3moe.route does).
+    Returns:
+        (Routing, psum (B, E) fp32 (fp64 for fp64 logits) = Σ over each sample's tokens of
+        mask·softmax(logits)). Both differentiable w.r.t. the logits. h3moe.ops.losses.gating_loss_from_psums
+        turns L layers' psums into the gating loss.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
+        raise ValueError("logits: expected a (T, E) or (B, S, E) tensor")
+    logits = logits.reshape(-1, logits.shape[-1])
+    _validate.tensor("logits", logits, 2)
+    _validate.top_k(top_k, logits.shape[1])
+    T = logits.shape[0]
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1 or T % num_samples:
+        raise ValueError(f"num_samples: expected a positive int that divides T={T}, got {num_samples!r}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.numel() != T:
+            raise ValueError(f"attention_mask: expected (B, S) with B*S = T = {T} positions")
+    be = _backend.resolve(backend, logits.device, "route")
+    if be == "cuda":
+        from . import cuda
+
+        ok, why = cuda.supports("route", logits, top_k=top_k)
+        if ok:
+            return cuda.route_with_gating(logits, top_k, num_samples, attention_mask, renormalize=renormalize)
+        be = cuda._fallback_backend("route", logits.device, why)
+    if be == "triton":
+        from . import triton_routing
+
+        return triton_routing.route_with_gating(logits, top_k, num_samples, attention_mask, renormalize=renormalize)
+    return _route_with_gating_torch(logits, top_k, num_samples, attention_mask, renormalize)

@@ -14,9 +14,9 @@ import functools
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import _backend
+from ..reference import gating_loss_from_pbar
 
 _backend.register_ops("triton", "gating_loss")
 
@@ -187,12 +187,5 @@ def gating_loss(
     Returns:
         scalar fp32 (fp64 for fp64 logits), equal to reference.gating_loss_ref.
     """
-    B = labels.shape[0]
-    p_bar = mean_router_probs(layers, B, attention_mask)  # (B, E)
-    if variant == "paper":
-        target = labels if labels.dim() == 1 else labels.to(p_bar.dtype)
-        return F.cross_entropy(p_bar, target)
-    if variant == "nll":
-        y = F.one_hot(labels, p_bar.shape[-1]).to(p_bar.dtype) if labels.dim() == 1 else labels.to(p_bar.dtype)
-        return -(y * torch.log(p_bar)).sum(dim=-1).mean()
-    raise ValueError(f"variant: expected 'paper' or 'nll', got {variant!r}")
+    p_bar = mean_router_probs(layers, labels.shape[0], attention_mask)  # (B, E)
+    return gating_loss_from_pbar(p_bar, labels, variant)

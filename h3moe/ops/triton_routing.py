@@ -5,6 +5,14 @@ Custom ops (namespace h3moe, each with a fake implementation):
         -> weights (T, K) fp32 (fp64 for fp64 logits), ids (T, K) int64, counts (E,) int32,
            offsets (E+1,) int32, sorted_slots (T*K,) int32
     h3moe::triton_route_bwd(grad_weights (T, K), logits (T, E), ids (T, K), renormalize) -> (T, E) logits' dtype
+    h3moe::triton_route_gating(logits (T, E), top_k, renormalize, num_samples B, mask (T,) or None)
+        -> the five outputs of triton_route, and psum (B, E) fp32 (fp64 for fp64 logits)
+           = Σ over each sample's tokens of mask·softmax(logits) (token t belongs to sample t // (T/B)),
+           accumulated by the top-k kernel from the softmax it already holds (no (T, E) probabilities).
+    h3moe::triton_route_gating_bwd(logits, ids, grad_weights or None, grad_psum (B, E) or None, mask, num_samples,
+        renormalize) -> (T, E) logits' dtype: ONE pass over the logits adds the top-k gradient and the
+        gating-loss gradient m_t·p_t⊙(dpsum_b − <dpsum_b, p_t>). Autograd of triton_route_gating calls it
+        once with both gradients; it saves only the logits, ids (T, K) and the (T,) mask.
 The forward is two kernel launches (top-k + block histograms + last-block scan, then a counting-sort
 scatter; see h3moe/kernels/routing.py) plus a 4-byte memset for the scan ticket. No host synchronization
 and no data-dependent shapes: it can be captured in a CUDA graph and traced by torch.compile(fullgraph=True).
@@ -27,7 +35,7 @@ import triton  # noqa: E402  (after registering: a missing triton still leaves t
 
 from ..kernels import routing as K  # noqa: E402
 
-__all__ = ["route"]
+__all__ = ["route", "route_with_gating"]
 
 
 def _weights_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -58,15 +66,15 @@ def _triton_route(
     block_counts = torch.empty(nb, e_pad, dtype=torch.int32, device=dev)  # histograms, then block prefixes
     ticket = torch.zeros(1, dtype=torch.int32, device=dev)
     K.route_topk_kernel[(nb,)](
-        logits, weights, ids, block_counts, counts, offsets, ticket,
-        T, E, logits.stride(0), nb,
+        logits, weights, ids, block_counts, counts, offsets, ticket, logits, weights,  # no mask, no psum
+        T, E, logits.stride(0), nb, T, nb,
         K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=block_t, BLOCK_B=16,  # scan rows/step
-        RENORM=renormalize, FP64=logits.dtype == torch.float64,
+        RENORM=renormalize, FP64=logits.dtype == torch.float64, PSUM=False, HAS_MASK=False,
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip
     K.route_scatter_kernel[(nb,)](
-        ids, block_counts, offsets, sorted_slots, T, E,
-        K=top_k, E_PAD=e_pad, BLOCK_T=block_t, num_warps=num_warps, num_stages=1,
+        ids, block_counts, offsets, sorted_slots, T, E, T, nb,
+        K=top_k, E_PAD=e_pad, BLOCK_T=block_t, SAMPLE_BLOCKS=False, num_warps=num_warps, num_stages=1,
     )  # fmt: skip
     return weights, ids, counts, offsets, sorted_slots
 
@@ -100,9 +108,9 @@ def _triton_route_bwd(
     e_pad = triton.next_power_of_2(E)
     block_t = K.block_t_for(e_pad)
     K.route_bwd_kernel[(triton.cdiv(T, block_t),)](
-        grad_weights, logits, ids, grad_logits, T, E, logits.stride(0),
+        grad_weights, logits, ids, grad_weights, logits, grad_logits, T, E, logits.stride(0), T,  # no psum
         K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=block_t,
-        RENORM=renormalize, FP64=logits.dtype == torch.float64,
+        RENORM=renormalize, FP64=logits.dtype == torch.float64, TOPK_GRAD=True, PSUM_GRAD=False, HAS_MASK=False,
         num_warps=K.num_warps_for(e_pad), num_stages=1,
     )  # fmt: skip
     return grad_logits
@@ -127,6 +135,182 @@ def _backward(ctx, grad_weights, *_int_grads):
 
 
 _triton_route.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Routing fused with the gating-loss sums (route_with_gating).
+
+
+def _psum_block_t(e_pad: int, S: int) -> int:
+    """Tokens per program with sample-aligned blocks: block_t_for(E_PAD), smaller for samples shorter than it
+    (a program never covers two samples, so a long block over a short sample would be mostly padding)."""
+    return min(K.block_t_for(e_pad), max(8, triton.next_power_of_2(S)))
+
+
+@torch.library.custom_op("h3moe::triton_route_gating", mutates_args=())
+def _triton_route_gating(
+    logits: torch.Tensor, top_k: int, renormalize: bool, num_samples: int, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, E = logits.shape
+    B = num_samples
+    dev = logits.device
+    acc = _weights_dtype(logits)
+    weights = torch.empty(T, top_k, dtype=acc, device=dev)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=dev)
+    counts = torch.empty(E, dtype=torch.int32, device=dev)
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    sorted_slots = torch.empty(T * top_k, dtype=torch.int32, device=dev)
+    if T == 0:  # nothing to launch: counts, offsets and the sums of no tokens are all zero
+        counts.zero_()
+        offsets.zero_()
+        return weights, ids, counts, offsets, sorted_slots, torch.zeros(B, E, dtype=acc, device=dev)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    S = T // B
+    e_pad = triton.next_power_of_2(E)
+    block_t = _psum_block_t(e_pad, S)
+    nbs = triton.cdiv(S, block_t)  # programs per sample
+    nb = B * nbs
+    num_warps = K.num_warps_for(e_pad)
+    block_counts = torch.empty(nb, e_pad, dtype=torch.int32, device=dev)  # histograms, then block prefixes
+    psum_part = torch.empty(nb, e_pad, dtype=acc, device=dev)  # every row written
+    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
+    K.route_topk_kernel[(nb,)](
+        logits, weights, ids, block_counts, counts, offsets, ticket,
+        mask if mask is not None else logits, psum_part,
+        T, E, logits.stride(0), nb, S, nbs,
+        K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=block_t, BLOCK_B=16,
+        RENORM=renormalize, FP64=acc == torch.float64, PSUM=True, HAS_MASK=mask is not None,
+        num_warps=num_warps, num_stages=1,
+    )  # fmt: skip
+    K.route_scatter_kernel[(nb,)](
+        ids, block_counts, offsets, sorted_slots, T, E, S, nbs,
+        K=top_k, E_PAD=e_pad, BLOCK_T=block_t, SAMPLE_BLOCKS=True, num_warps=num_warps, num_stages=1,
+    )  # fmt: skip
+    # Per-sample sum of its nbs block partials: a fixed-order reduction, deterministic (no atomics).
+    psum = psum_part.view(B, nbs, e_pad)[:, :, :E].sum(dim=1)
+    return weights, ids, counts, offsets, sorted_slots, psum
+
+
+@_triton_route_gating.register_fake
+def _(logits, top_k, renormalize, num_samples, mask):
+    T, E = logits.shape
+    new = logits.new_empty
+    return (
+        new((T, top_k), dtype=_weights_dtype(logits)),
+        new((T, top_k), dtype=torch.int64),
+        new((E,), dtype=torch.int32),
+        new((E + 1,), dtype=torch.int32),
+        new((T * top_k,), dtype=torch.int32),
+        new((num_samples, E), dtype=_weights_dtype(logits)),
+    )
+
+
+@torch.library.custom_op("h3moe::triton_route_gating_bwd", mutates_args=())
+def _triton_route_gating_bwd(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    grad_weights: torch.Tensor | None,
+    grad_psum: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    num_samples: int,
+    renormalize: bool,
+) -> torch.Tensor:
+    T, E = logits.shape
+    top_k = ids.shape[1]
+    grad_logits = torch.empty(T, E, dtype=logits.dtype, device=logits.device)
+    if T == 0:
+        return grad_logits
+    if grad_weights is None and grad_psum is None:
+        return grad_logits.zero_()
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    acc = _weights_dtype(logits)
+    gw = grad_weights.to(acc).contiguous() if grad_weights is not None else None
+    gp = grad_psum.to(acc).contiguous() if grad_psum is not None else None
+    e_pad = triton.next_power_of_2(E)
+    block_t = K.block_t_for(e_pad)
+    dummy = gw if gw is not None else gp
+    K.route_bwd_kernel[(triton.cdiv(T, block_t),)](
+        dummy, logits, ids.contiguous(), gp if gp is not None else dummy, mask if mask is not None else logits,
+        grad_logits, T, E, logits.stride(0), T // num_samples,
+        K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=block_t,
+        RENORM=renormalize, FP64=acc == torch.float64,
+        TOPK_GRAD=gw is not None, PSUM_GRAD=gp is not None, HAS_MASK=mask is not None,
+        num_warps=K.num_warps_for(e_pad), num_stages=1,
+    )  # fmt: skip
+    return grad_logits
+
+
+@_triton_route_gating_bwd.register_fake
+def _(logits, ids, grad_weights, grad_psum, mask, num_samples, renormalize):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _gating_setup_context(ctx, inputs, output):
+    logits, _top_k, renormalize, num_samples, mask = inputs
+    ctx.save_for_backward(logits, output[1], mask)  # (T, E) logits (the caller's), (T, K) ids, (T,) mask
+    ctx.renormalize, ctx.num_samples = renormalize, num_samples
+
+
+def _gating_backward(ctx, grad_weights, _di, _dc, _do, _ds, grad_psum):
+    logits, ids, mask = ctx.saved_tensors
+    if grad_weights is None and grad_psum is None:
+        return None, None, None, None, None
+    d = torch.ops.h3moe.triton_route_gating_bwd(
+        logits, ids, grad_weights, grad_psum, mask, ctx.num_samples, ctx.renormalize
+    )
+    return d, None, None, None, None
+
+
+_triton_route_gating.register_autograd(_gating_backward, setup_context=_gating_setup_context)
+
+
+def _mask_arg(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """The (B, S) mask as a flat (T,) tensor in its own dtype (bool read as uint8): no fp32 copy."""
+    if attention_mask is None:
+        return None
+    m = attention_mask.reshape(-1)
+    if m.numel() != T:
+        raise ValueError(f"attention_mask: {m.numel()} positions, router logits have {T} tokens")
+    return (m.view(torch.uint8) if m.dtype == torch.bool else m).contiguous()
+
+
+def route_with_gating(
+    logits: torch.Tensor,
+    top_k: int,
+    num_samples: int,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    renormalize: bool = True,
+) -> tuple[Routing, torch.Tensor]:
+    """Routing plus this layer's gating-loss sums in one pass over the logits (arguments checked by
+    h3moe.route_with_gating). Same semantics as h3moe.ops.cuda.route_with_gating.
+
+    Args:
+        logits: (T, E) or (B, S, E) router logits, T = num_samples * S (token t belongs to sample t // S).
+        top_k: K, 1 <= K <= E.
+        num_samples: B, divides T.
+        attention_mask: optional (B, S) (any int / float / bool dtype); padding tokens add nothing to psum.
+        renormalize: divide the K selected probabilities by their sum.
+    Returns:
+        (Routing, psum (B, E) fp32 (fp64 for fp64 logits) = Σ over each sample's tokens of mask·softmax).
+        Both are differentiable; one backward kernel takes both gradients. gating_loss_from_psums
+        (h3moe.ops.losses) turns L layers' psums into the loss.
+    """
+    logits = logits.reshape(-1, logits.shape[-1])
+    T, E = logits.shape
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1 or T % num_samples:
+        raise ValueError(f"num_samples: {num_samples!r} does not divide T={T}")
+    mask = _mask_arg(attention_mask, T)
+    if E > K.MAX_EXPERTS:
+        from .routing import _route_with_gating_torch
+
+        return _route_with_gating_torch(logits, top_k, num_samples, attention_mask, renormalize)
+    w, ids, counts, offsets, sorted_slots, psum = torch.ops.h3moe.triton_route_gating(
+        logits, top_k, renormalize, num_samples, mask
+    )
+    return Routing(w, ids, counts, offsets, sorted_slots), psum
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
