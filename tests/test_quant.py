@@ -166,6 +166,7 @@ needs_triton = pytest.mark.skipif(
     (1, 64, 64, 4, 2, "silu"),  # decode tile BM=16 mostly padding
     (70, 64, 32, 3, 2, "gelu_tanh"),  # S=140 > 64: prefill tiles BM=64, partial last tile per expert
     (9, 64, 64, 8, 3, "relu"),  # E > active experts: empty experts skipped by the tile scan
+    (20, 64, 64, 4, 2, "silu"),  # T > GEMV_MAX_T, S = 40 <= 64: the BM=16 tl.dot decode tiles
 ])
 def test_triton_interpreter_equals_reference(monkeypatch, quant_type, nested, T, H, I, E, K, act):
     if HAS_CUDA:
@@ -187,6 +188,76 @@ def test_triton_interpreter_equals_reference(monkeypatch, quant_type, nested, T,
         eager = _ref(x, gu, dn, r, act).double()
         bound = 2 * (eager - want).abs().max() + 1e-3
         assert (y.double() - want).abs().max() <= bound
+
+
+GEMV_CASES = [
+    # (T, H, I, E, K, blocksize, BN override); expert 0 never gets a token in every case
+    (1, 128, 256, 4, 2, 64, None),  # T=1: ROWS=1, down split over I (KSPLIT=2), two 64-blocks per chunk
+    (3, 64, 512, 9, 8, 64, 128),  # K=8 of 8 routable experts: ROWS=4, down KSPLIT=4; BN=128 (interpreter time)
+    (16, 64, 64, 5, 1, 32, None),  # T=16 = GEMV_MAX_T, k=1, prime E: ROWS=8, experts with > 8 rows get 2 tiles
+    (5, 160, 96, 6, 3, 32, 64),  # H, I multiples of the blocksize but not of the chunk nor of BN=64: masks
+    (2, 64, 64, 8, 1, 64, None),  # most experts empty, ROWS=2 tiles half used
+]
+
+
+@pytest.mark.interpreter
+@needs_triton
+@pytest.mark.parametrize("quant_type,nested", FORMATS)
+@pytest.mark.parametrize("T,H,I,E,K,bs,bn", GEMV_CASES)
+def test_triton_gemv_decode_equals_reference(monkeypatch, quant_type, nested, T, H, I, E, K, bs, bn):
+    """The GEMV decode kernels (T <= GEMV_MAX_T) against dequantize + reference, poisoned outputs."""
+    if HAS_CUDA:
+        pytest.skip("the GPU tier covers this")
+    from h3moe.kernels import quant as kq
+
+    _poison(monkeypatch)
+    picked = []
+    real_pick = kq.pick_decode_config
+
+    def pick(*a):
+        cfg = real_pick(*a)
+        if bn is not None:
+            cfg = {**cfg, "BN": bn}
+        picked.append((a[-1], cfg))
+        return cfg
+
+    monkeypatch.setattr(kq, "pick_decode_config", pick)
+    # fp16 and fp32 activations alternate over the cases (fp16 for NF4 / FP4 on odd T, int8 on even T)
+    dtype = torch.float16 if (T % 2 == 1) == (quant_type != "int8") else torch.float32
+    w_gu, w_dn = _weights(E, H, I, dtype)
+    gu, dn = hb.quantize_weight(w_gu, quant_type, bs, nested), hb.quantize_weight(w_dn, quant_type, bs, nested)
+    x = torch.randn(T, H).to(dtype)
+    logits = torch.randn(T, E)
+    logits[:, 0] = -1e4  # an expert with no token
+    r = route(logits, K)
+    assert r.counts[0] == 0
+    y = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
+    assert {p for p, _ in picked} == {"gate_up", "down"}  # the GEMV kernels ran
+    if T == 1:
+        assert all(c["ROWS"] == 1 for _, c in picked)
+    assert not torch.isnan(y).any() and y.dtype == dtype
+    want = ref.experts_ref(x.double(), gu.dequantize(dtype=dtype).double(), dn.dequantize(dtype=dtype).double(),
+                           r.weights.double(), r.ids)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-5)
+    else:
+        eager = _ref(x, gu, dn, r).double()
+        bound = 2 * (eager - want).abs().max() + 1e-3
+        assert (y.double() - want).abs().max() <= bound
+
+
+def test_pick_decode_config():
+    from h3moe.kernels import quant as kq
+
+    # Mixtral at T=1, K=2: 16-row tiles, the down projection split 4 ways -> 4096/16 * 2 * 4 = 2048 programs
+    c = kq.pick_decode_config(1, 2, 8, 4, 64, 14336, 4096, "down")
+    assert (c["ROWS"], c["BN"], c["NBLK"], c["KSPLIT"], c["num_warps"]) == (1, 16, 2, 4, 1)
+    c = kq.pick_decode_config(1, 2, 8, 4, 64, 4096, 14336, "gate_up")
+    assert (c["BN"], c["KSPLIT"]) == (8, 1)  # 8 gate + 8 up rows; no split: the epilogue needs all of H
+    assert kq.pick_decode_config(16, 32, 8, 8, 0, 14336, 4096, "down")["ROWS"] == 8  # GEMV_ROWS
+    assert kq.pick_decode_config(3, 6, 8, 4, 32, 96, 64, "down")["NBLK"] == 1  # 96 is no multiple of 64 or 128
+    c = kq.pick_decode_config(5, 10, 8, 8, 0, 160, 64, "down")
+    assert c["BK"] == 32 and c["KSPLIT"] == 1 and c["ROWS"] == 8
 
 
 @pytest.mark.interpreter
@@ -366,7 +437,8 @@ def test_package_import_does_not_import_bitsandbytes():
 
 @pytest.mark.compile
 def test_decode_kernel_compiles_without_spills():
-    """One spec here (the compile tier compiles them all): the NF4 nested decode gate_up kernel for sm_90."""
+    """One spec here (the compile tier compiles them all): the NF4 nested GEMV decode gate_up kernel (T=1) for
+    sm_90: no spills, no shared-memory staging beyond a small scratch, and 16-byte weight loads."""
     pytest.importorskip("triton")
     code = r"""
 import os, subprocess, tempfile, triton
@@ -374,10 +446,13 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from h3moe.kernels.quant import aot_specs
 specs = aot_specs()
-assert len({s.name for s in specs}) == len(specs) == 24
-s = next(s for s in specs if s.name.startswith("quant_w4_gate_up[bf16,nf4+nested,decode"))
-k = triton.compile(ASTSource(fn=s.fn, signature=s.signature, constexprs=s.constexprs),
+assert len({s.name for s in specs}) == len(specs) == 72
+s = next(s for s in specs if s.name.startswith("quant_w4_gate_up_gemv[bf16,nf4+nested,T=1,"))
+attrs = {(s.fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in s.divisible}
+k = triton.compile(ASTSource(fn=s.fn, signature=s.signature, constexprs=s.constexprs, attrs=attrs),
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": s.num_warps, "num_stages": s.num_stages})
+assert k.metadata.shared <= 2048, k.metadata.shared
+assert "ld.global.v4.b32" in k.asm["ptx"] or "ld.global.v4.u32" in k.asm["ptx"], "no 16-byte weight loads"
 f = tempfile.NamedTemporaryFile(suffix=".cubin", delete=False); f.write(k.asm["cubin"]); f.close()
 tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
 out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout

@@ -27,19 +27,52 @@ K step); Kd % BK == 0 (no K masks). The even/odd split: a 4-bit K step of BK ele
 one over the high nibbles (even k, activations loaded with stride 2) and one over the low nibbles (odd k),
 so no in-register interleave is needed.
 
-Decode (T*K <= 64 rows): BM=16 row tiles, one per active expert, so every weight byte of an active expert is
-read once per call (the K weight streams dominate: the kernels are bandwidth-bound there); BN=64 for gate_up
-(I/64 programs per expert, each streaming 2*64 rows), BN=32 for down (H/32 per expert).
+Decode, T <= GEMV_MAX_T = 16 tokens: GEMV kernels (w4_gate_up_gemv_kernel, w4_down_gemv_kernel,
+w8_gate_up_gemv_kernel, w8_down_gemv_kernel; no tl.dot, no shared-memory staging). A program owns one row tile
+(ROWS <= 8 sorted rows of one expert), BN output rows and, for down, one of KSPLIT slices of I. Per chunk of
+128 columns it issues one 16-byte load per thread per tile (a row of the packed matrix is contiguous; the
+tile is laid out byte-column first so the compiler keeps those 16 bytes in one thread), looks each byte up in
+a 256-entry int64 table holding both nibbles' fp32 codes (one L1 load per byte; the table is built on the host
+from `code`), multiplies with the activation row(s), reduces over the block in registers and applies the
+block absmax once per block (int8: the row scale once per row, at the end). The next chunk's bytes are loaded
+before the current one is computed (register double buffer). gate_up tiles carry BN gate rows and the same BN
+up rows and apply act(gate)*up in the epilogue; down writes KSPLIT fp32 partials (KSPLIT, T*K, H) that the
+launcher sums (deterministic, no atomics). Numerics: fp32 dequantized weights (code * absmax in fp32, as
+bitsandbytes computes them before its cast) times activations, fp32 accumulation; the tl.dot path below rounds
+the weights to the activation dtype first: both equal dequantize + reference within bf16/fp16 rounding.
+Prefill and 17+ tokens: the tl.dot kernels above (BM=16 row tiles for S <= 64, BM=64 beyond).
+
 Bytes moved per token at decode (K active experts per token, each read once when T*K rows hit distinct
 experts; shared experts are read once for all their rows):
     4-bit: K * 3*H*I * (1/2 + 4/BLOCKSIZE)       (nested: 1/2 + 1/BLOCKSIZE + 4/(256*BLOCKSIZE))
     8-bit: K * 3*H*I * 1 + K * (2I + H) * 4      (scales)
     plus activations, per token: K*H*2 (x rows gathered, 16-bit) + K*I*2*2 (a written, then read)
-    + K*H*4*2 (fp32 o written, then read by the K-sum) + H*2 (y) — under 0.1% of the weights.
+    + KSPLIT*K*H*4*2 (fp32 partials written, then summed) + H*2 (y) — under 0.1% of the weights.
 e.g. Mixtral-8x7B (H=4096, I=14336, K=2), NF4, BLOCKSIZE=64: 2*3*4096*14336*0.5625 = 198 MB per token per MoE
-layer (nested: 182 MB; int8: 352 MB); at ~3 TB/s (H100) that is ~66 µs per layer.
+layer (nested: 182 MB; int8: 352 MB); at ~3 TB/s (H100, measured copy 2974 GB/s) that is ~66 µs per layer
+(int8: ~118 µs). H³Fusion (E=3, H=4096, I=11008): 152 MB, 51 µs; OLMoE (K=8, H=2048, I=1024): 28 MB, 9.5 µs;
+Qwen3-30B-A3B (K=8, H=2048, I=768): 21 MB, 7 µs.
+
+Grid at T=1, Mixtral NF4 (pick_decode_config): gate_up BN=8 -> (14336/8, S//1 + min(E, S)) = (1792, 4),
+3584 active one-warp programs (2 experts x 1792; the rest leave after the offsets scan), each streaming 8 gate +
+8 up rows x 2048 B = 32 KB in 32 chunks of 1 KB; down BN=16, KSPLIT=4 -> (256, 4, 4), 2048 active programs of
+16 rows x 1792 B = 28 KB. Compile tier (scripts/kernel_report.py, sm_90, bf16): gate_up 148 registers, down 145,
+128 B of shared memory (reduction scratch), no spills, 16-byte weight loads (LDG.E.128) -> 13 one-warp
+programs per SM by registers, ~26 KB of weight loads in flight per SM with the double buffer. The main loop
+is ~390 SASS instructions per warp per 1 KB chunk, ~6 per weight (LUT address + load, byte unpack, 2 FFMA per
+byte, ...): 352 M weights x 6 / 32 lanes = 67 M warp instructions, ~72 µs at 4 issues/clock on 132 SMs at
+1.755 GHz — the same order as the 66 µs of DRAM time, so the kernels sit at the issue / bandwidth ridge.
+int8 (BN=8, one warp, 64-120 registers, no double buffer): ~3-4 instructions per weight, bandwidth-bound.
+Prediction for the next GPU session (bench `python -m bench --cases nf4,int8`, T=1, whole quant_moe call incl.
+the partial sum, K-sum and cast launches): Mixtral NF4 ~0.10-0.13 ms (measured before: 0.91 ms with the tl.dot
+decode tiles: 224-448 programs of 256 threads, 100 KB of shared memory for the pipelined code-table gathers,
+1 CTA per SM), H³Fusion NF4 ~0.08-0.10 ms (0.70), OLMoE / Qwen3 NF4 ~0.03-0.04 ms (0.39 / 0.23, launch-bound);
+int8 Mixtral ~0.13-0.15 ms (0.35). If NF4 lands near 0.13 ms and the SASS issue rate is the limit (nsight:
+issue slots busy > 80%), the next step is fewer instructions per weight (drop the 64-bit LUT address math).
 """
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
@@ -74,6 +107,22 @@ def _find_tile(offsets_ptr, E, pid_m, BM: tl.constexpr):
         end = tl.where(hit, hi, end)
         tiles += nt
         lo = hi
+    return found, start, end
+
+
+@triton.jit
+def _find_tile_vec(offsets_ptr, E: tl.constexpr, EP: tl.constexpr, pid_m, BM: tl.constexpr):
+    """_find_tile with the E offsets loaded at once (EP = next power of two >= E) and a prefix sum: no chain of
+    E dependent scalar loads at the start of every program (E = 128 at decode would cost microseconds)."""
+    ee = tl.arange(0, EP)
+    lo = tl.load(offsets_ptr + ee, mask=ee < E, other=0)
+    hi = tl.load(offsets_ptr + ee + 1, mask=ee < E, other=0)
+    nt = (hi - lo + BM - 1) // BM  # (EP,) row tiles per expert, 0 past E
+    incl = tl.cumsum(nt, 0)
+    hit = (pid_m >= incl - nt) & (pid_m < incl)
+    found = tl.max(tl.where(hit, ee, -1), 0)
+    start = tl.sum(tl.where(hit, lo + (pid_m - (incl - nt)) * BM, 0), 0)
+    end = tl.sum(tl.where(hit, hi, 0), 0)
     return found, start, end
 
 
@@ -301,8 +350,271 @@ def w8_down_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Decode GEMV kernels (T <= GEMV_MAX_T tokens: every expert owns at most T <= 16 sorted rows). No tl.dot, no
+# shared memory: a program owns (ROWS-row tile of one expert, BN output rows, one K split), streams its
+# packed weight rows with 16-byte loads (a row of the packed matrix is contiguous), dequantizes in registers
+# (code[q] * absmax rounded to the activation dtype, as above), and for each of its (at most ROWS) sorted rows
+# multiplies with the activation row and reduces over k in registers. The weight tile is dequantized once per
+# chunk and reused by every row of the tile; rows past the expert's count are skipped by a runtime branch.
+# Tiles: (BN, NBLK, BLOCKSIZE/2) bytes per chunk of BK = NBLK*BLOCKSIZE elements (one absmax per row per
+# block, broadcast over the block), int8: (BN, BK) bytes.
+
+@triton.jit
+def _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask, k0, NB, NB2,
+             Kd: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NBLK: tl.constexpr):
+    """Raw chunk of rows n (BN,) of one expert's (N, Kd) matrix (q_e at its first byte), columns
+    [k0, k0 + NBLK*BLOCKSIZE): packed bytes (BLOCKSIZE/2, NBLK, BN) uint8, TRANSPOSED (byte column first: the
+    compiler then gives each thread 16 consecutive bytes of one row, one 16 B load, and the table gather and
+    the k reduction stay in that layout, no shuffle of the weights) and the block absmax (NBLK, BN) fp32; rows
+    where mask (BN,) is False read as 0."""
+    BSH: tl.constexpr = BLOCKSIZE // 2
+    j = tl.arange(0, NBLK)
+    c = tl.arange(0, BSH)
+    rows = n.to(tl.int64)[None, None, :] * (Kd // 2)
+    b = tl.load(q_e + rows + k0 // 2 + j[None, :, None] * BSH + c[:, None, None], mask=mask[None, None, :],
+                other=0)
+    blk = n[None, :] * (Kd // BLOCKSIZE) + k0 // BLOCKSIZE + j[:, None]  # (NBLK, BN)
+    am = _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, blk, mask[None, :], NB, NB2, NESTED)
+    return b, am
+
+
+@triton.jit
+def _w4_codes(lut_ptr, b):
+    """Codes of packed bytes b (BLOCKSIZE/2, NBLK, BN): (high nibble, low nibble) fp32, i.e. elements 2c and
+    2c+1 of each block. One 8-byte table load per byte; the value is code * block absmax, which the GEMV
+    applies once per block, after the block's sum."""
+    pair = tl.load(lut_ptr + b.to(tl.int32))  # int64: fp32 bits of code[b >> 4] (low), code[b & 15] (high)
+    return pair.to(tl.int32).to(tl.float32, bitcast=True), (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rowdot(c_hi, c_lo, am, src_ptr, k0, NBLK: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """(BN,) fp32: Σ_k code[k, n] * absmax[k // BLOCKSIZE, n] * src[k0 + k] over the chunk (c_hi, c_lo, am
+    from _w4_load / _w4_codes; src_ptr at the activation row)."""
+    j = tl.arange(0, NBLK)
+    c = tl.arange(0, BLOCKSIZE // 2)
+    xp = src_ptr + k0 + j[None, :] * BLOCKSIZE + 2 * c[:, None]  # (BSH, NBLK)
+    xe = tl.load(xp).to(tl.float32)[:, :, None]
+    xo = tl.load(xp + 1).to(tl.float32)[:, :, None]
+    return tl.sum((tl.sum(c_hi * xe, axis=0) + tl.sum(c_lo * xo, axis=0)) * am, axis=0)
+
+
+@triton.jit
+def _acc_row(acc, p, m: tl.constexpr, ROWS: tl.constexpr):
+    """acc (ROWS, BN) with p (BN,) added to row m."""
+    if ROWS == 1:
+        return acc + p[None, :]
+    else:
+        return tl.where(tl.arange(0, ROWS)[:, None] == m, acc + p[None, :], acc)
+
+
+@triton.jit
+def w4_gate_up_gemv_kernel(
+    x_ptr,  # (T, H) fp16/bf16/fp32 tokens
+    q_ptr,  # (E, 2I*H/2) uint8 packed gate_up
+    absmax_ptr,  # (E, NB) fp32, or uint8 when NESTED
+    absmax2_ptr,  # (E, NB2) fp32 (NESTED only)
+    code2_ptr,  # (256,) fp32 (NESTED only)
+    offset_ptr,  # (E,) fp32 (NESTED only)
+    lut_ptr,  # (256,) int64 byte table: fp32 bits of code[b >> 4] (low word), code[b & 15] (high word)
+    slots_ptr,  # (S,) int32 sorted_slots
+    offsets_ptr,  # (E+1,) int32
+    out_ptr,  # (S, I) x's dtype: act(gate)*up per sorted row
+    NB, NB2,  # i32
+    E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
+    TOPK: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ACT: tl.constexpr,
+    ROWS: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    e, start, end = _find_tile_vec(offsets_ptr, E, EP, pid_m, ROWS)
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+    n = pid_n * BN + tl.arange(0, BN)  # (BN,) gate rows; up rows are n + I
+    mask_n = n < I
+    q_e = q_ptr + e64 * I * H
+    acc_g = tl.zeros((ROWS, BN), dtype=tl.float32)
+    acc_u = tl.zeros((ROWS, BN), dtype=tl.float32)
+    BK: tl.constexpr = NBLK * BLOCKSIZE
+    # register double buffer: the next chunk's bytes are in flight while this chunk is computed
+    bg, ag = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask_n, 0, NB, NB2, H,
+                      BLOCKSIZE, NESTED, NBLK)
+    bu, au = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n + I, mask_n, 0, NB, NB2, H,
+                      BLOCKSIZE, NESTED, NBLK)
+    for k0 in range(0, H, BK):
+        more = mask_n & (k0 + BK < H)
+        bg2, ag2 = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, more, k0 + BK, NB, NB2,
+                            H, BLOCKSIZE, NESTED, NBLK)
+        bu2, au2 = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n + I, more, k0 + BK, NB,
+                            NB2, H, BLOCKSIZE, NESTED, NBLK)
+        gh, gl = _w4_codes(lut_ptr, bg)
+        uh, ul = _w4_codes(lut_ptr, bu)
+        for m in tl.static_range(ROWS):
+            if start + m < end:
+                tok = (tl.load(slots_ptr + start + m) // TOPK).to(tl.int64)
+                acc_g = _acc_row(acc_g, _rowdot(gh, gl, ag, x_ptr + tok * H, k0, NBLK, BLOCKSIZE), m, ROWS)
+                acc_u = _acc_row(acc_u, _rowdot(uh, ul, au, x_ptr + tok * H, k0, NBLK, BLOCKSIZE), m, ROWS)
+        bg, ag, bu, au = bg2, ag2, bu2, au2
+    a = _act(acc_g, ACT) * acc_u
+    rows_m = start + tl.arange(0, ROWS)
+    op = out_ptr + rows_m[:, None].to(tl.int64) * I + n[None, :]
+    tl.store(op, a.to(dtype), mask=(rows_m < end)[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def w4_down_gemv_kernel(
+    a_ptr,  # (S, I) fp16/bf16/fp32 sorted rows
+    q_ptr,  # (E, H*I/2) uint8 packed down
+    absmax_ptr,  # (E, NB) fp32, or uint8 when NESTED
+    absmax2_ptr,  # (E, NB2) fp32 (NESTED only)
+    code2_ptr,  # (256,) fp32 (NESTED only)
+    offset_ptr,  # (E,) fp32 (NESTED only)
+    lut_ptr,  # (256,) int64 byte table (see w4_gate_up_gemv_kernel)
+    slots_ptr,  # (S,) int32 sorted_slots
+    offsets_ptr,  # (E+1,) int32
+    w_ptr,  # (T*K,) fp32 routing weight per flat slot
+    out_ptr,  # (KSPLIT, T*K, H) fp32: weight * (split ks's part of down(a)) per slot, slot order
+    NB, NB2, TK,  # i32; TK = T*K slots
+    E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    ROWS: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, KSPLIT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    ks = tl.program_id(2)
+    e, start, end = _find_tile_vec(offsets_ptr, E, EP, pid_m, ROWS)
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    dtype = a_ptr.dtype.element_ty
+    n = pid_n * BN + tl.arange(0, BN)  # (BN,) output features
+    mask_n = n < H
+    q_e = q_ptr + e64 * H * (I // 2)
+    acc = tl.zeros((ROWS, BN), dtype=tl.float32)
+    KC: tl.constexpr = I // KSPLIT
+    BK: tl.constexpr = NBLK * BLOCKSIZE
+    b, am = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask_n, ks * KC, NB, NB2, I,
+                     BLOCKSIZE, NESTED, NBLK)
+    for kc in range(0, KC, BK):
+        k0 = ks * KC + kc
+        b2, am2 = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask_n & (kc + BK < KC),
+                           k0 + BK, NB, NB2, I, BLOCKSIZE, NESTED, NBLK)
+        wh, wl = _w4_codes(lut_ptr, b)
+        for m in tl.static_range(ROWS):
+            if start + m < end:
+                acc = _acc_row(acc, _rowdot(wh, wl, am, a_ptr + (start + m).to(tl.int64) * I, k0, NBLK, BLOCKSIZE), m,
+                               ROWS)
+        b, am = b2, am2
+    rows_m = start + tl.arange(0, ROWS)
+    mask_m = rows_m < end
+    slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)  # (ROWS,)
+    rw = tl.load(w_ptr + slot, mask=mask_m, other=0.0)
+    op = out_ptr + (ks * TK + slot[:, None]) * H + n[None, :]
+    tl.store(op, acc * rw[:, None], mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _w8_chunk(q_e, n, mask_n, k0, Kd: tl.constexpr, BK: tl.constexpr):
+    """(BN, BK) fp32 int8 values of rows n, columns [k0, k0 + BK)."""
+    kk = tl.arange(0, BK)
+    b = tl.load(q_e + n.to(tl.int64)[:, None] * Kd + k0 + kk[None, :], mask=mask_n[:, None], other=0)
+    return b.to(tl.float32)
+
+
+@triton.jit
+def _rowdot8(w, src_ptr, k0, BK: tl.constexpr):
+    """(BN,) fp32 Σ_k q[n, k] * src[k0 + k]; the caller applies the row scale * (1/127) once at the end."""
+    xv = tl.load(src_ptr + k0 + tl.arange(0, BK)).to(tl.float32)  # (BK,)
+    return tl.sum(w * xv[None, :], axis=1)
+
+
+@triton.jit
+def w8_gate_up_gemv_kernel(
+    x_ptr,  # (T, H) fp16/bf16/fp32
+    q_ptr,  # (E, 2I, H) int8
+    scale_ptr,  # (E, 2I) fp32 row absmax
+    slots_ptr,  # (S,) int32
+    offsets_ptr,  # (E+1,) int32
+    out_ptr,  # (S, I) x's dtype
+    E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
+    TOPK: tl.constexpr, ACT: tl.constexpr,
+    ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    e, start, end = _find_tile_vec(offsets_ptr, E, EP, pid_m, ROWS)
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+    n = pid_n * BN + tl.arange(0, BN)
+    mask_n = n < I
+    q_e = q_ptr + e64 * 2 * I * H
+    sg = tl.load(scale_ptr + e64 * 2 * I + n, mask=mask_n, other=0.0)  # (BN,)
+    su = tl.load(scale_ptr + e64 * 2 * I + I + n, mask=mask_n, other=0.0)
+    acc_g = tl.zeros((ROWS, BN), dtype=tl.float32)
+    acc_u = tl.zeros((ROWS, BN), dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        wg = _w8_chunk(q_e, n, mask_n, k0, H, BK)
+        wu = _w8_chunk(q_e, n + I, mask_n, k0, H, BK)
+        for m in tl.static_range(ROWS):
+            if start + m < end:
+                tok = (tl.load(slots_ptr + start + m) // TOPK).to(tl.int64)
+                acc_g = _acc_row(acc_g, _rowdot8(wg, x_ptr + tok * H, k0, BK), m, ROWS)
+                acc_u = _acc_row(acc_u, _rowdot8(wu, x_ptr + tok * H, k0, BK), m, ROWS)
+    a = _act(acc_g * (sg * 7.874015718698502e-3)[None, :], ACT) * (acc_u * (su * 7.874015718698502e-3)[None, :])
+    rows_m = start + tl.arange(0, ROWS)
+    op = out_ptr + rows_m[:, None].to(tl.int64) * I + n[None, :]
+    tl.store(op, a.to(dtype), mask=(rows_m < end)[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def w8_down_gemv_kernel(
+    a_ptr,  # (S, I) fp16/bf16/fp32 sorted rows
+    q_ptr,  # (E, H, I) int8
+    scale_ptr,  # (E, H) fp32
+    slots_ptr,  # (S,) int32
+    offsets_ptr,  # (E+1,) int32
+    w_ptr,  # (T*K,) fp32 routing weights
+    out_ptr,  # (KSPLIT, T*K, H) fp32 slot order
+    TK,  # i32 T*K
+    E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
+    ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    ks = tl.program_id(2)
+    e, start, end = _find_tile_vec(offsets_ptr, E, EP, pid_m, ROWS)
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    dtype = a_ptr.dtype.element_ty
+    n = pid_n * BN + tl.arange(0, BN)
+    mask_n = n < H
+    q_e = q_ptr + e64 * H * I
+    s = tl.load(scale_ptr + e64 * H + n, mask=mask_n, other=0.0)
+    acc = tl.zeros((ROWS, BN), dtype=tl.float32)
+    KC: tl.constexpr = I // KSPLIT
+    for kc in range(0, KC, BK):
+        k0 = ks * KC + kc
+        w = _w8_chunk(q_e, n, mask_n, k0, I, BK)
+        for m in tl.static_range(ROWS):
+            if start + m < end:
+                acc = _acc_row(acc, _rowdot8(w, a_ptr + (start + m).to(tl.int64) * I, k0, BK), m, ROWS)
+    rows_m = start + tl.arange(0, ROWS)
+    mask_m = rows_m < end
+    slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)
+    rw = tl.load(w_ptr + slot, mask=mask_m, other=0.0)
+    res = acc * (s * 7.874015718698502e-3)[None, :] * rw[:, None]
+    tl.store(out_ptr + (ks * TK + slot[:, None]) * H + n[None, :], res, mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Configurations. No autotuning: a config is picked from S = T*K and the layer shape, so the compile tier
-# sees every variant. decode (S <= 64): BM=16 (the smallest tl.dot M), one row tile per active expert, every
+# sees every variant (pick_decode_config below for the GEMV kernels, T <= 16). tl.dot "decode" (S <= 64 with
+# T > 16 tokens): BM=16 (the smallest tl.dot M), one row tile per active expert, every
 # weight byte of an active expert read once, 4 stages of loads in flight; BN=32 when the output width N is
 # small (down: N = H) so that a single token still launches >= 2 programs per SM (H=4096, K=2: 256), BN=64
 # otherwise (gate_up: N = I, and each program covers BN gate + BN up rows). prefill: BM=64, more reuse per
@@ -325,6 +637,55 @@ def pick_config(S: int, bits: int, blocksize: int, Kd: int, N: int) -> dict:
         bn = 64 if N >= 8192 else 32
         return {"BM": 16, "BN": bn, "BK": bk, "num_warps": 8 if bn == 64 else 4, "num_stages": 4}
     return {"BM": 64, "BN": 64, "BK": bk, "num_warps": 8, "num_stages": 3}
+
+
+#: The GEMV decode kernels run when T <= GEMV_MAX_T (an expert then owns at most T sorted rows).
+#: H3MOE_QUANT_GEMV_MAX_T=0 turns them off (every T takes the tl.dot kernels, measured correct on an H100
+#: 2026-11-27); the GEMV kernels were checked in the interpreter and the compile tier, not yet on a GPU.
+GEMV_MAX_T = min(16, int(os.environ.get("H3MOE_QUANT_GEMV_MAX_T", "16")))
+#: Rows of one expert a GEMV program serves (the row loop is unrolled).
+GEMV_ROWS = 8
+#: Active programs the decode path aims for (H100: 132 SMs; ~16 small CTAs per SM keep ~20 KB of loads in
+#: flight per SM): the down projection is split over its reduction (I) until it reaches this many.
+GEMV_TARGET_PROGRAMS = 2048
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def pick_decode_config(T: int, S: int, E: int, bits: int, blocksize: int, Kd: int, N: int, proj: str) -> dict:
+    """GEMV tile sizes for T <= GEMV_MAX_T tokens, S = T*K sorted rows, reduction length Kd, output width N,
+    proj "gate_up" (no K split: its epilogue needs the whole reduction) or "down".
+
+    ROWS = next power of two >= T, at most GEMV_ROWS (an expert owns at most T rows: one row tile per active
+    expert up to T = 8; at 8 < T <= 16 an expert with more than 8 rows gets two tiles, so its weights are read
+    twice, rather than a 16-row unrolled loop that spills).
+    4-bit: one warp per program, chunks of BK = NBLK*BLOCKSIZE = 128 elements (64 packed bytes per row) when
+    Kd allows; BN = 8 gate + 8 up rows (gate_up) or 16 rows (down; 8 at ROWS=8): a 1 KB tile per chunk, 32 B
+    per thread.
+    int8: BK = 128 bytes per row, BN = 8 rows, one warp: a 1 KB tile, 32 B per thread.
+    KSPLIT (down only): the smallest power of two <= 8 dividing Kd into whole chunks that gives
+    cdiv(N, BN) * min(E, S) * KSPLIT >= GEMV_TARGET_PROGRAMS (Mixtral at T=1: 4)."""
+    rows = _pow2_at_least(min(T, GEMV_ROWS))
+    if bits == 4:
+        nblk = max(1, 128 // blocksize)
+        while nblk > 1 and Kd % (nblk * blocksize):
+            nblk //= 2
+        bk = nblk * blocksize
+        bn = 8 if proj == "gate_up" or rows >= 8 else 16  # down at ROWS=8, BN=16: 168 registers and a spill
+        cfg = {"ROWS": rows, "BN": bn, "NBLK": nblk, "num_warps": 1, "num_stages": 1}
+    else:
+        bk = 128 if Kd % 128 == 0 else (64 if Kd % 64 == 0 else 32)
+        bn = 8
+        cfg = {"ROWS": rows, "BN": bn, "BK": bk, "num_warps": 1, "num_stages": 1}
+    ks = 1
+    if proj == "down":
+        programs = -(-N // bn) * min(E, S)
+        while ks < 8 and programs * ks < GEMV_TARGET_PROGRAMS and Kd % (2 * ks * bk) == 0:
+            ks *= 2
+    cfg["KSPLIT"] = ks
+    return cfg
 
 
 #: The shape the compile tier builds (Mixtral-8x7B: E, H, I are constexpr, one compile per model shape).
@@ -378,4 +739,55 @@ def aot_specs() -> list[AotSpec]:
                     name=f"quant_w8_{proj}[{dt},int8,{phase},BM={cfg['BM']},BN={cfg['BN']},BK={cfg['BK']}]",
                     fn=fn, signature=sig, constexprs=ce, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                     gemm=gemm))
+        specs += _gemv_specs(dt, H, I)
+    return specs
+
+
+#: Token counts whose GEMV configs the compile tier builds: every ROWS (1, 2, 4, 8) and, at SHAPE, every
+#: KSPLIT the down projection picks (T=1: 4, T=2: 2, T>=4: 1); 8 < T <= 16 picks T=8's config.
+GEMV_AOT_TOKENS = (1, 2, 4, 8)
+
+
+def _gemv_specs(dt: str, H: int, I: int) -> list[AotSpec]:
+    """The GEMV decode kernels (T <= GEMV_MAX_T) at SHAPE, K=2, for activation dtype dt."""
+    E, K = SHAPE["E"], 2
+    xp = "*" + dt
+    specs = []
+    for T in GEMV_AOT_TOKENS:
+        S = T * K
+        for fmt, nested in (("nf4", False), ("nf4+nested", True), ("int8", None)):
+            for proj in ("gate_up", "down"):
+                Kd, N = (H, I) if proj == "gate_up" else (I, H)
+                if nested is None:
+                    cfg = pick_decode_config(T, S, E, 8, 0, Kd, N, proj)
+                    ptrs = dict(_W8_ARGS)
+                    tiles = {"ROWS": cfg["ROWS"], "BN": cfg["BN"], "BK": cfg["BK"]}
+                    fn = w8_gate_up_gemv_kernel if proj == "gate_up" else w8_down_gemv_kernel
+                    ints = {}
+                    kind = "w8"
+                else:
+                    cfg = pick_decode_config(T, S, E, 4, 64, Kd, N, proj)
+                    ptrs = {**_W4_ARGS, "absmax_ptr": "*u8" if nested else "*fp32", "lut_ptr": "*i64"}
+                    del ptrs["code_ptr"]
+                    ptrs = {k: ptrs[k] for k in ("q_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr",
+                                                 "lut_ptr", "slots_ptr", "offsets_ptr")}
+                    tiles = {"BLOCKSIZE": 64, "NESTED": nested, "ROWS": cfg["ROWS"], "BN": cfg["BN"],
+                             "NBLK": cfg["NBLK"]}
+                    fn = w4_gate_up_gemv_kernel if proj == "gate_up" else w4_down_gemv_kernel
+                    ints = {"NB": "i32", "NB2": "i32"}
+                    kind = "w4"
+                if proj == "gate_up":
+                    sig = {"x_ptr": xp, **ptrs, "out_ptr": xp, **ints}
+                    ce = {**SHAPE, "EP": 8, "TOPK": K, **({"BLOCKSIZE": 64, "NESTED": nested} if kind == "w4" else {}),
+                          "ACT": 0, **tiles}
+                else:
+                    sig = {"a_ptr": xp, **ptrs, "w_ptr": "*fp32", "out_ptr": "*fp32", **ints, "TK": "i32"}
+                    ce = {**SHAPE, "EP": 8, **tiles, "KSPLIT": cfg["KSPLIT"]}
+                sig.update({k: "constexpr" for k in ce})
+                tile = ",".join(f"{k}={cfg[k]}" for k in ("ROWS", "BN", "NBLK", "BK", "KSPLIT") if k in cfg
+                                and not (k == "KSPLIT" and proj == "gate_up"))
+                specs.append(AotSpec(
+                    name=f"quant_{kind}_{proj}_gemv[{dt},{fmt},T={T},{tile},w{cfg['num_warps']}]", fn=fn,
+                    signature=sig, constexprs=ce, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                    divisible=tuple(k for k in sig if k.endswith("_ptr"))))
     return specs

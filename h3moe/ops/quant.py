@@ -1,7 +1,8 @@
 """h3moe.quant_moe: SwiGLU experts whose fused weights are bitsandbytes-packed (NF4 / FP4 / int8).
 
 Backends: triton (h3moe/kernels/quant.py: dequantize in registers inside the grouped GEMM, never to global
-memory), torch (the CPU / fallback path: dequantize ONE expert at a time with `dequantize`, which equals
+memory; T <= 16 tokens run the GEMV decode kernels, the down projection split over I into fp32 partials
+summed here; more tokens run the tl.dot kernels), torch (the CPU / fallback path: dequantize ONE expert at a time with `dequantize`, which equals
 bitsandbytes' dequantize_4bit / int8_vectorwise_dequant, then that expert's rows; a per-expert loop with a
 host sync, fine for a fallback). Inference only (no autograd through packed weights).
 
@@ -132,6 +133,35 @@ def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+_PAIR_LUTS: dict = {}
+
+
+def _pair_lut(code: torch.Tensor) -> torch.Tensor:
+    """(256,) int64 byte table of the GEMV decode kernels: entry b holds the fp32 bits of code[b >> 4] in its
+    low word and of code[b & 15] in its high word (one load per packed byte dequantizes both nibbles).
+    Cached per code tensor (the cache holds the tensor, so its storage is not reused while cached)."""
+    key = (code.data_ptr(), code.device, code._version)
+    hit = _PAIR_LUTS.get(key)
+    if hit is not None and hit[0] is code:
+        return hit[1]
+    c = code.to(torch.float32)
+    lut = torch.stack((c.repeat_interleave(16), c.repeat(16)), dim=1).contiguous().view(torch.int64).view(256)
+    if len(_PAIR_LUTS) > 64:
+        _PAIR_LUTS.clear()
+    _PAIR_LUTS[key] = (code, lut)
+    return lut
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _tokens(weights: torch.Tensor) -> int:
+    """T from the routing weights passed to the down ops: (T, K), or flat (T*K,) (then T*K, an upper bound
+    on the rows one expert can own)."""
+    return weights.shape[0] if weights.dim() == 2 else weights.numel()
+
+
 def _m_tiles(S: int, E: int, BM: int) -> int:
     # Σ_e ceil(count_e / BM) <= S // BM + (number of non-empty experts) <= S // BM + min(E, S)
     return S // BM + min(E, S)
@@ -151,8 +181,19 @@ def _w4_gate_up(
     out = _empty(S, I, dtype=x.dtype, device=x.device)
     if S == 0:
         return out
-    cfg = kq.pick_config(S, 4, blocksize, H, I)
     nested = absmax2 is not None
+    if T <= kq.GEMV_MAX_T:  # decode: GEMV kernel, every active expert's weights streamed once
+        cfg = kq.pick_decode_config(T, S, E, 4, blocksize, H, I, "gate_up")
+        grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["ROWS"]))
+        kq.w4_gate_up_gemv_kernel[grid](
+            x, q, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
+            _pair_lut(code), sorted_slots, offsets, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E,
+            EP=_pow2(E), H=H, I=I, TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation],
+            ROWS=cfg["ROWS"], BN=cfg["BN"], NBLK=cfg["NBLK"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+        return out
+    cfg = kq.pick_config(S, 4, blocksize, H, I)
     grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w4_gate_up_kernel[grid](
         x, q, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code, code,
@@ -179,11 +220,26 @@ def _w4_down(
 
     S, I = a.shape
     H, E = hidden, offsets.shape[0] - 1
-    out = _empty(weights.numel(), H, dtype=torch.float32, device=a.device)
+    TK = weights.numel()
+    T = _tokens(weights)
+    nested = absmax2 is not None
+    if S and T <= kq.GEMV_MAX_T:  # decode: GEMV kernel, split over I into KSPLIT partial sums
+        cfg = kq.pick_decode_config(T, S, E, 4, blocksize, I, H, "down")
+        ks = cfg["KSPLIT"]
+        part = _empty(ks, TK, H, dtype=torch.float32, device=a.device)
+        grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["ROWS"]), ks)
+        kq.w4_down_gemv_kernel[grid](
+            a, q, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
+            _pair_lut(code), sorted_slots, offsets, weights, part, absmax.shape[1],
+            absmax2.shape[1] if nested else 0, TK, E=E, EP=_pow2(E), H=H, I=I, BLOCKSIZE=blocksize, NESTED=nested,
+            ROWS=cfg["ROWS"], BN=cfg["BN"], NBLK=cfg["NBLK"], KSPLIT=ks, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+        return part[0] if ks == 1 else part.sum(dim=0)
+    out = _empty(TK, H, dtype=torch.float32, device=a.device)
     if S == 0:
         return out
     cfg = kq.pick_config(S, 4, blocksize, I, H)
-    nested = absmax2 is not None
     grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w4_down_kernel[grid](
         a, q, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code, code,
@@ -211,6 +267,14 @@ def _w8_gate_up(
     out = _empty(S, I, dtype=x.dtype, device=x.device)
     if S == 0:
         return out
+    if T <= kq.GEMV_MAX_T:
+        cfg = kq.pick_decode_config(T, S, E, 8, 0, H, I, "gate_up")
+        grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["ROWS"]))
+        kq.w8_gate_up_gemv_kernel[grid](
+            x, q, scale, sorted_slots, offsets, out, E=E, EP=_pow2(E), H=H, I=I, TOPK=top_k, ACT=kq.ACT_IDS[activation],
+            ROWS=cfg["ROWS"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        return out
     cfg = kq.pick_config(S, 8, 0, H, I)
     grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w8_gate_up_kernel[grid](
@@ -235,7 +299,19 @@ def _w8_down(
 
     S, I = a.shape
     H, E = q.shape[1], offsets.shape[0] - 1
-    out = _empty(weights.numel(), H, dtype=torch.float32, device=a.device)
+    TK = weights.numel()
+    T = _tokens(weights)
+    if S and T <= kq.GEMV_MAX_T:
+        cfg = kq.pick_decode_config(T, S, E, 8, 0, I, H, "down")
+        ks = cfg["KSPLIT"]
+        part = _empty(ks, TK, H, dtype=torch.float32, device=a.device)
+        grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["ROWS"]), ks)
+        kq.w8_down_gemv_kernel[grid](
+            a, q, scale, sorted_slots, offsets, weights, part, TK, E=E, EP=_pow2(E), H=H, I=I, ROWS=cfg["ROWS"],
+            BN=cfg["BN"], BK=cfg["BK"], KSPLIT=ks, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        return part[0] if ks == 1 else part.sum(dim=0)
+    out = _empty(TK, H, dtype=torch.float32, device=a.device)
     if S == 0:
         return out
     cfg = kq.pick_config(S, 8, 0, I, H)
@@ -272,7 +348,7 @@ def _quant_moe_triton(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing,
     x = x.contiguous()
     slots = routing.sorted_slots.to(torch.int32).contiguous()
     offsets = routing.offsets.to(torch.int32).contiguous()
-    w = routing.weights.detach().reshape(-1).to(torch.float32).contiguous()  # (T*K,)
+    w = routing.weights.detach().to(torch.float32).contiguous()  # (T, K): the down ops read T from its shape
     if gu.bits == 4:
         a = torch.ops.h3moe.quant_w4_gate_up(x, gu.qweight, gu.absmax, gu.absmax2, gu.code2, gu.offset, gu.code,
                                              slots, offsets, K, I, gu.blocksize, activation)
