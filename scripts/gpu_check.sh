@@ -23,6 +23,8 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Packages the GPU image lacks (bitsandbytes, for its baseline rows), carried by scripts/prepare_gpu_carry.sh.
+[ -d "$ROOT/.gpu/site" ] && export PYTHONPATH="$PYTHONPATH:$ROOT/.gpu/site"
 unset TRITON_INTERPRET
 PY="${PYTHON:-python3}"
 TOTAL="${H3MOE_GPU_CHECK_BUDGET_S:-450}"
