@@ -79,8 +79,8 @@ def _triton_route(
     return weights, ids, counts, offsets, sorted_slots
 
 
-@_triton_route.register_fake
-def _(logits, top_k, renormalize):
+def _route_fake(logits, top_k):
+    """Routing's outputs (weights, ids, counts, offsets, sorted_slots), shapes only."""
     T, E = logits.shape
     new = logits.new_empty
     return (
@@ -90,6 +90,11 @@ def _(logits, top_k, renormalize):
         new((E + 1,), dtype=torch.int32),
         new((T * top_k,), dtype=torch.int32),
     )
+
+
+@_triton_route.register_fake
+def _(logits, top_k, renormalize):
+    return _route_fake(logits, top_k)
 
 
 @torch.library.custom_op("h3moe::triton_route_bwd", mutates_args=())
@@ -194,16 +199,8 @@ def _triton_route_gating(
 
 @_triton_route_gating.register_fake
 def _(logits, top_k, renormalize, num_samples, mask):
-    T, E = logits.shape
-    new = logits.new_empty
-    return (
-        new((T, top_k), dtype=_weights_dtype(logits)),
-        new((T, top_k), dtype=torch.int64),
-        new((E,), dtype=torch.int32),
-        new((E + 1,), dtype=torch.int32),
-        new((T * top_k,), dtype=torch.int32),
-        new((num_samples, E), dtype=_weights_dtype(logits)),
-    )
+    psum = logits.new_empty((num_samples, logits.shape[1]), dtype=_weights_dtype(logits))
+    return (*_route_fake(logits, top_k), psum)
 
 
 @torch.library.custom_op("h3moe::triton_route_gating_bwd", mutates_args=())
