@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .routing import softmax_rows
+
 MAX_EXPERTS = 1024
 
 
@@ -102,14 +104,7 @@ def pbar_bwd_kernel(
     row_ok = rows < T
     col_ok = cols < E
     mask2 = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(logits_ptr + rows[:, None] * stride_l + cols[None, :], mask=mask2, other=float("-inf"))
-    if FP64:
-        x = x.to(tl.float64)
-    else:
-        x = x.to(tl.float32)
-    x_max = tl.where(row_ok, tl.max(x, axis=1), 0.0)
-    ex = tl.exp(x - x_max[:, None])
-    p = ex / tl.where(row_ok, tl.sum(ex, axis=1), 1.0)[:, None]  # (BLOCK_T, E_PAD)
+    p = softmax_rows(logits_ptr, rows.to(tl.int64), row_ok, cols, col_ok, stride_l, FP64)  # (BLOCK_T, E_PAD)
     bidx = rows // S  # (BLOCK_T,) sample of each row
     g = tl.load(gs_ptr + bidx[:, None] * E + cols[None, :], mask=mask2, other=0.0).to(p.dtype)
     dx = p * (g - tl.sum(g * p, axis=1)[:, None])

@@ -69,6 +69,24 @@ def num_warps_for(e_pad: int) -> int:
 
 
 @triton.jit
+def softmax_rows(logits_ptr, rows64, row_ok, cols, col_ok, stride, FP64: tl.constexpr):
+    """(BLOCK_T, E_PAD) softmax of the logits rows `rows64` in fp32 (fp64 with FP64); 0 in padded columns, and
+    padded rows (row_ok false, all -inf) are kept finite. Shared by the routing and gating-loss kernels."""
+    x = tl.load(
+        logits_ptr + rows64[:, None] * stride + cols[None, :],
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=float("-inf"),
+    )
+    if FP64:
+        x = x.to(tl.float64)
+    else:
+        x = x.to(tl.float32)
+    x_max = tl.where(row_ok, tl.max(x, axis=1), 0.0)
+    ex = tl.exp(x - x_max[:, None])
+    return ex / tl.where(row_ok, tl.sum(ex, axis=1), 1.0)[:, None]
+
+
+@triton.jit
 def route_topk_kernel(
     logits_ptr,  # (T, E) any float dtype, row stride stride_lt, unit column stride
     weights_ptr,  # (T, K) fp32 (fp64 for fp64 logits), out
@@ -107,21 +125,8 @@ def route_topk_kernel(
     cols = tl.arange(0, E_PAD)  # (E_PAD,)
     col_ok = cols < E
     rows64 = rows.to(tl.int64)
-    x = tl.load(
-        logits_ptr + rows64[:, None] * stride_lt + cols[None, :],
-        mask=row_ok[:, None] & col_ok[None, :],
-        other=float("-inf"),
-    )
-    if FP64:
-        x = x.to(tl.float64)
-    else:
-        x = x.to(tl.float32)
-    # fp32 softmax; fully padded rows (rows >= T) are all -inf: keep them finite, they are never stored.
-    x_max = tl.max(x, axis=1)
-    x_max = tl.where(row_ok, x_max, 0.0)
-    ex = tl.exp(x - x_max[:, None])
-    denom = tl.where(row_ok, tl.sum(ex, axis=1), 1.0)
-    p = ex / denom[:, None]  # (BLOCK_T, E_PAD), 0 in padded columns and padded rows
+    # fp32 softmax; fully padded rows (rows >= T) are kept finite, they are never stored.
+    p = softmax_rows(logits_ptr, rows64, row_ok, cols, col_ok, stride_lt, FP64)  # (BLOCK_T, E_PAD)
     if PSUM:
         if HAS_MASK:
             m = tl.load(mask_ptr + rows64, mask=row_ok, other=0).to(p.dtype)  # (BLOCK_T,)
@@ -246,18 +251,7 @@ def route_bwd_kernel(
     row_ok = rows < T
     col_ok = cols < E
     rows64 = rows.to(tl.int64)
-    x = tl.load(
-        logits_ptr + rows64[:, None] * stride_lt + cols[None, :],
-        mask=row_ok[:, None] & col_ok[None, :],
-        other=float("-inf"),
-    )
-    if FP64:
-        x = x.to(tl.float64)
-    else:
-        x = x.to(tl.float32)
-    x_max = tl.where(row_ok, tl.max(x, axis=1), 0.0)
-    ex = tl.exp(x - x_max[:, None])
-    p = ex / tl.where(row_ok, tl.sum(ex, axis=1), 1.0)[:, None]  # (BLOCK_T, E_PAD)
+    p = softmax_rows(logits_ptr, rows64, row_ok, cols, col_ok, stride_lt, FP64)  # (BLOCK_T, E_PAD)
     if TOPK_GRAD:
         k_mask = row_ok[:, None] & (kcols[None, :] < K)
         kofs = rows64[:, None] * K + kcols[None, :]
