@@ -5,7 +5,9 @@ and `run(state) -> outputs` (timed), the outputs in the order cases.reference_ou
 
 h3moe rows: one per backend (torch, triton, cuda) that h3moe.backends() says can run here and that has
 registered the op (h3moe._backend._OPS), probed at every run, so backends written later show up by
-themselves. The Triton interpreter is never timed (CPU tensors) unless asked.
+themselves. The Triton interpreter is never timed (CPU tensors) unless asked. fwdbwd adds
+h3moe:triton-recompute, the Triton backward that recomputes gate/up instead of reading the saved
+pre-activation (H3MOE_RECOMPUTE=1: less memory, more FLOPs).
 Baselines:
     hf:eager       transformers' MixtralExperts.forward: the per-expert Python loop (the loop the H3Fusion
                    authors wrote), bf16 index_add accumulation.
@@ -44,7 +46,8 @@ _H3 = ["h3moe:torch", "h3moe:triton", "h3moe:cuda"]
 _HF = ["hf:eager", "hf:batched_mm", "hf:grouped_mm", "hf:h3moe", "torch:grouped_mm"]
 #: The implementations each case can have (which of them run is decided here and now by implementations()).
 CANDIDATES = {
-    "route": _H3 + ["torch:eager"], "fwd": _H3 + _HF, "fwdbwd": _H3 + _HF, "layer": _H3 + _HF,
+    "route": _H3 + ["torch:eager"], "fwd": _H3 + _HF, "fwdbwd": _H3 + ["h3moe:triton-recompute"] + _HF,
+    "layer": _H3 + _HF,
     "gating": _H3 + ["torch:eager"], "nf4": _H3 + ["bnb:dequant+mm"], "int8": _H3 + ["bnb:dequant+mm"],
 }
 
@@ -274,6 +277,12 @@ def _fwdbwd_impls(c: Case, device, fns, interpreter):
             continue
         fwd = lambda s, b=b: h3moe.moe(s["x"], s["w_gate_up"], s["w_down"], s["routing"], backend=b)  # noqa: E731
         impls.append(Impl(f"h3moe:{b}", _fwdbwd(fwd), _fwdbwd_prepare))
+        if b == "triton":  # the memory-saving form: the backward recomputes gate/up instead of reading them
+            from h3moe.ops import triton_experts
+
+            fwd = lambda s: triton_experts.moe(s["x"], s["w_gate_up"], s["w_down"], s["routing"],  # noqa: E731
+                                               recompute=True)
+            impls.append(Impl("h3moe:triton-recompute", _fwdbwd(fwd), _fwdbwd_prepare))
     for name in ("hf:eager", "hf:batched_mm", "hf:grouped_mm", "hf:h3moe"):
         if name in fns:
             fn = fns[name]

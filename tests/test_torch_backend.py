@@ -73,6 +73,22 @@ def test_moe_lower_precision_grouped_mm(dtype, tol):
     assert rel < tol, rel
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_weight_grads_arrive_in_the_weights_layout(dtype):
+    """The expert weight gradients leave the op in the weights' own (row-major) layout: AccumulateGrad keeps
+    them as they are instead of copying them into that layout (GBs per layer at real shapes)."""
+    T, H, I, E, K = 64, 32, 48, 8, 2
+    x, wgu, wd, logits = _inputs(T, H, I, E, dtype)
+    wgu.requires_grad_()
+    wd.requires_grad_()
+    seen = {}
+    wgu.register_hook(lambda g: seen.__setitem__("gate_up", g.is_contiguous()))
+    wd.register_hook(lambda g: seen.__setitem__("down", g.is_contiguous()))
+    r = h3moe.route(logits, K, backend="torch")
+    h3moe.moe(x, wgu, wd, r, backend="torch").float().square().sum().backward()
+    assert seen == {"gate_up": True, "down": True}
+
+
 def test_moe_gradcheck_fp64():
     T, H, I, E, K = 6, 5, 4, 3, 2
     x, wgu, wd, logits = _inputs(T, H, I, E, torch.float64)

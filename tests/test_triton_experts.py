@@ -128,8 +128,11 @@ CASES = [
 
 @needs_triton
 @pytest.mark.interpreter
+@pytest.mark.parametrize("recompute", ["0", "1"], ids=["saved", "recompute"])
 @pytest.mark.parametrize("T,H,I,E,K,dtype,act,mode", CASES)
-def test_forward_and_grads(T, H, I, E, K, dtype, act, mode, monkeypatch):
+def test_forward_and_grads(T, H, I, E, K, dtype, act, mode, recompute, monkeypatch):
+    """Both backward forms: the gate/up pre-activation saved by the forward (default) or recomputed."""
+    monkeypatch.setenv("H3MOE_RECOMPUTE", recompute)
     monkeypatch.setattr(te, "torch", _PoisonTorch())  # outputs and scratch buffers start as NaN
     x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32)
     ids = _ids(mode, T, E, K, logits)
@@ -141,6 +144,46 @@ def test_forward_and_grads(T, H, I, E, K, dtype, act, mode, monkeypatch):
     if mode == "skip_last":  # the unused expert's weight gradients are exactly zero
         assert outs[2][E - 1].abs().max() == 0 and outs[3][E - 1].abs().max() == 0
     _assert_close(outs, eager, ref, ATOL[dtype])
+
+
+def _saved_shapes(fn):
+    """Shapes of the tensors autograd saves while fn() runs its forward."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, shapes
+
+
+@needs_triton
+@pytest.mark.interpreter
+def test_saved_activation_vs_recompute(monkeypatch):
+    """The default keeps h (S, 2I) for the backward; recompute=True keeps only the inputs; inference keeps
+    nothing and allocates no h; the gradients of both forms agree (fp32: h is exact)."""
+    T, H, I, E, K = 7, 32, 24, 4, 2
+    x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32)
+    ids = torch.topk(logits, K, -1).indices
+    dy = torch.randn(T, H, device=DEV)
+    grads = {}
+    for recompute in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, wgu, wd)]
+        lg = logits.detach().clone().requires_grad_()
+        r = _routing(lg, ids)
+        y, shapes = _saved_shapes(lambda: te.moe(*leaves, r, "silu", recompute=recompute))
+        assert ((T * K, 2 * I) in shapes) != recompute, shapes
+        grads[recompute] = torch.autograd.grad(y, (*leaves, lg), dy)
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    calls = []
+    real = te._fwd
+    monkeypatch.setattr(te, "_fwd", lambda *a, **kw: calls.append(kw.get("save_h", False)) or real(*a, **kw))
+    with torch.no_grad():
+        te.moe(x.requires_grad_(), wgu, wd, _routing(logits, ids), "silu")
+    assert calls == [False]
 
 
 @needs_triton
@@ -194,11 +237,15 @@ def test_opcheck():
     args = (x.requires_grad_(), wgu.requires_grad_(), wd.requires_grad_(), r.weights.detach().requires_grad_(),
             r.sorted_slots, r.offsets, "silu")
     torch.library.opcheck(torch.ops.h3moe.triton_experts_fwd.default, args)
+    torch.library.opcheck(torch.ops.h3moe.triton_experts_fwd_saved.default, args)
+    _, h = te.experts_fwd_saved(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    assert h.shape == (T * K, 2 * I)
     dy = torch.randn(T, H, device=DEV)
-    bargs = (dy, x.detach(), wgu.detach(), wd.detach(), r.weights.detach(), r.sorted_slots, r.offsets, "silu",
-             True, True, False, True)
-    torch.library.opcheck(torch.ops.h3moe.triton_experts_bwd.default, bargs,
-                          test_utils=("test_schema", "test_faketensor"))
+    for saved in (None, h):
+        bargs = (dy, x.detach(), wgu.detach(), wd.detach(), r.weights.detach(), r.sorted_slots, r.offsets,
+                 "silu", True, True, False, True, saved)
+        torch.library.opcheck(torch.ops.h3moe.triton_experts_bwd.default, bargs,
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @needs_triton

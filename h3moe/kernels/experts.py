@@ -18,14 +18,19 @@ programs share an expert's weight tiles in L2.
 Kernels (all accumulate in fp32; fp32 inputs use tl.dot's "tf32x3", about fp32 accuracy on tensor cores):
   _gate_up_kernel (BWD=False)  forward  A[r] = act(x[t] @ Wg[e]^T) * (x[t] @ Wu[e]^T)        (S, I)
       gather x rows by token, two accumulators (gate, up) share the x tile, the activation is the epilogue.
-  _gate_up_kernel (BWD=True)   backward: recomputes the gate/up tile AND dA' = dy[t] @ Wd[e] in the same
-      K-loop over H (x and dy rows gathered by the same token). Epilogue: a = act(g)*u, per-row partial
-      d(weight) = sum_n dA'*a (one column per N block, summed deterministically by the launcher),
-      dA = w*dA', dH = [dA*u*act'(g), dA*act(g)] (S, 2I), and a (S, I) for the W_down gradient.
-      What is saved for backward: only the op's inputs (x, weights, routing). We recompute the 2I-wide
-      gate/up pre-activation instead of saving it: saving it would cost S*2I elements (470 MB in bf16 for
-      Mixtral at T=4096, K=2) per layer, while the recompute shares the K-loop (and the gathered rows) of
-      the dy @ Wd GEMM that the backward needs anyway: +4*S*H*I FLOPs, backward 16*S*H*I instead of 12.
+      SAVE_H (training): also stores the pre-activation h = [gate, up] (S, 2I) in x's dtype for the
+      backward, and computes A from those rounded values, so that forward and backward see the same A
+      (as eager autograd does; it also keeps the 128x128 tile from spilling).
+  _gate_up_kernel (BWD=True)   backward: dA' = dy[t] @ Wd[e] (K-loop over H, dy rows gathered by token).
+      Epilogue: a = act(g)*u, per-row partial d(weight) = sum_n dA'*a (one column per N block, summed
+      deterministically by the launcher), dA = w*dA', dH = [dA*u*act'(g), dA*act(g)] (S, 2I), and a (S, I)
+      for the W_down gradient. Where g, u come from:
+        RECOMPUTE=False (default): read from the h the forward saved. One accumulator; its launch role is
+          "bwd_act_saved". Costs S*2I saved elements per layer (470 MB in bf16 for Mixtral at T=4096, K=2;
+          eager autograd keeps more: h, act(g), u and A).
+        RECOMPUTE=True (H3MOE_RECOMPUTE=1, moe(recompute=True)): the gate/up GEMM runs again in the same
+          K-loop (sharing the gathered x/dy rows); only the op's inputs are saved. +4*S*H*I FLOPs: the
+          backward does 16*S*H*I instead of 12 (role "bwd_act", three accumulators).
   _down_kernel  out[slot] = w[slot] * (A[r] @ Wd[e]^T)   forward down GEMM (TRANS_W=False, SCALE=True)
                 dX[slot]  = dH[r] @ Wgu[e]                backward d(x)      (TRANS_W=True, SCALE=False)
       rows are scattered to their slot index: out is an (S, N) buffer in slot order (fp32) that the launcher
@@ -37,9 +42,10 @@ Kernels (all accumulate in fp32; fp32 inputs use tl.dot's "tf32x3", about fp32 a
                  expert with no row gets zeros.
 
 FLOPs and bytes (bf16, per layer): forward 6*S*H*I FLOPs; bytes ~ E_used*3*H*I*2 (weights) + S*(H+I)*2
-+ T*K*H*4 (slot buffer). Backward: bwd-act 6*S*H*I, d(x) 4*S*H*I, d(W) 6*S*H*I -> 16*S*H*I, about 2.7x
-the forward. Decode (S small) is bandwidth bound: each touched expert's 3*H*I weights are read once per
-row tile (once, for S/E_used <= BM).
++ T*K*H*4 (slot buffer) (+ S*2I*2 for the saved h). Backward: bwd-act 2*S*H*I (6 when recomputing),
+d(x) 4*S*H*I, d(W) 6*S*H*I -> 12*S*H*I, twice the forward (16, 2.7x, when recomputing). Decode (S small)
+is bandwidth bound: each touched expert's 3*H*I weights are read once per row tile (once, for
+S/E_used <= BM).
 
 Limits: offsets inside one expert's weights are int32 (2*I*H < 2**31); expert bases and row offsets are
 int64. E <= 4096 (the in-program schedule scans all E counts in one block). ids must lie in [0, E).
@@ -135,25 +141,27 @@ def _swizzle(pid, M_SLOTS, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, acc_g, acc_u, acc_d, H, I, offs_k, nmask,
-                  BWD: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
-                  UPCAST: tl.constexpr):
+                  BWD: tl.constexpr, RECOMPUTE: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                  PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One BK step of the K-loop over H of _gate_up_kernel."""
     k0 = kk * BK
-    if EVEN_K:
-        xa = tl.load(x_ptrs + k0)
-        wg = tl.load(wg_ptrs + k0)
-        wu = tl.load(wg_ptrs + I * H + k0)
-    else:
+    if not EVEN_K:
         kmask = offs_k < H - k0
-        xa = tl.load(x_ptrs + k0, mask=kmask[None, :], other=0.0)
-        wg = tl.load(wg_ptrs + k0, mask=kmask[:, None], other=0.0)
-        wu = tl.load(wg_ptrs + I * H + k0, mask=kmask[:, None], other=0.0)
-    if UPCAST:
-        xa = xa.to(tl.float32)
-        wg = wg.to(tl.float32)
-        wu = wu.to(tl.float32)
-    acc_g = tl.dot(xa, wg, acc_g, input_precision=PREC)
-    acc_u = tl.dot(xa, wu, acc_u, input_precision=PREC)
+    if RECOMPUTE or not BWD:  # the gate/up GEMM (forward, or the backward that recomputes it)
+        if EVEN_K:
+            xa = tl.load(x_ptrs + k0)
+            wg = tl.load(wg_ptrs + k0)
+            wu = tl.load(wg_ptrs + I * H + k0)
+        else:
+            xa = tl.load(x_ptrs + k0, mask=kmask[None, :], other=0.0)
+            wg = tl.load(wg_ptrs + k0, mask=kmask[:, None], other=0.0)
+            wu = tl.load(wg_ptrs + I * H + k0, mask=kmask[:, None], other=0.0)
+        if UPCAST:
+            xa = xa.to(tl.float32)
+            wg = wg.to(tl.float32)
+            wu = wu.to(tl.float32)
+        acc_g = tl.dot(xa, wg, acc_g, input_precision=PREC)
+        acc_u = tl.dot(xa, wu, acc_u, input_precision=PREC)
     if BWD:
         if EVEN_K:
             dya = tl.load(dy_ptrs + k0)
@@ -181,6 +189,7 @@ def _gate_up_kernel(
     rw_ptr,  # (S,) fp32 routing weights in flat slot order (BWD only)
     dh_ptr,  # (S, 2I) x dtype, out (BWD only): [d gate, d up]
     dw_ptr,  # (S, NB) fp32, out (BWD only): partial d(routing weight), NB = cdiv(I, BN)
+    h_ptr,  # (S, 2I) x dtype, [gate, up] pre-activation: out when SAVE_H, in when BWD and not RECOMPUTE
     H,
     I,
     E,
@@ -188,6 +197,8 @@ def _gate_up_kernel(
     K,  # top-k: token = slot // K (a runtime value: one compile serves every K)
     ACT: tl.constexpr,
     BWD: tl.constexpr,
+    SAVE_H: tl.constexpr,  # forward: also store the gate/up pre-activation into h (for a backward)
+    RECOMPUTE: tl.constexpr,  # backward: recompute gate/up (True) or read them from h (False)
     BM: tl.constexpr,
     BN: tl.constexpr,  # columns of I per tile (gate and up each)
     BK: tl.constexpr,
@@ -224,29 +235,49 @@ def _gate_up_kernel(
             kk = 0
             while kk < nk:
                 acc_g, acc_u, acc_d = _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, acc_g, acc_u, acc_d,
-                                                    H, I, offs_k, nmask, BWD, BK, EVEN_K, PREC, UPCAST)
+                                                    H, I, offs_k, nmask, BWD, RECOMPUTE, BK, EVEN_K, PREC,
+                                                    UPCAST)
                 kk += 1
         else:
             for kk in range(0, nk):
                 acc_g, acc_u, acc_d = _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, acc_g, acc_u, acc_d,
-                                                    H, I, offs_k, nmask, BWD, BK, EVEN_K, PREC, UPCAST)
+                                                    H, I, offs_k, nmask, BWD, RECOMPUTE, BK, EVEN_K, PREC,
+                                                    UPCAST)
         rows64 = rows.to(tl.int64)
         omask = rmask[:, None] & nmask[None, :]
+        h_ptrs = h_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]  # (BM, BN) gate; + I: up
+        a_ptrs = a_ptr + rows64[:, None] * I + offs_n[None, :]
         if BWD:
-            act, dact = _act_bwd(acc_g, ACT)
-            a = act * acc_u  # (BM, BN) fp32
-            part = tl.sum(tl.where(omask, acc_d * a, 0.0), 1)  # (BM,) partial d(routing weight)
+            if RECOMPUTE:
+                act, dact = _act_bwd(acc_g, ACT)
+                u = acc_u
+            else:  # saved by the forward (rounded to x's dtype, as eager autograd saves it)
+                act, dact = _act_bwd(tl.load(h_ptrs, mask=omask, other=0.0).to(tl.float32), ACT)
+                u = tl.load(h_ptrs + I, mask=omask, other=0.0).to(tl.float32)
+            a = act * u  # (BM, BN) fp32
+            ud = u * dact
+            tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=omask)
+            if RECOMPUTE:  # masked columns of the recomputed gate/up hold clamped-column values
+                part = tl.sum(tl.where(omask, acc_d * a, 0.0), 1)  # (BM,) partial d(routing weight)
+            else:  # masked elements were loaded as 0: a = act(0) * 0 = 0 there
+                part = tl.sum(acc_d * a, 1)
             tl.store(dw_ptr + rows64 * num_pid_n + pid_n, part, mask=rmask)
             w = tl.load(rw_ptr + slot, mask=rmask, other=0.0)  # (BM,) fp32
             da = acc_d * w[:, None]
-            dg = da * acc_u * dact
-            du = da * act
             dh_ptrs = dh_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]
-            tl.store(dh_ptrs, dg.to(dh_ptr.dtype.element_ty), mask=omask)
-            tl.store(dh_ptrs + I, du.to(dh_ptr.dtype.element_ty), mask=omask)
+            tl.store(dh_ptrs + I, (da * act).to(dh_ptr.dtype.element_ty), mask=omask)  # d up
+            tl.store(dh_ptrs, (da * ud).to(dh_ptr.dtype.element_ty), mask=omask)  # d gate
         else:
-            a = _act_fwd(acc_g, ACT) * acc_u
-        tl.store(a_ptr + rows64[:, None] * I + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=omask)
+            if SAVE_H:
+                # the backward will read these rounded values: compute a from them too, as eager does
+                g16 = acc_g.to(h_ptr.dtype.element_ty)
+                u16 = acc_u.to(h_ptr.dtype.element_ty)
+                tl.store(h_ptrs, g16, mask=omask)
+                tl.store(h_ptrs + I, u16, mask=omask)
+                a = _act_fwd(g16.to(tl.float32), ACT) * u16.to(tl.float32)
+            else:
+                a = _act_fwd(acc_g, ACT) * acc_u
+            tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -437,7 +468,7 @@ def _wgrad_kernel(
 # ---------------------------------------------------------------------------------------------------
 
 #: Kernel roles: the launcher's name for each use of a kernel.
-KERNELS = ("gate_up", "down", "bwd_act", "dx", "wgrad_gu", "wgrad_down")
+KERNELS = ("gate_up", "down", "bwd_act", "bwd_act_saved", "dx", "wgrad_gu", "wgrad_down")
 
 
 class Config(tuple):
@@ -497,6 +528,13 @@ _CANDIDATES = {
         # 128x64x64 s3 needs 172 KB of shared memory: H100 only
         "large": [C(128, 64, 32, 8, 8, 4), Hp(128, 64, 64, 8, 8, 3), C(64, 64, 32, 8, 4, 4)],
     },
+    "bwd_act_saved": {  # one accumulator (dy @ Wd); gate/up read from the saved pre-activation
+        "decode": [C(16, 64, 128, 1, 4, 4), C(16, 32, 128, 1, 4, 4)],
+        "small": [C(64, 64, 64, 8, 4, 4), C(32, 64, 128, 8, 4, 3)],
+        # (BM, BN) tiles of 64 fp32 elements per thread spill hundreds of bytes in this epilogue (the
+        # compiler keeps the loaded gate/up chain in two layouts): 32 per thread at most, so 8 warps
+        "large": [C(128, 64, 64, 8, 8, 4), C(64, 128, 64, 8, 8, 3), C(128, 64, 32, 8, 8, 4)],
+    },
     "dx": {
         "decode": [C(16, 64, 128, 1, 4, 4), C(16, 32, 128, 1, 4, 4)],
         "small": [C(64, 64, 64, 8, 4, 4), C(64, 128, 64, 8, 4, 3)],
@@ -521,6 +559,7 @@ _CANDIDATES_FP32 = {
     "gate_up": {"decode": [C(16, 32, 32, 1, 4, 3)], "rest": [C(64, 32, 32, 8, 4, 3)]},
     "down": {"decode": [C(16, 64, 32, 1, 4, 3)], "rest": [C(64, 64, 32, 8, 4, 3)]},
     "bwd_act": {"decode": [C(16, 32, 32, 1, 4, 3)], "rest": [C(64, 32, 16, 8, 4, 3)]},
+    "bwd_act_saved": {"decode": [C(16, 64, 32, 1, 4, 3)], "rest": [C(64, 64, 32, 8, 4, 3)]},
     "dx": {"decode": [C(16, 64, 32, 1, 4, 3)], "rest": [C(64, 64, 32, 8, 4, 3)]},
     "wgrad_gu": {"decode": [C(64, 64, 16, 8, 4, 3)], "rest": [C(64, 64, 32, 8, 4, 3)]},
     "wgrad_down": {"decode": [C(64, 64, 16, 8, 4, 3)], "rest": [C(64, 64, 32, 8, 4, 3)]},
@@ -602,13 +641,15 @@ def aot_specs() -> list:
             for cfg in all_configs(role, fp32):
                 tile = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M)
                 name = f"experts_{role}[{dt},{cfg!r}]"
-                if role in ("gate_up", "bwd_act"):
-                    bwd = role == "bwd_act"
+                if role in ("gate_up", "bwd_act", "bwd_act_saved"):
+                    # the forward is compiled as training runs it (SAVE_H: two more tile stores than
+                    # inference); the backward in both of its forms (recompute, saved pre-activation)
+                    bwd = role != "gate_up"
                     sig = {"x_ptr": p, "wgu_ptr": p, "slots_ptr": "*i32", "offsets_ptr": "*i32", "a_ptr": p,
                            "dy_ptr": p, "wd_ptr": p, "rw_ptr": "*fp32", "dh_ptr": p, "dw_ptr": "*fp32",
-                           "H": "i32", "I": "i32", "E": "i32", "M_SLOTS": "i32", "K": "i32"}
-                    const = dict(ACT=0, BWD=bwd, **tile, BLOCK_E=8, EVEN_K=True, PREC=prec, UPCAST=False,
-                                 INTERP=False)
+                           "h_ptr": p, "H": "i32", "I": "i32", "E": "i32", "M_SLOTS": "i32", "K": "i32"}
+                    const = dict(ACT=0, BWD=bwd, SAVE_H=not bwd, RECOMPUTE=role == "bwd_act", **tile, BLOCK_E=8,
+                                 EVEN_K=True, PREC=prec, UPCAST=False, INTERP=False)
                     fn = _gate_up_kernel
                 elif role in ("down", "dx"):
                     dx = role == "dx"

@@ -5,9 +5,10 @@ Forward (kernels in h3moe/kernels/experts.py):
     A (S, I) = act(x_gathered @ Wg^T) * (x_gathered @ Wu^T)      _gate_up_kernel
     out[slot] = w[slot] * (A @ Wd^T)                             _down_kernel, rows scattered to slots
     y (T, H) = sum over the K slots of out (fp32, deterministic)  torch .sum; K=1 writes y directly
-Backward: _gate_up_kernel(BWD) recomputes gate/up and dA' = dy @ Wd together, emitting dH (S, 2I), A and the
-partial d(routing weight); d(x) with _down_kernel (transposed w_gate_up) + the same K-sum; d(w_gate_up) and
-d(w_down) with _wgrad_kernel. Saved for backward: the op's inputs only (see the kernel header for why).
+Backward: _gate_up_kernel(BWD) computes dA' = dy @ Wd and, from the gate/up pre-activation (saved by the
+forward, or recomputed in the same K-loop: H3MOE_RECOMPUTE=1 / moe(recompute=True)), emits dH (S, 2I), A and
+the partial d(routing weight); d(x) with _down_kernel (transposed w_gate_up) + the same K-sum; d(w_gate_up)
+and d(w_down) with _wgrad_kernel. Saved for backward: the op's inputs, plus h (S, 2I) unless recomputing.
 
 Combine: deterministic by default (an (S, H) fp32 slot buffer, summed over K). H3MOE_ATOMIC_COMBINE=1 adds
 the slots into an fp32 (T, H) buffer with float atomics instead: less memory, run-to-run rounding varies.
@@ -37,7 +38,7 @@ from .. import _backend
 from ..reference import ACTIVATIONS
 from .routing import Routing
 
-__all__ = ["moe", "experts_fwd", "experts_bwd", "save_tuned", "config_for", "tune"]
+__all__ = ["moe", "experts_fwd", "experts_fwd_saved", "experts_bwd", "save_tuned", "config_for", "tune"]
 
 if __name__ == "__main__":
     # `python -m h3moe.ops.triton_experts --E 8 --H 4096 --I 14336 --K 2`: run the CLI of the package's own
@@ -214,15 +215,17 @@ def _check(x, w_gate_up, w_down):
         raise ValueError(f"x, w_gate_up, w_down: on {x.device}, {w_gate_up.device}, {w_down.device}")
 
 
-def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str) -> torch.Tensor:
+def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool = False):
+    """y (T, H); with save_h, (y, h) where h (S, 2I) holds the gate/up pre-activation per sorted row."""
     k = _kernels()
     T, H = x.shape
     E, I = w_down.shape[0], w_down.shape[2]
     K = rw.shape[1]
     S = T * K
     interp = _backend.interpreter_enabled()
+    h = torch.empty(S, 2 * I, device=x.device, dtype=x.dtype) if save_h else x.new_empty(0)
     if S == 0:
-        return x.new_zeros(T, H)
+        return (x.new_zeros(T, H), h) if save_h else x.new_zeros(T, H)
     atomic = K > 1 and os.environ.get("H3MOE_ATOMIC_COMBINE", "0") == "1"
     a = torch.empty(S, I, device=x.device, dtype=x.dtype)
     rw_flat = rw.reshape(-1)
@@ -232,8 +235,8 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str) -> torch.Ten
         m = _m_slots(S, E, cfg.BM)
         grid = (m * _cdiv(I, cfg.BN),)
         k._gate_up_kernel[grid](
-            x, w_gate_up, slots, offsets, a, x, w_down, rw_flat, a, rw_flat, H, I, E, m,
-            K=K, ACT=act_id, BWD=False, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+            x, w_gate_up, slots, offsets, a, x, w_down, rw_flat, a, rw_flat, h if save_h else a, H, I, E, m,
+            K=K, ACT=act_id, BWD=False, SAVE_H=save_h, RECOMPUTE=False, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
             BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0, PREC=_prec(x.dtype), UPCAST=interp, INTERP=interp,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -259,13 +262,16 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str) -> torch.Ten
 
     _launch("down", S, H, I, E, K, x.dtype, x.device, run_down)
     if K == 1:
-        return out
-    if atomic:
-        return out.to(x.dtype)
-    return out.view(T, K, H).sum(dim=1).to(x.dtype)
+        y = out
+    elif atomic:
+        y = out.to(x.dtype)
+    else:
+        y = out.view(T, K, H).sum(dim=1).to(x.dtype)
+    return (y, h) if save_h else y
 
 
-def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_gu, need_down, need_w):
+def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_gu, need_down, need_w, h=None):
+    """h: the forward's saved (S, 2I) pre-activation, or None to recompute it."""
     k = _kernels()
     T, H = x.shape
     E, I = w_down.shape[0], w_down.shape[2]
@@ -289,17 +295,19 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
     a = torch.empty(S, I, device=dev, dtype=dt)
     part = {}
 
+    saved = h is not None and h.numel() > 0
+
     def run_act(cfg):
         m = _m_slots(S, E, cfg.BM)
         nb = _cdiv(I, cfg.BN)
         part["dw"] = dwp = torch.empty(S, nb, device=dev, dtype=torch.float32)
         k._gate_up_kernel[(m * nb,)](
-            x, w_gate_up, slots, offsets, a, dy, w_down, rw_flat, dh, dwp, H, I, E, m,
-            K=K, ACT=act_id, BWD=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+            x, w_gate_up, slots, offsets, a, dy, w_down, rw_flat, dh, dwp, h if saved else dh, H, I, E, m,
+            K=K, ACT=act_id, BWD=True, SAVE_H=False, RECOMPUTE=not saved, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
             BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0, PREC=prec, UPCAST=interp, INTERP=interp,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    _launch("bwd_act", S, H, I, E, K, dt, dev, run_act)
+    _launch("bwd_act_saved" if saved else "bwd_act", S, H, I, E, K, dt, dev, run_act)
     if need_w:
         # row r's partial sums over the I blocks -> slot order (each slot written once: deterministic)
         drw.view(-1).index_copy_(0, slots.long(), part["dw"].sum(dim=1))
@@ -363,21 +371,38 @@ def _(x, w_gate_up, w_down, weights, sorted_slots, offsets, activation):
     return x.new_empty(x.shape)
 
 
+@torch.library.custom_op("h3moe::triton_experts_fwd_saved", mutates_args=(), device_types=("cuda", "cpu"))
+def experts_fwd_saved(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
+                      sorted_slots: torch.Tensor, offsets: torch.Tensor, activation: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """triton_experts_fwd for training: also returns h (T*K, 2I), the gate/up pre-activation of each sorted
+    row in x's dtype, which the backward reads instead of recomputing the gate/up GEMM."""
+    return _fwd(x.contiguous(), w_gate_up.contiguous(), w_down.contiguous(), weights.float().contiguous(),
+                sorted_slots.contiguous(), offsets.contiguous(), activation, save_h=True)
+
+
+@experts_fwd_saved.register_fake
+def _(x, w_gate_up, w_down, weights, sorted_slots, offsets, activation):
+    return x.new_empty(x.shape), x.new_empty(weights.shape[0] * weights.shape[1], 2 * w_down.shape[2])
+
+
 @torch.library.custom_op("h3moe::triton_experts_bwd", mutates_args=(), device_types=("cuda", "cpu"))
 def experts_bwd(dy: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                 weights: torch.Tensor, sorted_slots: torch.Tensor, offsets: torch.Tensor, activation: str,
-                need_x: bool, need_gate_up: bool, need_down: bool, need_weights: bool
+                need_x: bool, need_gate_up: bool, need_down: bool, need_weights: bool,
+                h: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of triton_experts_fwd. Returns (dx (T, H), d w_gate_up (E, 2I, H), d w_down (E, H, I),
-    d weights (T, K) fp32); a gradient not asked for is an empty (0,) tensor."""
+    """Backward of triton_experts_fwd (h None: the gate/up pre-activation is recomputed) and of
+    triton_experts_fwd_saved (h: its saved (T*K, 2I) output). Returns (dx (T, H), d w_gate_up (E, 2I, H),
+    d w_down (E, H, I), d weights (T, K) fp32); a gradient not asked for is an empty (0,) tensor."""
     return _bwd(dy.contiguous(), x.contiguous(), w_gate_up.contiguous(), w_down.contiguous(),
                 weights.float().contiguous(), sorted_slots.contiguous(), offsets.contiguous(), activation,
-                need_x, need_gate_up, need_down, need_weights)
+                need_x, need_gate_up, need_down, need_weights, None if h is None else h.contiguous())
 
 
 @experts_bwd.register_fake
 def _(dy, x, w_gate_up, w_down, weights, sorted_slots, offsets, activation, need_x, need_gate_up, need_down,
-      need_weights):
+      need_weights, h=None):
     def like(t, need, dtype=None):
         dtype = dtype or t.dtype
         return t.new_empty(t.shape, dtype=dtype) if need else t.new_empty(0, dtype=dtype)
@@ -392,13 +417,28 @@ def _setup_context(ctx, inputs, output):
     ctx.activation = activation
 
 
-def _backward(ctx, dy):
-    x, w_gate_up, w_down, weights, sorted_slots, offsets = ctx.saved_tensors
+def _setup_context_saved(ctx, inputs, output):
+    x, w_gate_up, w_down, weights, sorted_slots, offsets, activation = inputs
+    ctx.save_for_backward(x, w_gate_up, w_down, weights, sorted_slots, offsets, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.activation = activation
+
+
+def _grads(ctx, dy, h):
+    x, w_gate_up, w_down, weights, sorted_slots, offsets = ctx.saved_tensors[:6]
     nx, ngu, nd, nw = ctx.needs_input_grad[:4]
     dx, dgu, dd, dw = experts_bwd(dy, x, w_gate_up, w_down, weights, sorted_slots, offsets, ctx.activation,
-                                  nx, ngu, nd, nw)
+                                  nx, ngu, nd, nw, h)
     return (dx if nx else None, dgu if ngu else None, dd if nd else None,
             dw.to(weights.dtype) if nw else None, None, None, None)
+
+
+def _backward(ctx, dy):
+    return _grads(ctx, dy, None)
+
+
+def _backward_saved(ctx, dy, _dh):
+    return _grads(ctx, dy, ctx.saved_tensors[6])
 
 
 def _bwd_backward(ctx, *grads):
@@ -406,20 +446,36 @@ def _bwd_backward(ctx, *grads):
 
 
 experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+experts_fwd_saved.register_autograd(_backward_saved, setup_context=_setup_context_saved)
 experts_bwd.register_autograd(_bwd_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+def _recompute_default() -> bool:
+    return os.environ.get("H3MOE_RECOMPUTE", "0") == "1"
+
+
 def moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, routing: Routing,
-        activation: str = "silu") -> torch.Tensor:
+        activation: str = "silu", recompute: bool | None = None) -> torch.Tensor:
     """SwiGLU experts with the Triton kernels. x (T, H), w_gate_up (E, 2I, H), w_down (E, H, I) in one dtype
     (fp16, bf16 or fp32); routing from h3moe.route. Returns (T, H) in x's dtype, differentiable w.r.t. x,
-    both weights and routing.weights."""
+    both weights and routing.weights.
+
+    When autograd will need a gradient, the forward keeps the (T*K, 2I) gate/up pre-activation for the
+    backward (as eager autograd would, in x's dtype). recompute=True (default: H3MOE_RECOMPUTE=1) keeps only
+    the inputs and recomputes it in the backward instead: 2*T*K*I elements less memory per layer (470 MB in
+    bf16 for Mixtral-8x7B at 4096 tokens) for 4*T*K*H*I more FLOPs (+33% on the backward)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
     _check(x, w_gate_up, w_down)
     if w_down.shape[0] > 4096:
         raise NotImplementedError(f"the triton experts kernels take E <= 4096 experts; got {w_down.shape[0]}")
-    return experts_fwd(x, w_gate_up, w_down, routing.weights, routing.sorted_slots, routing.offsets, activation)
+    args = (x, w_gate_up, w_down, routing.weights, routing.sorted_slots, routing.offsets, activation)
+    if recompute is None:
+        recompute = _recompute_default()
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, routing.weights))
+    if grad and not recompute:
+        return experts_fwd_saved(*args)[0]
+    return experts_fwd(*args)
 
 
 _backend.register_ops("triton", "moe")
