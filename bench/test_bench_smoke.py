@@ -142,3 +142,28 @@ def test_cpu_smoke_driver_end_to_end(tmp_path):
     assert "## Targets" in md and "## Summary" in md and "h3moe:torch" in md
     pytest.importorskip("matplotlib")
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_profile_experts_dry_run(tmp_path):
+    """scripts/profile_experts.py (the GPU session's per-kernel breakdown) runs end to end: tiny shapes on CPU
+    under the Triton interpreter, both backward forms, every role timed, candidates listed."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "scripts", "profile_experts.py"), "--dry-run",
+                           "--models", "tiny", "--tokens", "4", "--candidates", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "profile_experts.json").read_text())
+    assert [r["recompute"] for r in res["runs"]] == [False, True]
+    for run in res["runs"]:
+        roles = {r["role"] for r in run["rows"]}
+        act = "bwd_act" if run["recompute"] else "bwd_act_saved"
+        assert roles == {"gate_up", "down", act, "dx", "wgrad_gu", "wgrad_down"}, roles
+        assert all(r["ms"] > 0 for r in run["rows"])
+        assert set(run["candidates"]) == roles
+    assert "| wgrad_gu |" in (tmp_path / "profile_experts.md").read_text()

@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Per-kernel times of the Triton experts, forward + backward, at real model shapes (GPU only).
+
+    python scripts/profile_experts.py --out OUT_DIR [--models mixtral,qwen3] [--tokens 4096,16]
+                                      [--candidates] [--budget-s 120]
+
+Where the fwd+bwd time goes, kernel role by kernel role (the roles of h3moe/kernels/experts.py: gate_up,
+down, bwd_act_saved / bwd_act, dx, wgrad_gu, wgrad_down), so that tuning aims at the kernel that lags: for
+each (model, T, backward form) one fwd+bwd with fresh random inputs, every launch bracketed by CUDA events
+(device time, no host sync between launches), the rest of the op (K-sum of the slot buffer, d(weight) sums,
+allocations) as "other", the FLOPs of each role, its TFLOP/s and its fraction of a bf16 matmul measured in the
+same run. With --candidates, every candidate config of every role is also timed at its launch (the data
+`python -m h3moe.ops.triton_experts` autotunes on; the table shows the pinned default beside the best).
+
+Writes OUT_DIR/profile_experts.{json,md} and prints the Markdown. Needs CUDA (exits 2 without it), except
+--dry-run: tiny shapes on CPU under TRITON_INTERPRET=1, wall-clock times (CI checks the script runs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+# FLOPs of each role in units of S*H*I (S = T*K rows): see the header of h3moe/kernels/experts.py.
+ROLE_FLOPS = {"gate_up": 4, "down": 2, "bwd_act_saved": 2, "bwd_act": 6, "dx": 4, "wgrad_gu": 4, "wgrad_down": 2}
+
+
+class _Mark:
+    """A point in time on the device stream (a CUDA event), or on the host clock off the GPU (dry run)."""
+
+    def __init__(self, cuda: bool):
+        self.ev = torch.cuda.Event(enable_timing=True) if cuda else None
+        if cuda:
+            self.ev.record()
+        else:
+            self.t = time.perf_counter()
+
+    def ms_to(self, other: "_Mark") -> float:
+        return self.ev.elapsed_time(other.ev) if self.ev is not None else (other.t - self.t) * 1e3
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def _matmul_tflops(cuda: bool, dtype=torch.bfloat16, n=8192) -> float:
+    if not cuda:
+        dtype, n = torch.float32, 256
+    dev = "cuda" if cuda else "cpu"
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(cuda)
+    reps = 20
+    m0 = _Mark(cuda)
+    for _ in range(reps):
+        a @ b
+    m1 = _Mark(cuda)
+    _sync(cuda)
+    return 2 * n**3 * reps / (m0.ms_to(m1) * 1e-3) / 1e12
+
+
+class _Recorder:
+    """Patched over triton_experts._launch: times every launch with CUDA events (and, with candidates, every
+    candidate config of that launch with triton.testing.do_bench)."""
+
+    def __init__(self, te, candidates: bool, cuda: bool):
+        self.te, self.candidates, self.cuda = te, candidates, cuda
+        self.events: list[tuple[str, str, _Mark, _Mark]] = []
+        self.cands: dict[str, list[tuple[str, float]]] = {}
+
+    def __call__(self, role, S, H, I, E, K, dtype, device, run):
+        from h3moe.kernels import experts as k
+
+        if self.candidates and role not in self.cands:
+            from triton.testing import do_bench
+
+            def bench(fn):
+                if self.cuda:
+                    return do_bench(fn, warmup=5, rep=25)
+                t = time.perf_counter()
+                fn()
+                return (time.perf_counter() - t) * 1e3
+
+            fp32 = dtype == torch.float32
+            out = []
+            for c in k.candidate_configs(role, S, E, K, fp32, self.te._arch(device)):
+                try:
+                    out.append((repr(c), bench(lambda c=c: run(c))))
+                except Exception as err:  # noqa: BLE001 — out of resources on this GPU: record and go on
+                    out.append((repr(c), f"{type(err).__name__}"))
+            self.cands[role] = out
+        cfg = self.te.config_for(role, S, H, I, E, K, dtype, device)
+        m0 = _Mark(self.cuda)
+        run(cfg)
+        self.events.append((role, repr(cfg), m0, _Mark(self.cuda)))
+
+
+def profile_one(m, T: int, recompute: bool, candidates: bool, reps: int = 3) -> dict:
+    from h3moe.ops import triton_experts as te
+    from h3moe.ops.routing import Routing, sort_by_expert
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dt = torch.bfloat16 if cuda else torch.float32
+    H, I, E, K = m.H, m.I, m.E, m.K
+    S = T * K
+    g = torch.Generator(device=dev).manual_seed(T * 1000 + E)
+    x = torch.randn(T, H, device=dev, generator=g).to(dt).requires_grad_()
+    wgu = (torch.randn(E, 2 * I, H, device=dev, generator=g) / H**0.5).to(dt).requires_grad_()
+    wd = (torch.randn(E, H, I, device=dev, generator=g) / I**0.5).to(dt).requires_grad_()
+    logits = torch.randn(T, E, device=dev, generator=g)
+    w, ids = torch.topk(torch.softmax(logits, -1), K, dim=-1)
+    w = w.requires_grad_()
+    routing = Routing(w, ids, *sort_by_expert(ids, E))
+    dy = torch.randn(T, H, device=dev, generator=g).to(dt)
+
+    def step():
+        for t in (x, wgu, wd, w):
+            t.grad = None
+        y = te.moe(x, wgu, wd, routing, "silu", recompute=recompute)
+        y.backward(dy)
+
+    step()  # compile
+    _sync(cuda)
+    rec = _Recorder(te, candidates, cuda)
+    te._launch, saved_launch = rec, te._launch
+    try:
+        if candidates:  # one untimed pass that times every candidate of every role
+            step()
+            _sync(cuda)
+            rec.candidates = False
+        per_role: dict[tuple[str, str], list[float]] = {}
+        totals, others = [], []
+        for _ in range(reps):
+            rec.events.clear()
+            m0 = _Mark(cuda)
+            step()
+            m1 = _Mark(cuda)
+            _sync(cuda)
+            totals.append(m0.ms_to(m1))
+            for role, cfg, a, b in rec.events:
+                per_role.setdefault((role, cfg), []).append(a.ms_to(b))
+            others.append(totals[-1] - sum(a.ms_to(b) for _, _, a, b in rec.events))
+    finally:
+        te._launch = saved_launch
+    rows = []
+    for (role, cfg), ts in per_role.items():
+        ms = sorted(ts)[len(ts) // 2]
+        flops = ROLE_FLOPS.get(role, 0) * S * H * I
+        rows.append({"role": role, "config": cfg, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12 if ms else None})
+    total = sorted(totals)[len(totals) // 2]
+    return {"model": m.name, "tokens": T, "recompute": recompute, "total_ms": total,
+            "other_ms": sorted(others)[len(others) // 2], "rows": rows, "candidates": rec.cands,
+            "flops": 18 * S * H * I}  # nominal (the bench's): the recompute's extra 4*S*H*I not counted
+
+
+def markdown(res: dict) -> str:
+    peak = res["bf16_tflops"]
+    out = [f"# Triton experts, per-kernel fwd+bwd times ({res['gpu']}, bf16)", "",
+           f"torch {res['torch']}, triton {res['triton']}, commit {res['commit']}; bf16 matmul measured "
+           f"{peak:.0f} TFLOP/s. Each launch bracketed by CUDA events; median of the repetitions.", ""]
+    for p in res["runs"]:
+        form = "recompute" if p["recompute"] else "saved h"
+        other = p["other_ms"]
+        out += [f"## {p['model']} T={p['tokens']} ({form}): {p['total_ms']:.3f} ms, "
+                f"{p['flops'] / (p['total_ms'] * 1e-3) / 1e12:.0f} TFLOP/s nominal", "",
+                "| role | config | ms | TFLOP/s | % matmul |", "|---|---|---:|---:|---:|"]
+        for r in p["rows"]:
+            tf = r["tflops"]
+            out.append(f"| {r['role']} | {r['config']} | {r['ms']:.3f} | {tf:.0f} | {100 * tf / peak:.0f}% |"
+                       if tf else f"| {r['role']} | {r['config']} | {r['ms']:.3f} | — | — |")
+        out.append(f"| other (sums, copies, gaps) | | {other:.3f} | | |")
+        if p["candidates"]:
+            out += ["", "Candidates (ms, do_bench):", ""]
+            for role, cands in p["candidates"].items():
+                cells = ", ".join(f"{c}: {t:.3f}" if isinstance(t, float) else f"{c}: {t}" for c, t in cands)
+                out.append(f"- {role}: {cells}")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", default="mixtral,h3fusion,qwen3,olmoe")
+    ap.add_argument("--tokens", default="4096")
+    ap.add_argument("--forms", default="saved,recompute", help="backward forms: saved,recompute")
+    ap.add_argument("--candidates", action="store_true", help="also time every candidate config of each role")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this long")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny models (--models tiny)")
+    a = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if a.dry_run:
+        if cuda or os.environ.get("TRITON_INTERPRET") != "1":
+            print("profile_experts --dry-run: runs on CPU under TRITON_INTERPRET=1 only")
+            return 2
+    elif not cuda:
+        print("profile_experts: needs a CUDA GPU")
+        return 2
+    os.environ.setdefault("H3MOE_AUTOTUNE", "0")
+    import triton
+
+    from bench.cases import MODELS, TINY_MODELS
+
+    models = TINY_MODELS if a.dry_run else MODELS
+    t0 = time.time()
+    res = {"gpu": torch.cuda.get_device_name() if cuda else "cpu (dry run)", "torch": torch.__version__,
+           "triton": triton.__version__, "commit": os.environ.get("H3MOE_COMMIT", "unknown"),
+           "bf16_tflops": _matmul_tflops(cuda), "runs": []}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in a.models.split(","):
+        for T in (int(t) for t in a.tokens.split(",")):
+            for form in a.forms.split(","):
+                if time.time() - t0 > a.budget_s:
+                    print(f"budget: skipping {name} T={T} {form}")
+                    continue
+                res["runs"].append(profile_one(models[name], T, form == "recompute", a.candidates))
+                if cuda:
+                    torch.cuda.empty_cache()
+                (out / "profile_experts.json").write_text(json.dumps(res, indent=1))
+    md = markdown(res)
+    (out / "profile_experts.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
