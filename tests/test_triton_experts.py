@@ -188,6 +188,27 @@ def test_saved_activation_vs_recompute(monkeypatch):
 
 @needs_triton
 @pytest.mark.interpreter
+def test_inference_skips_the_dispatcher(monkeypatch):
+    """Eager inference runs the launcher directly (no custom-op dispatch), bit-identical to the op; with a
+    gradient to record it takes the op."""
+    T, H, I, E, K = 5, 32, 16, 4, 2
+    x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32)
+    r = _routing(logits, torch.topk(logits, K, -1).indices)
+    op = torch.ops.h3moe.triton_experts_fwd(x, wgu, wd, r.weights, r.sorted_slots, r.offsets, "silu")
+    calls = []
+    real = te._fwd
+    monkeypatch.setattr(te, "_fwd", lambda *a, **kw: calls.append("direct") or real(*a, **kw))
+    with torch.no_grad():
+        y = te.moe(x, wgu, wd, r, "silu")
+    assert calls == ["direct"] and torch.equal(y, op)
+    calls.clear()
+    monkeypatch.setattr(te, "experts_fwd_saved", lambda *a: calls.append("op") or (real(*a[:7]), None))
+    te.moe(x.requires_grad_(), wgu, wd, r, "silu")
+    assert calls == ["op"]
+
+
+@needs_triton
+@pytest.mark.interpreter
 def test_zero_tokens():
     x, wgu, wd, logits = _inputs(0, 16, 16, 3, torch.float32)
     x.requires_grad_()

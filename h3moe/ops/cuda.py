@@ -56,8 +56,7 @@ def _aligned(*ts: torch.Tensor) -> bool:
 
 # ------------------------------------------------------------------------------------------------------
 # custom ops
-@torch.library.custom_op("h3moe::cuda_route_fwd", mutates_args=())
-def _route_fwd_op(
+def _route_fwd_impl(
     logits: torch.Tensor, top_k: int, renormalize: bool, num_samples: int, mask: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (T, E) contiguous; top_k 0..8 (0: psum only); num_samples B (0: no psum), B divides T;
@@ -84,6 +83,10 @@ def _route_fwd_op(
             _ptr(sorted_slots), _ptr(ws), ws.numel() * 4, _stream(dev),
         )
     return weights, ids, counts, offsets, sorted_slots, psum
+
+
+# the op; the implementation stays callable for eager inference (_backend.eager_direct)
+_route_fwd_op = torch.library.custom_op("h3moe::cuda_route_fwd", mutates_args=())(_route_fwd_impl)
 
 
 @_route_fwd_op.register_fake
@@ -143,8 +146,7 @@ def _route_backward(ctx, dweights, _dids, _dcounts, _doffsets, _dsorted, dpsum):
 _route_fwd_op.register_autograd(_route_backward, setup_context=_route_setup_context)
 
 
-@torch.library.custom_op("h3moe::cuda_moe_fwd", mutates_args=())
-def _moe_fwd_op(
+def _moe_fwd_impl(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
     offsets: torch.Tensor, sorted_slots: torch.Tensor, activation: str, split_k: int = 0,
 ) -> torch.Tensor:
@@ -168,6 +170,9 @@ def _moe_fwd_op(
             ws.data_ptr(), ws_bytes, y.data_ptr(), _stream(dev),
         )
     return y
+
+
+_moe_fwd_op = torch.library.custom_op("h3moe::cuda_moe_fwd", mutates_args=())(_moe_fwd_impl)
 
 
 @_moe_fwd_op.register_fake
@@ -234,7 +239,8 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing
         from .routing import _route_torch
 
         return _route_torch(logits, top_k, renormalize)
-    w, ids, counts, offsets, sorted_slots, _ = _route_fwd_op(logits.contiguous(), top_k, renormalize, 0, None)
+    op = _route_fwd_impl if _backend.eager_direct(logits) else _route_fwd_op  # inference: no dispatcher
+    w, ids, counts, offsets, sorted_slots, _ = op(logits.contiguous(), top_k, renormalize, 0, None)
     return Routing(w, ids, counts, offsets, sorted_slots)
 
 
@@ -341,7 +347,8 @@ def moe(x, w_gate_up, w_down, routing: Routing, activation: str = "silu") -> tor
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
     x, w_gate_up, w_down = (t.contiguous() for t in (x, w_gate_up, w_down))
     x, w_gate_up, w_down = (t if _aligned(t) else t.clone() for t in (x, w_gate_up, w_down))
-    return _moe_fwd_op(
+    op = _moe_fwd_impl if _backend.eager_direct(x, w_gate_up, w_down) else _moe_fwd_op  # no dispatcher
+    return op(
         x, w_gate_up, w_down, routing.weights.to(torch.float32).contiguous(),
         routing.offsets.to(torch.int32).contiguous(), routing.sorted_slots.to(torch.int32).contiguous(),
         activation,

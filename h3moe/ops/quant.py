@@ -167,8 +167,7 @@ def _m_tiles(S: int, E: int, BM: int) -> int:
     return S // BM + min(E, S)
 
 
-@torch.library.custom_op("h3moe::quant_w4_gate_up", mutates_args=())
-def _w4_gate_up(
+def _w4_gate_up_impl(
     x: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
     code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], code: torch.Tensor,
     sorted_slots: torch.Tensor, offsets: torch.Tensor, top_k: int, intermediate: int, blocksize: int,
@@ -205,13 +204,16 @@ def _w4_gate_up(
     return out
 
 
+# the op; the implementation stays callable for the eager inference path (_backend.eager_direct)
+_w4_gate_up = torch.library.custom_op("h3moe::quant_w4_gate_up", mutates_args=())(_w4_gate_up_impl)
+
+
 @_w4_gate_up.register_fake
 def _(x, q, absmax, absmax2, code2, offset, code, sorted_slots, offsets, top_k, intermediate, blocksize, activation):
     return x.new_empty(sorted_slots.shape[0], intermediate)
 
 
-@torch.library.custom_op("h3moe::quant_w4_down", mutates_args=())
-def _w4_down(
+def _w4_down_impl(
     a: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
     code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], code: torch.Tensor,
     sorted_slots: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, hidden: int, blocksize: int,
@@ -250,13 +252,16 @@ def _w4_down(
     return out
 
 
+# the op; the implementation stays callable for the eager inference path (_backend.eager_direct)
+_w4_down = torch.library.custom_op("h3moe::quant_w4_down", mutates_args=())(_w4_down_impl)
+
+
 @_w4_down.register_fake
 def _(a, q, absmax, absmax2, code2, offset, code, sorted_slots, offsets, weights, hidden, blocksize):
     return a.new_empty(weights.numel(), hidden, dtype=torch.float32)
 
 
-@torch.library.custom_op("h3moe::quant_w8_gate_up", mutates_args=())
-def _w8_gate_up(
+def _w8_gate_up_impl(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, sorted_slots: torch.Tensor, offsets: torch.Tensor,
     top_k: int, activation: str,
 ) -> torch.Tensor:
@@ -285,13 +290,16 @@ def _w8_gate_up(
     return out
 
 
+# the op; the implementation stays callable for the eager inference path (_backend.eager_direct)
+_w8_gate_up = torch.library.custom_op("h3moe::quant_w8_gate_up", mutates_args=())(_w8_gate_up_impl)
+
+
 @_w8_gate_up.register_fake
 def _(x, q, scale, sorted_slots, offsets, top_k, activation):
     return x.new_empty(sorted_slots.shape[0], q.shape[1] // 2)
 
 
-@torch.library.custom_op("h3moe::quant_w8_down", mutates_args=())
-def _w8_down(
+def _w8_down_impl(
     a: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, sorted_slots: torch.Tensor, offsets: torch.Tensor,
     weights: torch.Tensor,
 ) -> torch.Tensor:
@@ -324,6 +332,10 @@ def _w8_down(
     return out
 
 
+# the op; the implementation stays callable for the eager inference path (_backend.eager_direct)
+_w8_down = torch.library.custom_op("h3moe::quant_w8_down", mutates_args=())(_w8_down_impl)
+
+
 @_w8_down.register_fake
 def _(a, q, scale, sorted_slots, offsets, weights):
     return a.new_empty(weights.numel(), q.shape[1], dtype=torch.float32)
@@ -349,16 +361,21 @@ def _quant_moe_triton(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing,
     slots = routing.sorted_slots.to(torch.int32).contiguous()
     offsets = routing.offsets.to(torch.int32).contiguous()
     w = routing.weights.detach().to(torch.float32).contiguous()  # (T, K): the down ops read T from its shape
+    # eager inference calls the implementations directly (the dispatcher costs ~25 µs per op call, as much as
+    # a whole quantized decode step on a small model); compile, fake tensors and autograd take the ops
+    direct = _backend.eager_direct(x, gu.qweight, dn.qweight)
+    w4_gate_up, w4_down = (_w4_gate_up_impl, _w4_down_impl) if direct else (_w4_gate_up, _w4_down)
+    w8_gate_up, w8_down = (_w8_gate_up_impl, _w8_down_impl) if direct else (_w8_gate_up, _w8_down)
     if gu.bits == 4:
-        a = torch.ops.h3moe.quant_w4_gate_up(x, gu.qweight, gu.absmax, gu.absmax2, gu.code2, gu.offset, gu.code,
-                                             slots, offsets, K, I, gu.blocksize, activation)
+        a = w4_gate_up(x, gu.qweight, gu.absmax, gu.absmax2, gu.code2, gu.offset, gu.code, slots, offsets, K, I,
+                       gu.blocksize, activation)
     else:
-        a = torch.ops.h3moe.quant_w8_gate_up(x, gu.qweight, gu.absmax, slots, offsets, K, activation)
+        a = w8_gate_up(x, gu.qweight, gu.absmax, slots, offsets, K, activation)
     if dn.bits == 4:
-        o = torch.ops.h3moe.quant_w4_down(a, dn.qweight, dn.absmax, dn.absmax2, dn.code2, dn.offset, dn.code,
-                                          slots, offsets, w, H, dn.blocksize)
+        o = w4_down(a, dn.qweight, dn.absmax, dn.absmax2, dn.code2, dn.offset, dn.code, slots, offsets, w, H,
+                    dn.blocksize)
     else:
-        o = torch.ops.h3moe.quant_w8_down(a, dn.qweight, dn.absmax, slots, offsets, w)
+        o = w8_down(a, dn.qweight, dn.absmax, slots, offsets, w)
     return o.view(T, K, H).sum(dim=1).to(x.dtype)
 
 

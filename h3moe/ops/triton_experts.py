@@ -52,10 +52,16 @@ _CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _kernels():
-    from ..kernels import experts as k  # lazy: importing h3moe must not import triton
+_K = None
 
-    return k
+
+def _kernels():
+    global _K
+    if _K is None:
+        from ..kernels import experts as k  # lazy: importing h3moe must not import triton
+
+        _K = k
+    return _K
 
 
 def _s_bucket(S: int) -> int:
@@ -470,6 +476,9 @@ def moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, routing:
     if w_down.shape[0] > 4096:
         raise NotImplementedError(f"the triton experts kernels take E <= 4096 experts; got {w_down.shape[0]}")
     args = (x, w_gate_up, w_down, routing.weights, routing.sorted_slots, routing.offsets, activation)
+    if _backend.eager_direct(x, w_gate_up, w_down, routing.weights):  # inference: skip the dispatcher
+        return _fwd(x.contiguous(), w_gate_up.contiguous(), w_down.contiguous(), routing.weights.float().contiguous(),
+                    routing.sorted_slots.contiguous(), routing.offsets.contiguous(), activation)
     if recompute is None:
         recompute = _recompute_default()
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, routing.weights))

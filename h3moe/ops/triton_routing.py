@@ -42,8 +42,7 @@ def _weights_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("h3moe::triton_route", mutates_args=())
-def _triton_route(
+def _triton_route_impl(
     logits: torch.Tensor, top_k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     T, E = logits.shape
@@ -90,6 +89,10 @@ def _route_fake(logits, top_k):
         new((E + 1,), dtype=torch.int32),
         new((T * top_k,), dtype=torch.int32),
     )
+
+
+# the op; the implementation stays callable for eager inference (_backend.eager_direct)
+_triton_route = torch.library.custom_op("h3moe::triton_route", mutates_args=())(_triton_route_impl)
 
 
 @_triton_route.register_fake
@@ -322,5 +325,6 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing
     """
     if logits.shape[1] > K.MAX_EXPERTS:
         return _route_torch(logits, top_k, renormalize)
-    weights, ids, counts, offsets, sorted_slots = torch.ops.h3moe.triton_route(logits, top_k, renormalize)
+    op = _triton_route_impl if _backend.eager_direct(logits) else _triton_route  # inference: no dispatcher
+    weights, ids, counts, offsets, sorted_slots = op(logits, top_k, renormalize)
     return Routing(weights, ids, counts, offsets, sorted_slots)
