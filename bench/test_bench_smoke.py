@@ -155,7 +155,8 @@ def test_profile_experts_dry_run(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, os.path.join(root, "scripts", "profile_experts.py"), "--dry-run",
-                           "--models", "tiny", "--tokens", "4", "--candidates", "--out", str(tmp_path)],
+                           "--models", "tiny", "--tokens", "4", "--candidates", "--torch-profile", "tiny", "--out",
+                           str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads((tmp_path / "profile_experts.json").read_text())
@@ -166,4 +167,6 @@ def test_profile_experts_dry_run(tmp_path):
         assert roles == {"gate_up", "down", act, "dx", "wgrad_gu", "wgrad_down"}, roles
         assert all(r["ms"] > 0 for r in run["rows"])
         assert set(run["candidates"]) == roles
-    assert "| wgrad_gu |" in (tmp_path / "profile_experts.md").read_text()
+    assert set(res["torch_profiles"][0]["tables"]) == {"h3moe:torch", "torch:grouped_mm"}
+    md = (tmp_path / "profile_experts.md").read_text()
+    assert "| wgrad_gu |" in md and "torch backend vs torch grouped_mm" in md

@@ -27,7 +27,7 @@ say() { echo "[gpu_followup $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 # 1. per-kernel breakdown (about 40% of the budget)
 PROF_S=$(( TOTAL * 2 / 5 ))
 say "profile: limit ${PROF_S}s"
-timeout -k 10 "$PROF_S" "$PY" scripts/profile_experts.py --out "$OUT" --candidates --tokens 4096 \
+timeout -k 10 "$PROF_S" "$PY" scripts/profile_experts.py --out "$OUT" --candidates --tokens 4096 --torch-profile mixtral \
   --budget-s $(( PROF_S - 40 )) >> "$LOG" 2>&1
 say "profile: rc=$?"
 

@@ -164,6 +164,50 @@ def profile_one(m, T: int, recompute: bool, candidates: bool, reps: int = 3) -> 
             "flops": 18 * S * H * I}  # nominal (the bench's): the recompute's extra 4*S*H*I not counted
 
 
+def torch_profile(m, T: int, top: int = 12) -> dict:
+    """torch.profiler's kernel table of one fwd+bwd of the torch backend and of torch's grouped_mm called
+    directly (bench's torch:grouped_mm): where the torch backend's time differs from the plain grouped_mm."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import h3moe
+    from bench.impls import torch_grouped_mm_experts
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dt = torch.bfloat16 if cuda else torch.float32
+    H, I, E, K = m.H, m.I, m.E, m.K
+    g = torch.Generator(device=dev).manual_seed(T + E)
+    x = torch.randn(T, H, device=dev, generator=g).to(dt).requires_grad_()
+    wgu = (torch.randn(E, 2 * I, H, device=dev, generator=g) / H**0.5).to(dt).requires_grad_()
+    wd = (torch.randn(E, H, I, device=dev, generator=g) / I**0.5).to(dt).requires_grad_()
+    logits = torch.randn(T, E, device=dev, generator=g)
+    routing = h3moe.route(logits, K, backend="torch")
+    w = routing.weights.detach().requires_grad_()
+    import dataclasses
+
+    routing = dataclasses.replace(routing, weights=w)
+    dy = torch.randn(T, H, device=dev, generator=g).to(dt)
+    fns = {"h3moe:torch": lambda: h3moe.moe(x, wgu, wd, routing, backend="torch"),
+           "torch:grouped_mm": lambda: torch_grouped_mm_experts(x, wgu, wd, w, routing.ids)}
+    out = {}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for name, fn in fns.items():
+        for t in (x, wgu, wd, w):
+            t.grad = None
+        fn().backward(dy)  # warm up
+        _sync(cuda)
+        with profile(activities=acts) as prof:
+            for t in (x, wgu, wd, w):
+                t.grad = None
+            fn().backward(dy)
+            _sync(cuda)
+        attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+        ev = sorted(prof.key_averages(), key=lambda e: getattr(e, attr, 0) or 0, reverse=True)
+        out[name] = [{"name": e.key[:90], "count": e.count, "ms": (getattr(e, attr, 0) or 0) / 1e3}
+                     for e in ev[:top]]
+    return {"model": m.name, "tokens": T, "tables": out}
+
+
 def markdown(res: dict) -> str:
     peak = res["bf16_tflops"]
     out = [f"# Triton experts, per-kernel fwd+bwd times ({res['gpu']}, bf16)", "",
@@ -186,6 +230,13 @@ def markdown(res: dict) -> str:
                 cells = ", ".join(f"{c}: {t:.3f}" if isinstance(t, float) else f"{c}: {t}" for c, t in cands)
                 out.append(f"- {role}: {cells}")
         out.append("")
+    for tp in res.get("torch_profiles", []):
+        out += [f"## torch backend vs torch grouped_mm, {tp['model']} T={tp['tokens']} (torch.profiler, top kernels)",
+                ""]
+        for name, rows in tp["tables"].items():
+            out += [f"{name}:", "", "| kernel | calls | ms |", "|---|---:|---:|"]
+            out += [f"| {r['name']} | {r['count']} | {r['ms']:.3f} |" for r in rows]
+            out.append("")
     return "\n".join(out)
 
 
@@ -198,6 +249,8 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", action="store_true", help="also time every candidate config of each role")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this long")
     ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny models (--models tiny)")
+    ap.add_argument("--torch-profile", default="", help="models whose torch backend and torch grouped_mm fwd+bwd "
+                                                      "get a torch.profiler kernel table (at the first --tokens)")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if a.dry_run:
@@ -229,6 +282,13 @@ def main(argv=None) -> int:
                 if cuda:
                     torch.cuda.empty_cache()
                 (out / "profile_experts.json").write_text(json.dumps(res, indent=1))
+    res["torch_profiles"] = []
+    for name in filter(None, a.torch_profile.split(",")):
+        if time.time() - t0 > a.budget_s:
+            print(f"budget: skipping the torch profile of {name}")
+            continue
+        res["torch_profiles"].append(torch_profile(models[name], int(a.tokens.split(",")[0])))
+        (out / "profile_experts.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
     (out / "profile_experts.md").write_text(md)
     print(md)
