@@ -445,6 +445,21 @@ def test_gpu_accuracy(T, H, I, E, K, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("T,H,I,E,K,dtype", [
+    (333, 1000, 700, 7, 3, torch.float16),  # masked edges in both backward forms
+    (1024, 2048, 1024, 8, 2, torch.bfloat16),  # "large" tiles: bwd_act (3 accumulators) vs bwd_act_saved
+])
+def test_gpu_recompute_form(T, H, I, E, K, dtype, monkeypatch):
+    """The backward that recomputes gate/up (H3MOE_RECOMPUTE=1) is as accurate as the default, which reads
+    the saved pre-activation (test_gpu_accuracy)."""
+    monkeypatch.setenv("H3MOE_RECOMPUTE", "1")
+    x, wgu, wd, logits, ids, dy, outs = _gpu_case(T, H, I, E, K, dtype)
+    ref = _run(_loop_ref, x, wgu, wd, logits, ids, "silu", dy, torch.float32)
+    eager = _run(_loop_ref, x, wgu, wd, logits, ids, "silu", dy, dtype)
+    _assert_close(outs, eager, ref, {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype])
+
+
+@pytest.mark.gpu
 def test_gpu_poisoned_outputs():
     """Every element of every output buffer is written: fill the caching allocator's blocks with NaN first."""
     T, H, I, E, K = 300, 512, 384, 8, 2
