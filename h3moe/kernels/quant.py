@@ -142,6 +142,25 @@ def _act(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT: tl.constexpr):
+    """gate_up epilogue: act(gate)*up of the (M, BN) fp32 accumulators into out (S, I) rows rows_m (M,),
+    columns n (BN,), in out's dtype."""
+    a = _act(acc_g, ACT) * acc_u
+    op = out_ptr + rows_m[:, None].to(tl.int64) * I + n[None, :]
+    tl.store(op, a.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _store_slots(out_ptr, acc, rows_m, mask_m, n, mask_n, slots_ptr, w_ptr, base, H):
+    """down epilogue: acc (M, BN) fp32 times each row's routing weight into out[base + slot, n] (fp32, slot
+    order; base: the K-split's offset, in rows)."""
+    slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)  # (M,)
+    rw = tl.load(w_ptr + slot, mask=mask_m, other=0.0)  # (M,) fp32
+    op = out_ptr + (base + slot[:, None]) * H + n[None, :]
+    tl.store(op, acc * rw[:, None], mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, blk, mask_n, NB, NB2, NESTED: tl.constexpr):
     """fp32 absmax of blocks blk (BN,) of expert e64 (int64 scalar); bitsandbytes' nested dequant when NESTED."""
     if NESTED:
@@ -212,9 +231,7 @@ def w4_gate_up_kernel(
         acc_g = tl.dot(x_odd, wg_lo, acc_g, input_precision=DOT_PREC)
         acc_u = tl.dot(x_even, wu_hi, acc_u, input_precision=DOT_PREC)
         acc_u = tl.dot(x_odd, wu_lo, acc_u, input_precision=DOT_PREC)
-    a = _act(acc_g, ACT) * acc_u
-    op = out_ptr + rows_m[:, None].to(tl.int64) * I + n[None, :]
-    tl.store(op, a.to(dtype), mask=mask_m[:, None] & mask_n[None, :])
+    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT)
 
 
 @triton.jit
@@ -259,10 +276,7 @@ def w4_down_kernel(
         w_hi, w_lo = _w4_tile(q_e, code_ptr, am, n, k0 // 2 + kh, mask_n, I, dtype)
         acc = tl.dot(a_even, w_hi, acc, input_precision=DOT_PREC)
         acc = tl.dot(a_odd, w_lo, acc, input_precision=DOT_PREC)
-    slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)  # (BM,)
-    rw = tl.load(w_ptr + slot, mask=mask_m, other=0.0)  # (BM,) fp32
-    op = out_ptr + slot[:, None] * H + n[None, :]
-    tl.store(op, acc * rw[:, None], mask=mask_m[:, None] & mask_n[None, :])
+    _store_slots(out_ptr, acc, rows_m, mask_m, n, mask_n, slots_ptr, w_ptr, 0, H)
 
 
 @triton.jit
@@ -308,9 +322,7 @@ def w8_gate_up_kernel(
         wu = _w8_tile(q_e, su, n + I, k0 + kk, mask_n, H, dtype)
         acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PREC)
         acc_u = tl.dot(xt, wu, acc_u, input_precision=DOT_PREC)
-    a = _act(acc_g, ACT) * acc_u
-    op = out_ptr + rows_m[:, None].to(tl.int64) * I + n[None, :]
-    tl.store(op, a.to(dtype), mask=mask_m[:, None] & mask_n[None, :])
+    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT)
 
 
 @triton.jit
@@ -344,9 +356,7 @@ def w8_down_kernel(
         at = tl.load(a_ptr + rows_m[:, None].to(tl.int64) * I + k0 + kk[None, :], mask=mask_m[:, None], other=0.0)
         w = _w8_tile(q_e, s, n, k0 + kk, mask_n, I, dtype)
         acc = tl.dot(at, w, acc, input_precision=DOT_PREC)
-    slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)
-    rw = tl.load(w_ptr + slot, mask=mask_m, other=0.0)
-    tl.store(out_ptr + slot[:, None] * H + n[None, :], acc * rw[:, None], mask=mask_m[:, None] & mask_n[None, :])
+    _store_slots(out_ptr, acc, rows_m, mask_m, n, mask_n, slots_ptr, w_ptr, 0, H)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -457,10 +467,8 @@ def w4_gate_up_gemv_kernel(
                 acc_g = _acc_row(acc_g, _rowdot(gh, gl, ag, x_ptr + tok * H, k0, NBLK, BLOCKSIZE), m, ROWS)
                 acc_u = _acc_row(acc_u, _rowdot(uh, ul, au, x_ptr + tok * H, k0, NBLK, BLOCKSIZE), m, ROWS)
         bg, ag, bu, au = bg2, ag2, bu2, au2
-    a = _act(acc_g, ACT) * acc_u
     rows_m = start + tl.arange(0, ROWS)
-    op = out_ptr + rows_m[:, None].to(tl.int64) * I + n[None, :]
-    tl.store(op, a.to(dtype), mask=(rows_m < end)[:, None] & mask_n[None, :])
+    _store_act(out_ptr, acc_g, acc_u, rows_m, rows_m < end, n, mask_n, I, ACT)
 
 
 @triton.jit
@@ -508,11 +516,7 @@ def w4_down_gemv_kernel(
                                ROWS)
         b, am = b2, am2
     rows_m = start + tl.arange(0, ROWS)
-    mask_m = rows_m < end
-    slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)  # (ROWS,)
-    rw = tl.load(w_ptr + slot, mask=mask_m, other=0.0)
-    op = out_ptr + (ks * TK + slot[:, None]) * H + n[None, :]
-    tl.store(op, acc * rw[:, None], mask=mask_m[:, None] & mask_n[None, :])
+    _store_slots(out_ptr, acc, rows_m, rows_m < end, n, mask_n, slots_ptr, w_ptr, ks * TK, H)
 
 
 @triton.jit
@@ -564,10 +568,9 @@ def w8_gate_up_gemv_kernel(
                 tok = (tl.load(slots_ptr + start + m) // TOPK).to(tl.int64)
                 acc_g = _acc_row(acc_g, _rowdot8(wg, x_ptr + tok * H, k0, BK), m, ROWS)
                 acc_u = _acc_row(acc_u, _rowdot8(wu, x_ptr + tok * H, k0, BK), m, ROWS)
-    a = _act(acc_g * (sg * 7.874015718698502e-3)[None, :], ACT) * (acc_u * (su * 7.874015718698502e-3)[None, :])
     rows_m = start + tl.arange(0, ROWS)
-    op = out_ptr + rows_m[:, None].to(tl.int64) * I + n[None, :]
-    tl.store(op, a.to(dtype), mask=(rows_m < end)[:, None] & mask_n[None, :])
+    _store_act(out_ptr, acc_g * (sg * 7.874015718698502e-3)[None, :], acc_u * (su * 7.874015718698502e-3)[None, :],
+               rows_m, rows_m < end, n, mask_n, I, ACT)
 
 
 @triton.jit
@@ -604,11 +607,8 @@ def w8_down_gemv_kernel(
             if start + m < end:
                 acc = _acc_row(acc, _rowdot8(w, a_ptr + (start + m).to(tl.int64) * I, k0, BK), m, ROWS)
     rows_m = start + tl.arange(0, ROWS)
-    mask_m = rows_m < end
-    slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)
-    rw = tl.load(w_ptr + slot, mask=mask_m, other=0.0)
-    res = acc * (s * 7.874015718698502e-3)[None, :] * rw[:, None]
-    tl.store(out_ptr + (ks * TK + slot[:, None]) * H + n[None, :], res, mask=mask_m[:, None] & mask_n[None, :])
+    _store_slots(out_ptr, acc * (s * 7.874015718698502e-3)[None, :], rows_m, rows_m < end, n, mask_n, slots_ptr,
+                 w_ptr, ks * TK, H)
 
 
 # ---------------------------------------------------------------------------------------------------------
