@@ -5,7 +5,9 @@ and `run(state) -> outputs` (timed), the outputs in the order cases.reference_ou
 
 h3moe rows: one per backend (torch, triton, cuda) that h3moe.backends() says can run here and that has
 registered the op (h3moe._backend._OPS), probed at every run, so backends written later show up by
-themselves. The Triton interpreter is never timed (CPU tensors) unless asked. fwdbwd adds
+themselves. The Triton interpreter is never timed (CPU tensors) unless asked. Decode rows (fwd, nf4, int8 at
+T <= 16, on CUDA) add '<name>+graph' for h3moe and torch:grouped_mm: the same call replayed from a CUDA graph
+(the kernels' time without Python's launch overhead, as a serving engine runs decode). fwdbwd adds
 h3moe:triton-recompute, the Triton backward that recomputes gate/up instead of reading the saved
 pre-activation (H3MOE_RECOMPUTE=1: less memory, more FLOPs).
 Baselines:
@@ -45,10 +47,12 @@ __all__ = ["Impl", "Skip", "CANDIDATES", "implementations", "h3moe_backends", "c
 _H3 = ["h3moe:torch", "h3moe:triton", "h3moe:cuda"]
 _HF = ["hf:eager", "hf:batched_mm", "hf:grouped_mm", "hf:h3moe", "torch:grouped_mm"]
 #: The implementations each case can have (which of them run is decided here and now by implementations()).
+_GRAPH = [f"{n}+graph" for n in _H3]  # decode only (T <= 16, CUDA): see _with_graphs
 CANDIDATES = {
-    "route": _H3 + ["torch:eager"], "fwd": _H3 + _HF, "fwdbwd": _H3 + ["h3moe:triton-recompute"] + _HF,
-    "layer": _H3 + _HF,
-    "gating": _H3 + ["torch:eager"], "nf4": _H3 + ["bnb:dequant+mm"], "int8": _H3 + ["bnb:dequant+mm"],
+    "route": _H3 + ["torch:eager"], "fwd": _H3 + _HF + _GRAPH + ["torch:grouped_mm+graph"],
+    "fwdbwd": _H3 + ["h3moe:triton-recompute"] + _HF, "layer": _H3 + _HF,
+    "gating": _H3 + ["torch:eager"], "nf4": _H3 + ["bnb:dequant+mm"] + _GRAPH,
+    "int8": _H3 + ["bnb:dequant+mm"] + _GRAPH,
 }
 
 #: Above this many bytes of gathered weights hf:batched_mm is skipped (it would not fit, or thrash).
@@ -539,6 +543,49 @@ def _quant_impls(c: Case, device, interpreter):
     return impls, skipped
 
 
+# ---------------------------------------------------------------------------------------- CUDA graphs
+
+#: Decode (T <= GRAPH_MAX_T) rows are also timed replayed from a CUDA graph: what a serving engine runs (vLLM,
+#: transformers' static cache + torch.compile "reduce-overhead"), the kernels' own time without Python's
+#: launch overhead (about 0.1-0.2 ms per layer call, more than the GPU time of a small model's decode).
+GRAPH_MAX_T = 16
+#: Implementations known to capture (no host synchronization).
+GRAPHABLE = ("h3moe:", "torch:grouped_mm")
+
+
+def _graphed(impl: Impl) -> Impl:
+    """impl replayed from a CUDA graph captured per input set: '<name>+graph'."""
+
+    def prepare(s):
+        st = impl.prepare(s)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (compiles, autotunes) outside the capture
+            for _ in range(2):
+                impl.run(st)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):
+                outs = impl.run(st)
+        except Exception as e:  # noqa: BLE001 — an implementation that cannot be captured: its row is skipped
+            raise Skip(f"CUDA graph capture failed: {type(e).__name__}: {str(e).strip()[:120]}") from None
+        return {"graph": g, "outs": outs, "state": st}
+
+    def run(s):
+        s["graph"].replay()
+        return s["outs"]
+
+    deq = (lambda s: impl.dequantized(s)) if impl.dequantized else None
+    return Impl(f"{impl.name}+graph", run, prepare, deq, ref_key=impl.ref_key)
+
+
+def _with_graphs(c: Case, device, impls: list) -> list:
+    if device.type != "cuda" or c.T > GRAPH_MAX_T:
+        return impls
+    return impls + [_graphed(i) for i in impls if i.name.startswith(GRAPHABLE)]
+
+
 # ------------------------------------------------------------------------------------------ entry
 
 
@@ -561,12 +608,15 @@ def implementations(c: Case, device: torch.device, *, interpreter: bool = False,
         if gmm_why:
             impls = [i for i in impls if i.name != "torch:grouped_mm"]
             sk.append(("torch:grouped_mm", gmm_why))
+        if c.case == "fwd":
+            impls = _with_graphs(c, device, impls)
     elif c.case == "route":
         impls, sk = _route_impls(c, device, interpreter)
     elif c.case == "gating":
         impls, sk = _gating_impls(c, device, interpreter)
     elif c.case in QUANT_CASES:
         impls, sk = _quant_impls(c, device, interpreter)
+        impls = _with_graphs(c, device, impls)
     else:
         raise ValueError(f"unknown case {c.case!r}")
     skipped += sk

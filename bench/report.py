@@ -23,6 +23,9 @@ IMPL_ORDER = {
     "h3moe:torch": "torch", "h3moe:triton": "triton", "h3moe:triton-recompute": "tr-rc", "h3moe:cuda": "cuda",
     "hf:eager": "eager", "hf:batched_mm": "bmm", "hf:grouped_mm": "gmm", "hf:h3moe": "hf:h3",
     "torch:grouped_mm": "t.gmm", "torch:eager": "t.eager", "bnb:dequant+mm": "bnb",
+    # decode rows replayed from a CUDA graph (bench.impls._with_graphs)
+    "h3moe:torch+graph": "torch+g", "h3moe:triton+graph": "triton+g", "h3moe:cuda+graph": "cuda+g",
+    "torch:grouped_mm+graph": "t.gmm+g",
 }
 CASE_ORDER = ("fwd", "fwdbwd", "layer", "nf4", "int8", "route", "gating")
 
