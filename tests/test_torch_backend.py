@@ -89,6 +89,19 @@ def test_moe_weight_grads_arrive_in_the_weights_layout(dtype):
     assert seen == {"gate_up": True, "down": True}
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_glu_gradcheck_fp64(activation):
+    """The torch backend's fused act(gate)*up autograd (one d(h) buffer) against finite differences."""
+    from h3moe.ops.experts import _GLU
+
+    h = torch.randn(7, 10, dtype=torch.float64)
+    if activation == "relu":  # keep finite differences away from the kink
+        h = h + 0.1 * torch.sign(h)
+    h.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _GLU.apply(t, activation), (h,))
+    torch.testing.assert_close(_GLU.apply(h, activation), ref.ACTIVATIONS[activation](h[:, :5]) * h[:, 5:])
+
+
 def test_moe_gradcheck_fp64():
     T, H, I, E, K = 6, 5, 4, 3, 2
     x, wgu, wd, logits = _inputs(T, H, I, E, torch.float64)

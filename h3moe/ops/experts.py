@@ -116,6 +116,49 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return _GroupedMM.apply(a, b, offs)
 
 
+def _act_and_grad(g: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(g), act'(g)) for the ACTIVATIONS of h3moe.reference, in g's dtype."""
+    if activation == "silu":
+        s = torch.sigmoid(g)
+        return g * s, s * (1 + g * (1 - s))
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(g * 0.7071067811865476))
+        return g * cdf, cdf + g * torch.exp(-0.5 * g * g) * 0.3989422804014327
+    if activation == "gelu_tanh":
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        th = torch.tanh(inner)
+        d_inner = 0.7978845608028654 * (1 + 3 * 0.044715 * g * g)
+        return 0.5 * g * (1 + th), 0.5 * (1 + th) + 0.5 * g * (1 - th * th) * d_inner
+    if activation == "relu":
+        return torch.relu(g), (g > 0).to(g.dtype)
+    raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+
+
+class _GLU(torch.autograd.Function):
+    """a = act(h[:, :I]) * h[:, I:] for h (S, 2I), keeping only h for the backward, which writes d(h) into one
+    (S, 2I) buffer (autograd of the sliced expression keeps act(gate) too, and its two SliceBackward nodes
+    allocate, zero and add two more (S, 2I) tensors)."""
+
+    @staticmethod
+    def forward(ctx, h, activation):
+        ctx.save_for_backward(h)
+        ctx.activation = activation
+        I = h.shape[1] // 2
+        return ACTIVATIONS[activation](h[:, :I]) * h[:, I:]
+
+    @staticmethod
+    def backward(ctx, da):
+        (h,) = ctx.saved_tensors
+        I = h.shape[1] // 2
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        g, u, da = h[:, :I].to(acc), h[:, I:].to(acc), da.to(acc)
+        act, dact = _act_and_grad(g, ctx.activation)
+        dh = torch.empty_like(h)
+        dh[:, :I] = da * u * dact
+        dh[:, I:] = da * act
+        return dh, None
+
+
 def _moe_torch(x, w_gate_up, w_down, routing: Routing, activation: str) -> torch.Tensor:
     T, H = x.shape
     K = routing.top_k
@@ -125,7 +168,7 @@ def _moe_torch(x, w_gate_up, w_down, routing: Routing, activation: str) -> torch
     offs = routing.offsets[1:]  # (E,) cumulative row ends
     xs = x.index_select(0, order // K)  # (S, H) gathered tokens
     h = grouped_mm(xs, w_gate_up.transpose(1, 2), offs)  # (S, 2I)
-    a = ACTIVATIONS[activation](h[:, :I]) * h[:, I:]  # (S, I)
+    a = _GLU.apply(h, activation)  # (S, I)
     o = grouped_mm(a, w_down.transpose(1, 2), offs)  # (S, H)
     w = routing.weights.reshape(-1).index_select(0, order).to(acc)  # (S,)
     o = o.to(acc) * w.unsqueeze(1)
