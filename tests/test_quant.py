@@ -271,7 +271,7 @@ def test_custom_ops_opcheck():
     x = torch.randn(T, H, device=dev).to(dtype)
     r = route(torch.randn(T, E, device=dev), K)
     slots, offs = r.sorted_slots.int(), r.offsets.int()
-    w = r.weights.reshape(-1).float().contiguous()
+    w = r.weights.float().contiguous()  # (T, K)
     a = torch.randn(T * K, I, device=dev).to(dtype)
     p = hb.quantize_weight(w_gu, "nf4", 64, True).packed
     torch.library.opcheck(torch.ops.h3moe.quant_w4_gate_up.default,

@@ -24,6 +24,7 @@ KERNEL_MODULES = (
     "h3moe.kernels.gating_loss",
     "h3moe.kernels.experts",
     "h3moe.kernels.quant",
+    "h3moe.kernels.combine",
 )
 
 

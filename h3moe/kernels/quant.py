@@ -9,7 +9,7 @@ Algorithm (both projections, one launch each):
     never reach global memory.
       gate_up: x (T, H) → acc_gate, acc_up (BM, BN) fp32 over H, then act(gate)·up → a (S, I) sorted rows.
       down:    a (S, I) → acc (BM, BN) fp32 over I, times the slot's routing weight → o (T*K, H) fp32 in
-               slot order; the caller sums the K slots (deterministic, no atomics).
+               slot order; the combine kernel (kernels/combine.py) sums the K slots (deterministic, no atomics).
 
 Packed layouts (bitsandbytes' own, quantized per expert so expert e's blocks start at its first row):
     4-bit: q (E, N*Kd/2) uint8, flattened row-major (N, Kd) matrix, element 2j in the HIGH nibble of byte j.
@@ -37,7 +37,7 @@ from `code`), multiplies with the activation row(s), reduces over the block in r
 block absmax once per block (int8: the row scale once per row, at the end). The next chunk's bytes are loaded
 before the current one is computed (register double buffer). gate_up tiles carry BN gate rows and the same BN
 up rows and apply act(gate)*up in the epilogue; down writes KSPLIT fp32 partials (KSPLIT, T*K, H) that the
-launcher sums (deterministic, no atomics). Numerics: fp32 dequantized weights (code * absmax in fp32, as
+combine kernel sums with the K slots in one pass (deterministic, no atomics). Numerics: fp32 dequantized weights (code * absmax in fp32, as
 bitsandbytes computes them before its cast) times activations, fp32 accumulation; the tl.dot path below rounds
 the weights to the activation dtype first: both equal dequantize + reference within bf16/fp16 rounding.
 Prefill and 17+ tokens: the tl.dot kernels above (BM=16 row tiles for S <= 64, BM=64 beyond).
@@ -64,7 +64,7 @@ byte, ...): 352 M weights x 6 / 32 lanes = 67 M warp instructions, ~72 µs at 4 
 1.755 GHz — the same order as the 66 µs of DRAM time, so the kernels sit at the issue / bandwidth ridge.
 int8 (BN=8, one warp, 64-120 registers, no double buffer): ~3-4 instructions per weight, bandwidth-bound.
 Prediction for the next GPU session (bench `python -m bench --cases nf4,int8`, T=1, whole quant_moe call incl.
-the partial sum, K-sum and cast launches): Mixtral NF4 ~0.10-0.13 ms (measured before: 0.91 ms with the tl.dot
+the combine launch): Mixtral NF4 ~0.10-0.13 ms (measured before: 0.91 ms with the tl.dot
 decode tiles: 224-448 programs of 256 threads, 100 KB of shared memory for the pipelined code-table gathers,
 1 CTA per SM), H³Fusion NF4 ~0.08-0.10 ms (0.70), OLMoE / Qwen3 NF4 ~0.03-0.04 ms (0.39 / 0.23, launch-bound);
 int8 Mixtral ~0.13-0.15 ms (0.35). If NF4 lands near 0.13 ms and the SASS issue rate is the limit (nsight:

@@ -1,8 +1,10 @@
 """h3moe.quant_moe: SwiGLU experts whose fused weights are bitsandbytes-packed (NF4 / FP4 / int8).
 
 Backends: triton (h3moe/kernels/quant.py: dequantize in registers inside the grouped GEMM, never to global
-memory; T <= 16 tokens run the GEMV decode kernels, the down projection split over I into fp32 partials
-summed here; more tokens run the tl.dot kernels), torch (the CPU / fallback path: dequantize ONE expert at a time with `dequantize`, which equals
+memory; T <= 16 tokens run the GEMV decode kernels, the down projection split over I into fp32 partials;
+more tokens run the tl.dot kernels; the down ops end with h3moe/ops/combine.py, which sums the partials and
+each token's K slots into y in one pass), torch (the CPU / fallback path: dequantize ONE expert at a time
+with `dequantize`, which equals
 bitsandbytes' dequantize_4bit / int8_vectorwise_dequant, then that expert's rows; a per-expert loop with a
 host sync, fine for a fallback). Inference only (no autograd through packed weights).
 
@@ -17,6 +19,7 @@ import torch
 
 from .. import _backend, _validate
 from ..reference import ACTIVATIONS
+from .combine import combine
 from .routing import Routing, as_routing
 
 __all__ = ["Packed", "quant_moe", "dequantize", "dequantize_absmax"]
@@ -156,10 +159,11 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _tokens(weights: torch.Tensor) -> int:
-    """T from the routing weights passed to the down ops: (T, K), or flat (T*K,) (then T*K, an upper bound
-    on the rows one expert can own)."""
-    return weights.shape[0] if weights.dim() == 2 else weights.numel()
+def _tokens(weights: torch.Tensor) -> tuple[int, int]:
+    """(T, K) from the routing weights passed to the down ops, (T, K) fp32."""
+    if weights.dim() != 2:
+        raise ValueError(f"weights: expected the (T, K) routing weights, got shape {tuple(weights.shape)}")
+    return weights.shape[0], weights.shape[1]
 
 
 def _m_tiles(S: int, E: int, BM: int) -> int:
@@ -222,8 +226,8 @@ def _w4_down_impl(
 
     S, I = a.shape
     H, E = hidden, offsets.shape[0] - 1
-    TK = weights.numel()
-    T = _tokens(weights)
+    T, K = _tokens(weights)
+    TK = T * K
     nested = absmax2 is not None
     if S and T <= kq.GEMV_MAX_T:  # decode: GEMV kernel, split over I into KSPLIT partial sums
         cfg = kq.pick_decode_config(T, S, E, 4, blocksize, I, H, "down")
@@ -237,10 +241,10 @@ def _w4_down_impl(
             ROWS=cfg["ROWS"], BN=cfg["BN"], NBLK=cfg["NBLK"], KSPLIT=ks, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
-        return part[0] if ks == 1 else part.sum(dim=0)
+        return combine(part, T, K, a.dtype)
     out = _empty(TK, H, dtype=torch.float32, device=a.device)
     if S == 0:
-        return out
+        return combine(out, T, K, a.dtype)
     cfg = kq.pick_config(S, 4, blocksize, I, H)
     grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w4_down_kernel[grid](
@@ -249,7 +253,7 @@ def _w4_down_impl(
         BLOCKSIZE=blocksize, NESTED=nested, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
         DOT_PREC=_dot_prec(a.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out
+    return combine(out, T, K, a.dtype)
 
 
 # the op; the implementation stays callable for the eager inference path (_backend.eager_direct)
@@ -258,7 +262,7 @@ _w4_down = torch.library.custom_op("h3moe::quant_w4_down", mutates_args=())(_w4_
 
 @_w4_down.register_fake
 def _(a, q, absmax, absmax2, code2, offset, code, sorted_slots, offsets, weights, hidden, blocksize):
-    return a.new_empty(weights.numel(), hidden, dtype=torch.float32)
+    return a.new_empty(weights.shape[0], hidden)
 
 
 def _w8_gate_up_impl(
@@ -307,8 +311,8 @@ def _w8_down_impl(
 
     S, I = a.shape
     H, E = q.shape[1], offsets.shape[0] - 1
-    TK = weights.numel()
-    T = _tokens(weights)
+    T, K = _tokens(weights)
+    TK = T * K
     if S and T <= kq.GEMV_MAX_T:
         cfg = kq.pick_decode_config(T, S, E, 8, 0, I, H, "down")
         ks = cfg["KSPLIT"]
@@ -318,10 +322,10 @@ def _w8_down_impl(
             a, q, scale, sorted_slots, offsets, weights, part, TK, E=E, EP=_pow2(E), H=H, I=I, ROWS=cfg["ROWS"],
             BN=cfg["BN"], BK=cfg["BK"], KSPLIT=ks, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-        return part[0] if ks == 1 else part.sum(dim=0)
+        return combine(part, T, K, a.dtype)
     out = _empty(TK, H, dtype=torch.float32, device=a.device)
     if S == 0:
-        return out
+        return combine(out, T, K, a.dtype)
     cfg = kq.pick_config(S, 8, 0, I, H)
     grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w8_down_kernel[grid](
@@ -329,7 +333,7 @@ def _w8_down_impl(
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], DOT_PREC=_dot_prec(a.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out
+    return combine(out, T, K, a.dtype)
 
 
 # the op; the implementation stays callable for the eager inference path (_backend.eager_direct)
@@ -338,7 +342,7 @@ _w8_down = torch.library.custom_op("h3moe::quant_w8_down", mutates_args=())(_w8_
 
 @_w8_down.register_fake
 def _(a, q, scale, sorted_slots, offsets, weights):
-    return a.new_empty(weights.numel(), q.shape[1], dtype=torch.float32)
+    return a.new_empty(weights.shape[0], q.shape[1])
 
 
 def _check_triton_layout(p: Packed, name: str) -> None:
@@ -360,7 +364,7 @@ def _quant_moe_triton(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing,
     x = x.contiguous()
     slots = routing.sorted_slots.to(torch.int32).contiguous()
     offsets = routing.offsets.to(torch.int32).contiguous()
-    w = routing.weights.detach().to(torch.float32).contiguous()  # (T, K): the down ops read T from its shape
+    w = routing.weights.detach().to(torch.float32).contiguous()  # (T, K): the down ops read T, K from it
     # eager inference calls the implementations directly (the dispatcher costs ~25 µs per op call, as much as
     # a whole quantized decode step on a small model); compile, fake tensors and autograd take the ops
     direct = _backend.eager_direct(x, gu.qweight, dn.qweight)
@@ -371,12 +375,10 @@ def _quant_moe_triton(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing,
                        gu.blocksize, activation)
     else:
         a = w8_gate_up(x, gu.qweight, gu.absmax, slots, offsets, K, activation)
-    if dn.bits == 4:
-        o = w4_down(a, dn.qweight, dn.absmax, dn.absmax2, dn.code2, dn.offset, dn.code, slots, offsets, w, H,
-                    dn.blocksize)
-    else:
-        o = w8_down(a, dn.qweight, dn.absmax, slots, offsets, w)
-    return o.view(T, K, H).sum(dim=1).to(x.dtype)
+    if dn.bits == 4:  # y (T, H): the down projection and the sum of each token's K slots
+        return w4_down(a, dn.qweight, dn.absmax, dn.absmax2, dn.code2, dn.offset, dn.code, slots, offsets, w, H,
+                       dn.blocksize)
+    return w8_down(a, dn.qweight, dn.absmax, slots, offsets, w)
 
 
 def quant_moe(

@@ -4,7 +4,7 @@ config selection (tuned JSON files, autotuning keyed on shapes only, pinned defa
 Forward (kernels in h3moe/kernels/experts.py):
     A (S, I) = act(x_gathered @ Wg^T) * (x_gathered @ Wu^T)      _gate_up_kernel
     out[slot] = w[slot] * (A @ Wd^T)                             _down_kernel, rows scattered to slots
-    y (T, H) = sum over the K slots of out (fp32, deterministic)  torch .sum; K=1 writes y directly
+    y (T, H) = sum over the K slots of out (fp32, deterministic)  ops/combine.py (one pass); K=1: y directly
 Backward: _gate_up_kernel(BWD) computes dA' = dy @ Wd and, from the gate/up pre-activation (saved by the
 forward, or recomputed in the same K-loop: H3MOE_RECOMPUTE=1 / moe(recompute=True)), emits dH (S, 2I), A and
 the partial d(routing weight); d(x) with _down_kernel (transposed w_gate_up) + the same K-sum; d(w_gate_up)
@@ -36,6 +36,7 @@ import torch
 
 from .. import _backend
 from ..reference import ACTIVATIONS
+from .combine import combine
 from .routing import Routing
 
 __all__ = ["moe", "experts_fwd", "experts_fwd_saved", "experts_bwd", "save_tuned", "config_for", "tune"]
@@ -272,7 +273,7 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool
     elif atomic:
         y = out.to(x.dtype)
     else:
-        y = out.view(T, K, H).sum(dim=1).to(x.dtype)
+        y = combine(out, T, K, x.dtype)
     return (y, h) if save_h else y
 
 
@@ -331,7 +332,7 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
 
         _launch("dx", S, H, I, E, K, dt, dev, run_dx)
         if K > 1:
-            dx = buf.view(T, K, H).sum(dim=1).to(dt)
+            dx = combine(buf, T, K, dt)
 
     def wgrad(role, left, right, out, M, N, l_gather, r_gather, scale):
         def run(cfg):
