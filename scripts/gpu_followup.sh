@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The second GPU command of a session, after scripts/gpu_check.sh: where the Triton experts' fwd+bwd time goes
-# (per kernel role, every candidate config timed) and autotuned configs for the four model shapes.
+# The second GPU command of a session, after scripts/gpu_check.sh: tuned configs for the four model shapes,
+# the targets' rows re-measured with them, and where the Triton experts' fwd+bwd time goes.
 #
 #   scripts/gpu_followup.sh OUT_DIR          # budget H3MOE_GPU_FOLLOWUP_BUDGET_S, default 300 s
 #
-# OUT_DIR receives: profile_experts.{json,md} (scripts/profile_experts.py --candidates, T=4096, saved and
-# recompute backward forms), configs/*.json (python -m h3moe.ops.triton_experts for each model shape: commit
-# them to h3moe/configs/ to make them the defaults on this GPU type), followup.log.
+# OUT_DIR receives:
+#   configs/*.json       python -m h3moe.ops.triton_experts for each shape (T = 1, 16, 4096; fwd and bwd
+#                        roles): commit them to h3moe/configs/ to make them the configs on this GPU type
+#   bench_tuned.{json,md} python -m bench, fwd and fwdbwd at T = 1, 16, 4096, h3moe:triton* and the
+#                        grouped_mm baselines, with those configs (H3MOE_CONFIG_DIR)
+#   profile_experts.{json,md} scripts/profile_experts.py --candidates at T=4096 with those configs: per kernel
+#                        role, every candidate timed; and the torch backend's kernel table on Mixtral
+#   followup.log
 set -u -o pipefail
 
 OUT="${1:?usage: scripts/gpu_followup.sh OUT_DIR}"
@@ -16,6 +21,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -d "$PWD/.gpu/site" ] && export PYTHONPATH="$PYTHONPATH:$PWD/.gpu/site"
 unset TRITON_INTERPRET
+export H3MOE_COMMIT="${H3MOE_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
 PY="${PYTHON:-python3}"
 TOTAL="${H3MOE_GPU_FOLLOWUP_BUDGET_S:-300}"
 START=$(date +%s)
@@ -24,23 +30,33 @@ LOG="$OUT/followup.log"
 left() { echo $(( TOTAL - ($(date +%s) - START) )); }
 say() { echo "[gpu_followup $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
-# 1. per-kernel breakdown (about 40% of the budget)
-PROF_S=$(( TOTAL * 2 / 5 ))
-say "profile: limit ${PROF_S}s"
-timeout -k 10 "$PROF_S" "$PY" scripts/profile_experts.py --out "$OUT" --candidates --tokens 4096 --torch-profile mixtral \
-  --budget-s $(( PROF_S - 40 )) >> "$LOG" 2>&1
-say "profile: rc=$?"
-
-# 2. autotune each model shape (fwd + bwd roles) while the budget lasts; shapes in the order of the targets missed
+# 1. autotune each model shape (about half the budget), in the order of the targets missed
+TUNE_END=$(( TOTAL / 2 ))
 for shape in "8 4096 14336 2 mixtral" "3 4096 11008 2 h3fusion" "128 2048 768 8 qwen3" "64 2048 1024 8 olmoe"; do
   set -- $shape
-  L=$(( $(left) - 10 ))
-  if [ "$L" -lt 30 ]; then say "tune $5: skipped (budget)"; continue; fi
+  L=$(( TUNE_END - ($(date +%s) - START) ))
+  if [ "$L" -lt 20 ]; then say "tune $5: skipped (budget)"; continue; fi
   say "tune $5: limit ${L}s"
   timeout -k 10 "$L" "$PY" -m h3moe.ops.triton_experts --E "$1" --H "$2" --I "$3" --K "$4" \
-    --tokens 1,16,1024,4096 --out "$OUT/configs" >> "$LOG" 2>&1
+    --tokens 1,16,4096 --out "$OUT/configs" >> "$LOG" 2>&1
   say "tune $5: rc=$?"
 done
-say "done in $(( $(date +%s) - START ))s of ${TOTAL}s"
 ls "$OUT/configs" | tee -a "$LOG"
+
+# 2. the targets' rows with the tuned configs (no run-time autotuning: the files apply)
+export H3MOE_CONFIG_DIR="$OUT/configs" H3MOE_AUTOTUNE=0
+B=$(( $(left) * 3 / 5 ))
+say "bench (tuned): limit ${B}s"
+timeout -k 10 "$B" "$PY" -m bench --cases fwd,fwdbwd --tokens 1,16,4096 --impls h3moe:triton,grouped_mm \
+  --budget-s $(( B - 20 )) --out "$OUT/bench_tuned.json" >> "$LOG" 2>&1
+say "bench (tuned): rc=$?"
+
+# 3. per-kernel breakdown with the tuned configs, every candidate timed
+P=$(( $(left) - 5 ))
+say "profile: limit ${P}s"
+timeout -k 10 "$P" "$PY" scripts/profile_experts.py --out "$OUT" --candidates --tokens 4096 \
+  --torch-profile mixtral --budget-s $(( P - 40 )) >> "$LOG" 2>&1
+say "profile: rc=$?"
+say "done in $(( $(date +%s) - START ))s of ${TOTAL}s"
+[ -f "$OUT/bench_tuned.md" ] && sed -n '/^## Targets/,/^## All rows/p' "$OUT/bench_tuned.md" | head -60
 [ -f "$OUT/profile_experts.md" ] && cat "$OUT/profile_experts.md"

@@ -336,6 +336,31 @@ def test_configs_json_roundtrip(tmp_path, monkeypatch):
     assert got == default_config("gate_up", 8192, 8, 2)
 
 
+def test_tuned_files_apply_without_autotuning(tmp_path, monkeypatch):
+    """H3MOE_AUTOTUNE=0 stops run-time benchmarking, not the committed tuned files; H3MOE_TUNED=0 ignores them."""
+    from h3moe.kernels.experts import Config, default_config
+
+    monkeypatch.setattr(te, "_CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(te, "_arch", lambda device: 90)
+    monkeypatch.setattr(te, "_device_name", lambda device: "FAKE_GPU")
+    te._load_json.cache_clear()
+    cfg = Config(64, 128, 32, 4, 4, 2)
+    (tmp_path / te._json_name(8, 4096, 14336, "bf16", "FAKE_GPU")).write_text(
+        json.dumps({"down": {"K=2,S=8192": cfg.as_dict()}}))
+    dev = torch.device("cuda")
+
+    def bench(c):
+        raise AssertionError("no benchmark with H3MOE_AUTOTUNE=0")
+
+    args = ("down", 8192, 4096, 14336, 8, 2, torch.bfloat16, dev)
+    monkeypatch.setenv("H3MOE_AUTOTUNE", "0")
+    assert te.config_for(*args, bench) == cfg
+    assert te.config_for("gate_up", *args[1:], bench) == default_config("gate_up", 8192, 8, 2)  # no entry
+    monkeypatch.setenv("H3MOE_TUNED", "0")
+    assert te.config_for(*args, bench) == default_config("down", 8192, 8, 2)
+    te._load_json.cache_clear()
+
+
 def test_autotune_selection(monkeypatch):
     """config_for on a (pretend) GPU: benchmarks the candidates once per shape key and keeps the fastest,
     skips a candidate that runs out of resources, and benchmarks nothing during CUDA graph capture."""

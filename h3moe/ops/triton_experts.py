@@ -14,13 +14,18 @@ Combine: deterministic by default (an (S, H) fp32 slot buffer, summed over K). H
 the slots into an fp32 (T, H) buffer with float atomics instead: less memory, run-to-run rounding varies.
 
 Configs, per kernel role and key (role, S-bucket, H, I, E, K, dtype) — S = T*K bucketed to a power of two:
-  1. H3MOE_AUTOTUNE=0: the pinned default (kernels.experts.default_config), nothing else is read.
+  1. A config this process autotuned for the key (not with H3MOE_AUTOTUNE=0).
   2. A tuned JSON file h3moe/configs/E={E},H={H},I={I},dtype={dt},device_name={name}.json (vLLM style;
-     see h3moe/configs/README.md): the entry of the nearest S-bucket. A missing file falls back.
-  3. Otherwise (CUDA only) the first call with a new key benchmarks the candidates with
-     triton.testing.do_bench (this synchronizes the host once per key) and caches the winner in memory;
-     `save_tuned(path)` writes them as JSON. During CUDA graph capture no benchmark runs: a key not yet
-     tuned takes the default, so warm up once before capturing if you want the tuned configs.
+     see h3moe/configs/README.md; H3MOE_CONFIG_DIR=<folder> reads another folder): the entry of the
+     nearest S-bucket. A missing file falls back.
+     H3MOE_TUNED=0 ignores the files.
+  3. H3MOE_AUTOTUNE=0, CUDA graph capture, or no GPU: the pinned default (kernels.experts.default_config).
+  4. Otherwise the first call with a new key benchmarks the candidates with triton.testing.do_bench (this
+     synchronizes the host once per key) and caches the winner in memory; `save_tuned(path)` writes them as
+     JSON. During CUDA graph capture no benchmark runs: a key not yet tuned takes the default, so warm up
+     once before capturing if you want the tuned configs.
+So H3MOE_AUTOTUNE=0 means "no benchmarking at run time" (committed tuned files still apply); with
+H3MOE_TUNED=0 as well, every launch takes the pinned default.
 Candidates and defaults depend on the GPU architecture (Hopper-only tiles are left out on sm_80).
 Tune and save for one model shape: `python -m h3moe.ops.triton_experts --E 8 --H 4096 --I 14336 --K 2`.
 """
@@ -49,7 +54,8 @@ if __name__ == "__main__":
     _main()
     raise SystemExit(0)
 
-_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: Tuned JSON configs: h3moe/configs/, or the folder H3MOE_CONFIG_DIR names (read at import).
+_CONFIG_DIR = Path(os.environ.get("H3MOE_CONFIG_DIR") or Path(__file__).resolve().parent.parent / "configs")
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -128,6 +134,16 @@ def _from_json(role: str, key: tuple):
     return None if best is None else _kernels().Config.from_dict(best)
 
 
+_FILE_CFG: dict[tuple, object] = {}  # (config dir, key) -> Config from a JSON file, or None: one lookup per key
+
+
+def _file_config(role: str, key: tuple):
+    ck = (str(_CONFIG_DIR), key)
+    if ck not in _FILE_CFG:
+        _FILE_CFG[ck] = _from_json(role, key)
+    return _FILE_CFG[ck]
+
+
 def config_for(role: str, S: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, device: torch.device,
                bench=None):
     """The config a launch of `role` uses (see the module docstring). `bench(cfg) -> ms` runs one candidate;
@@ -135,24 +151,28 @@ def config_for(role: str, S: int, H: int, I: int, E: int, K: int, dtype: torch.d
     k = _kernels()
     fp32 = dtype == torch.float32
     arch = _arch(device)
-    if os.environ.get("H3MOE_AUTOTUNE", "1") == "0" or device.type != "cuda":
+    if device.type != "cuda":
         return k.default_config(role, S, E, K, fp32, arch)
+    autotune = os.environ.get("H3MOE_AUTOTUNE", "1") != "0"
     key = (role, _s_bucket(S), H, I, E, K, _DTYPES[dtype], _device_name(device))
-    cfg = _TUNED.get(key)
-    if cfg is not None:
-        return cfg
-    cfg = _from_json(role, key)
-    if cfg is None:
-        if bench is None or torch.cuda.is_current_stream_capturing():
-            return k.default_config(role, S, E, K, fp32, arch)
-        timings = []
-        for c in k.candidate_configs(role, S, E, K, fp32, arch):
-            try:
-                timings.append((bench(c), c))
-            except Exception as err:  # out of shared memory / registers on this GPU: skip the candidate
-                if "OutOfResources" not in type(err).__name__ and "out of resource" not in str(err).lower():
-                    raise
-        cfg = min(timings)[1] if timings else k.default_config(role, S, E, K, fp32, arch)
+    if autotune:
+        cfg = _TUNED.get(key)
+        if cfg is not None:
+            return cfg
+    if os.environ.get("H3MOE_TUNED", "1") != "0":
+        cfg = _file_config(role, key)
+        if cfg is not None:
+            return cfg
+    if not autotune or bench is None or torch.cuda.is_current_stream_capturing():
+        return k.default_config(role, S, E, K, fp32, arch)
+    timings = []
+    for c in k.candidate_configs(role, S, E, K, fp32, arch):
+        try:
+            timings.append((bench(c), c))
+        except Exception as err:  # out of shared memory / registers on this GPU: skip the candidate
+            if "OutOfResources" not in type(err).__name__ and "out of resource" not in str(err).lower():
+                raise
+    cfg = min(timings)[1] if timings else k.default_config(role, S, E, K, fp32, arch)
     _TUNED[key] = cfg
     return cfg
 
@@ -175,6 +195,7 @@ def save_tuned(directory: str | os.PathLike | None = None) -> list[Path]:
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
         paths.append(path)
     _load_json.cache_clear()
+    _FILE_CFG.clear()
     return paths
 
 
