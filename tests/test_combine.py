@@ -61,3 +61,14 @@ def test_combine_edges():
     torch.testing.assert_close(oc.combine(buf, T, K, torch.float32).double(), _ref(buf, T, K), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="T\\*K"):
         oc.combine(torch.randn(7, 8, device=DEV), 3, 2, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("R,T,K,H,y_dt", [(1, 4096, 8, 2048, torch.bfloat16), (4, 1, 2, 4096, torch.bfloat16),
+                                          (1, 70000, 2, 64, torch.float16)])  # T > 65535: the 1-D grid
+def test_gpu_combine(R, T, K, H, y_dt):
+    buf = torch.randn(R, T * K, H, device="cuda")
+    y = oc.combine(buf, T, K, y_dt)
+    ref = buf.sum(dim=0).view(T, K, H).sum(dim=1)
+    torch.testing.assert_close(y.float(), ref, rtol=8e-3, atol=8e-3)
