@@ -198,7 +198,19 @@ def cmd_generate(a) -> int:
     from .reference import mean_router_probs_ref
 
     device = _device(a.device)
-    model = _fused_model(a.model, device, _dtype(a.dtype))
+    if a.quantize:
+        # experts quantized on the CPU, then moved: a fused model larger than the GPU in bf16 fits packed
+        from .integrations.bitsandbytes import quantize
+
+        model = _fused_model(a.model, "cpu", _dtype(a.dtype))
+        try:
+            model = quantize(model, a.quantize, a.blocksize, a.double_quant)
+        except ValueError as err:
+            raise CLIError(f"--quantize {a.quantize}: {err}") from None
+        print(model.h3moe_quant_report)
+        model = model.to(device)
+    else:
+        model = _fused_model(a.model, device, _dtype(a.dtype))
     tok = _load_tokenizer(a.model)
     if tok is None:
         raise CLIError(f"--model {a.model}: no tokenizer saved there")
@@ -313,6 +325,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--device")
     g.add_argument("--dtype", default="auto")
+    g.add_argument("--quantize", choices=("nf4", "fp4", "int8"),
+                   help="quantize the experts (bitsandbytes layouts, read packed by h3moe's kernels) before moving "
+                        "the model to --device; prints the memory before and after")
+    g.add_argument("--blocksize", type=int, default=64, help="4-bit absmax block size (--quantize nf4/fp4)")
+    g.add_argument("--double-quant", action="store_true", help="nested absmax (--quantize nf4/fp4)")
 
     sub.add_parser("info", help="versions, backends, GPU")
     sub.add_parser("bench", help="run the benchmarks (python -m bench), arguments passed through", add_help=False)

@@ -59,6 +59,14 @@ def test_fuse_train_generate(work, capsys):
                  "--max-new-tokens", "5"]) == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if "->" in l]
     assert len(lines) == 2 and lines[0].startswith("'3+4=' ->") and "[router: helpful" in lines[0]
+    # the same model with NF4 experts (nested absmax): the memory report, then the generations
+    assert main(["generate", "--model", str(d / "trained"), "--prompt", "3+4=", "--max-new-tokens", "5",
+                 "--quantize", "nf4", "--double-quant", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    report = next(l for l in out if l.startswith("h3moe.quantize(nf4"))
+    before, after = (float(v.split()[0]) for v in report.split("experts ")[1].split(" MiB, model")[0].split("->"))
+    assert after < before / 3  # 4.5 bits per weight (+ nested absmax) instead of 32
+    assert sum("->" in l and l.startswith("'3+4=' ->") for l in out) == 1
     assert not _leftovers(d)
 
 
