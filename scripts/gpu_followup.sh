@@ -9,7 +9,8 @@
 #                        roles): commit them to h3moe/configs/ to make them the configs on this GPU type
 #   bench_tuned.{json,md} python -m bench, fwd and fwdbwd at T = 1, 16, 4096, h3moe:triton* and the
 #                        grouped_mm baselines, with those configs (H3MOE_CONFIG_DIR)
-#   profile_experts.{json,md} scripts/profile_experts.py --candidates at T=4096 with those configs: per kernel
+#   profile_experts.{json,md} scripts/profile_experts.py --candidates at T=4096 with those configs (backward
+#                        saved / recomputed, combine fp32 / lowp / atomic): per kernel
 #                        role, every candidate timed; and the torch backend's kernel table on Mixtral
 #   followup.log
 set -u -o pipefail
@@ -55,6 +56,7 @@ say "bench (tuned): rc=$?"
 P=$(( $(left) - 5 ))
 say "profile: limit ${P}s"
 timeout -k 10 "$P" "$PY" scripts/profile_experts.py --out "$OUT" --candidates --tokens 4096 \
+  --forms saved,recompute,lowp,atomic \
   --torch-profile mixtral --budget-s $(( P - 40 )) >> "$LOG" 2>&1
 say "profile: rc=$?"
 say "done in $(( $(date +%s) - START ))s of ${TOTAL}s"

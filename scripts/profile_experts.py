@@ -214,7 +214,8 @@ def markdown(res: dict) -> str:
            f"torch {res['torch']}, triton {res['triton']}, commit {res['commit']}; bf16 matmul measured "
            f"{peak:.0f} TFLOP/s. Each launch bracketed by CUDA events; median of the repetitions.", ""]
     for p in res["runs"]:
-        form = "recompute" if p["recompute"] else "saved h"
+        form = {"saved": "saved h", "recompute": "recompute", "lowp": "saved h, 16-bit slot rows",
+                "atomic": "saved h, atomic combine"}.get(p.get("form"), p.get("form"))
         other = p["other_ms"]
         out += [f"## {p['model']} T={p['tokens']} ({form}): {p['total_ms']:.3f} ms, "
                 f"{p['flops'] / (p['total_ms'] * 1e-3) / 1e12:.0f} TFLOP/s nominal", "",
@@ -245,7 +246,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--models", default="mixtral,h3fusion,qwen3,olmoe")
     ap.add_argument("--tokens", default="4096")
-    ap.add_argument("--forms", default="saved,recompute", help="backward forms: saved,recompute")
+    ap.add_argument("--forms", default="saved,recompute",
+                    help="of saved (the default backward), recompute (H3MOE_RECOMPUTE=1), lowp "
+                         "(H3MOE_COMBINE=lowp), atomic (H3MOE_COMBINE=atomic); candidates are timed in the first")
     ap.add_argument("--candidates", action="store_true", help="also time every candidate config of each role")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this long")
     ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny models (--models tiny)")
@@ -266,6 +269,10 @@ def main(argv=None) -> int:
     from bench.cases import MODELS, TINY_MODELS
 
     models = TINY_MODELS if a.dry_run else MODELS
+    forms = a.forms.split(",")
+    bad = set(forms) - {"saved", "recompute", "lowp", "atomic"}
+    if bad:
+        ap.error(f"--forms: unknown {sorted(bad)}")
     t0 = time.time()
     res = {"gpu": torch.cuda.get_device_name() if cuda else "cpu (dry run)", "torch": torch.__version__,
            "triton": triton.__version__, "commit": os.environ.get("H3MOE_COMMIT", "unknown"),
@@ -274,11 +281,20 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name in a.models.split(","):
         for T in (int(t) for t in a.tokens.split(",")):
-            for form in a.forms.split(","):
+            for form in forms:
                 if time.time() - t0 > a.budget_s:
                     print(f"budget: skipping {name} T={T} {form}")
                     continue
-                res["runs"].append(profile_one(models[name], T, form == "recompute", a.candidates))
+                env = {"lowp": ("H3MOE_COMBINE", "lowp"), "atomic": ("H3MOE_COMBINE", "atomic")}.get(form)
+                if env:
+                    os.environ[env[0]] = env[1]
+                try:
+                    run = profile_one(models[name], T, form == "recompute", a.candidates and form == forms[0])
+                finally:
+                    if env:
+                        del os.environ[env[0]]
+                run["form"] = form
+                res["runs"].append(run)
                 if cuda:
                     torch.cuda.empty_cache()
                 (out / "profile_experts.json").write_text(json.dumps(res, indent=1))

@@ -37,6 +37,7 @@ def _pinned_configs(monkeypatch):
     """Default configs (no autotuning compiles) unless a test asks for autotuning: keeps the GPU tier short."""
     monkeypatch.setenv("H3MOE_AUTOTUNE", "0")
     monkeypatch.delenv("H3MOE_ATOMIC_COMBINE", raising=False)
+    monkeypatch.delenv("H3MOE_COMBINE", raising=False)
 
 
 def _routing(logits: torch.Tensor, ids: torch.Tensor) -> Routing:
@@ -247,6 +248,28 @@ def test_atomic_combine(monkeypatch):
     y = te.moe(x, wgu, wd, r, "silu")
     ref = experts_ref(x.double(), wgu.double(), wd.double(), r.weights.double(), r.ids)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.interpreter
+def test_lowp_combine(monkeypatch):
+    """H3MOE_COMBINE=lowp: slot rows (forward) and d(x) rows (backward) in the activations' dtype, summed in
+    fp32: within eager's own error of the float64 reference, deterministic; an unknown mode is refused."""
+    monkeypatch.setenv("H3MOE_COMBINE", "lowp")
+    monkeypatch.setattr(te, "torch", _PoisonTorch())
+    T, H, I, E, K, dtype = 9, 32, 16, 4, 3, torch.float16
+    x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32)
+    ids = torch.topk(logits, K, -1).indices
+    dy = torch.randn(T, H, device=DEV)
+    outs = _run(te.moe, x, wgu, wd, logits, ids, "silu", dy, dtype)
+    ref = _run(_ref, x, wgu, wd, logits, ids, "silu", dy, torch.float64)
+    eager = _run(_ref, x, wgu, wd, logits, ids, "silu", dy, dtype)
+    _assert_close(outs, eager, ref, ATOL[dtype])
+    again = _run(te.moe, x, wgu, wd, logits, ids, "silu", dy, dtype)
+    assert all(torch.equal(a, b) for a, b in zip(outs, again))
+    monkeypatch.setenv("H3MOE_COMBINE", "fp16")
+    with pytest.raises(ValueError, match="H3MOE_COMBINE"):
+        te.moe(x.to(dtype), wgu.to(dtype), wd.to(dtype), _routing(logits, ids), "silu")
 
 
 @needs_triton
@@ -482,6 +505,17 @@ def test_gpu_recompute_form(T, H, I, E, K, dtype, monkeypatch):
     ref = _run(_loop_ref, x, wgu, wd, logits, ids, "silu", dy, torch.float32)
     eager = _run(_loop_ref, x, wgu, wd, logits, ids, "silu", dy, dtype)
     _assert_close(outs, eager, ref, {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype])
+
+
+@pytest.mark.gpu
+def test_gpu_lowp_combine(monkeypatch):
+    """H3MOE_COMBINE=lowp at a many-expert shape (K=8 slot rows in bf16): within eager's error."""
+    monkeypatch.setenv("H3MOE_COMBINE", "lowp")
+    T, H, I, E, K = 512, 2048, 768, 64, 8
+    x, wgu, wd, logits, ids, dy, outs = _gpu_case(T, H, I, E, K, torch.bfloat16)
+    ref = _run(_loop_ref, x, wgu, wd, logits, ids, "silu", dy, torch.float32)
+    eager = _run(_loop_ref, x, wgu, wd, logits, ids, "silu", dy, torch.bfloat16)
+    _assert_close(outs, eager, ref, 1e-2)
 
 
 @pytest.mark.gpu

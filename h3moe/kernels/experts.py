@@ -658,6 +658,13 @@ def aot_specs() -> list:
                     const = dict(TRANS_W=dx, SCALE=not dx, ATOMIC=False, **tile, BLOCK_E=8, EVEN_K=True,
                                  PREC=prec, UPCAST=False, INTERP=False)
                     fn = _down_kernel
+                    if not fp32:  # H3MOE_COMBINE=lowp: slot rows stored in the activations' dtype
+                        lsig = {**sig, "out_ptr": p, **{k: "constexpr" for k in const}}
+                        specs.append(AotSpec(
+                            name=f"experts_{role}_lowp[{dt},{cfg!r}]", fn=fn,
+                            signature={n: lsig[n] for n in fn.arg_names}, constexprs=const,
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages, gemm=cfg.BM >= 64,
+                            archs=(90,) if cfg.hopper_only else (80, 90), **_divisible(fn)))
                 else:
                     gu = role == "wgrad_gu"
                     sig = {"l_ptr": p, "r_ptr": p, "slots_ptr": "*i32", "offsets_ptr": "*i32", "rw_ptr": "*fp32",

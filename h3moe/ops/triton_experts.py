@@ -10,8 +10,14 @@ forward, or recomputed in the same K-loop: H3MOE_RECOMPUTE=1 / moe(recompute=Tru
 the partial d(routing weight); d(x) with _down_kernel (transposed w_gate_up) + the same K-sum; d(w_gate_up)
 and d(w_down) with _wgrad_kernel. Saved for backward: the op's inputs, plus h (S, 2I) unless recomputing.
 
-Combine: deterministic by default (an (S, H) fp32 slot buffer, summed over K). H3MOE_ATOMIC_COMBINE=1 adds
-the slots into an fp32 (T, H) buffer with float atomics instead: less memory, run-to-run rounding varies.
+Combine (K > 1), H3MOE_COMBINE:
+  fp32 (default): each slot's row written once into an (S, H) fp32 buffer, summed over K in fp32 by the
+      combine kernel: deterministic, one rounding (to y's dtype) at the end.
+  lowp: the same with the slot rows in x's dtype: half the bytes written and read (S*H*2 instead of *4;
+      the fwd of a K=8 layer moves ~S*H*8 bytes through this buffer), deterministic, but each slot is rounded
+      to 16 bits before the sum, as eager PyTorch and vLLM's fused_moe round it. Also used for d(x).
+  atomic (or H3MOE_ATOMIC_COMBINE=1): the slots added into an fp32 (T, H) buffer with float atomics: less
+      memory, run-to-run rounding varies.
 
 Configs, per kernel role and key (role, S-bucket, H, I, E, K, dtype) — S = T*K bucketed to a power of two:
   1. A config this process autotuned for the key (not with H3MOE_AUTOTUNE=0).
@@ -243,6 +249,19 @@ def _check(x, w_gate_up, w_down):
         raise ValueError(f"x, w_gate_up, w_down: on {x.device}, {w_gate_up.device}, {w_down.device}")
 
 
+_COMBINE_MODES = ("fp32", "lowp", "atomic")
+
+
+def _combine_mode() -> str:
+    """H3MOE_COMBINE (module docstring); H3MOE_ATOMIC_COMBINE=1 is the older spelling of "atomic"."""
+    if os.environ.get("H3MOE_ATOMIC_COMBINE", "0") == "1":
+        return "atomic"
+    mode = os.environ.get("H3MOE_COMBINE", "fp32")
+    if mode not in _COMBINE_MODES:
+        raise ValueError(f"H3MOE_COMBINE: expected one of {_COMBINE_MODES}, got {mode!r}")
+    return mode
+
+
 def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool = False):
     """y (T, H); with save_h, (y, h) where h (S, 2I) holds the gate/up pre-activation per sorted row."""
     k = _kernels()
@@ -254,7 +273,8 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool
     h = torch.empty(S, 2 * I, device=x.device, dtype=x.dtype) if save_h else x.new_empty(0)
     if S == 0:
         return (x.new_zeros(T, H), h) if save_h else x.new_zeros(T, H)
-    atomic = K > 1 and os.environ.get("H3MOE_ATOMIC_COMBINE", "0") == "1"
+    mode = _combine_mode()
+    atomic = K > 1 and mode == "atomic"
     a = torch.empty(S, I, device=x.device, dtype=x.dtype)
     rw_flat = rw.reshape(-1)
     act_id = k.ACT_IDS[activation]
@@ -275,7 +295,7 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool
     elif atomic:
         out = torch.zeros(T, H, device=x.device, dtype=torch.float32)
     else:
-        out = torch.empty(S, H, device=x.device, dtype=torch.float32)
+        out = torch.empty(S, H, device=x.device, dtype=x.dtype if mode == "lowp" else torch.float32)
 
     def run_down(cfg):
         m = _m_slots(S, E, cfg.BM)
@@ -341,7 +361,8 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
         drw.view(-1).index_copy_(0, slots.long(), part["dw"].sum(dim=1))
 
     if need_x:
-        buf = torch.empty(S, H, device=dev, dtype=torch.float32) if K > 1 else dx
+        slot_dt = dt if _combine_mode() == "lowp" else torch.float32
+        buf = torch.empty(S, H, device=dev, dtype=slot_dt) if K > 1 else dx
 
         def run_dx(cfg):
             m = _m_slots(S, E, cfg.BM)
