@@ -155,18 +155,19 @@ def test_profile_experts_dry_run(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, os.path.join(root, "scripts", "profile_experts.py"), "--dry-run",
-                           "--models", "tiny", "--tokens", "4", "--candidates", "--torch-profile", "tiny", "--out",
-                           str(tmp_path)],
+                           "--models", "tiny", "--tokens", "4", "--candidates", "--torch-profile", "tiny",
+                           "--forms", "saved,recompute,lowp", "--out", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads((tmp_path / "profile_experts.json").read_text())
-    assert [r["recompute"] for r in res["runs"]] == [False, True]
-    for run in res["runs"]:
+    assert [(r["form"], r["recompute"]) for r in res["runs"]] == [("saved", False), ("recompute", True),
+                                                                   ("lowp", False)]
+    for i, run in enumerate(res["runs"]):
         roles = {r["role"] for r in run["rows"]}
         act = "bwd_act" if run["recompute"] else "bwd_act_saved"
         assert roles == {"gate_up", "down", act, "dx", "wgrad_gu", "wgrad_down"}, roles
         assert all(r["ms"] > 0 for r in run["rows"])
-        assert set(run["candidates"]) == roles
+        assert set(run["candidates"]) == (roles if i == 0 else set())  # candidates: the first form only
     assert set(res["torch_profiles"][0]["tables"]) == {"h3moe:torch", "torch:grouped_mm"}
     md = (tmp_path / "profile_experts.md").read_text()
     assert "| wgrad_gu |" in md and "torch backend vs torch grouped_mm" in md
