@@ -33,10 +33,11 @@ Kernels (all accumulate in fp32; fp32 inputs use tl.dot's "tf32x3", about fp32 a
           backward does 16*S*H*I instead of 12 (role "bwd_act", three accumulators).
   _down_kernel  out[slot] = w[slot] * (A[r] @ Wd[e]^T)   forward down GEMM (TRANS_W=False, SCALE=True)
                 dX[slot]  = dH[r] @ Wgu[e]                backward d(x)      (TRANS_W=True, SCALE=False)
-      rows are scattered to their slot index: out is an (S, N) buffer in slot order (fp32) that the combine
-      kernel (kernels/combine.py) sums over K in one pass (deterministic), or y itself when K=1, or (ATOMIC=True, opt-in H3MOE_ATOMIC_COMBINE=1)
-      an fp32 (T, N) buffer that every slot adds into with tl.atomic_add: less memory, but the order of the
-      K additions, hence the rounding, varies from run to run.
+      rows are scattered to their slot index: out is an (S, N) buffer in slot order (fp32, or x's dtype with
+      H3MOE_COMBINE=lowp) that the combine kernel (kernels/combine.py) sums over K in one pass
+      (deterministic), or y itself when K=1, or (ATOMIC=True, opt-in H3MOE_COMBINE=atomic) an fp32 (T, N)
+      buffer that every slot adds into with tl.atomic_add: less memory, but the order of the K additions,
+      hence the rounding, varies from run to run.
   _wgrad_kernel  dW[e] = sum_{r in e} L[r]^T R[r]: d(w_gate_up) = dH^T x_gathered (E, 2I, H);
                  d(w_down) = (w*dy_gathered)^T A (E, H, I). The K-loop runs over the expert's rows; an
                  expert with no row gets zeros.

@@ -37,9 +37,10 @@ from `code`), multiplies with the activation row(s), reduces over the block in r
 block absmax once per block (int8: the row scale once per row, at the end). The next chunk's bytes are loaded
 before the current one is computed (register double buffer). gate_up tiles carry BN gate rows and the same BN
 up rows and apply act(gate)*up in the epilogue; down writes KSPLIT fp32 partials (KSPLIT, T*K, H) that the
-combine kernel sums with the K slots in one pass (deterministic, no atomics). Numerics: fp32 dequantized weights (code * absmax in fp32, as
-bitsandbytes computes them before its cast) times activations, fp32 accumulation; the tl.dot path below rounds
-the weights to the activation dtype first: both equal dequantize + reference within bf16/fp16 rounding.
+combine kernel sums with the K slots in one pass (deterministic, no atomics). Numerics: fp32 dequantized
+weights (code * absmax in fp32, as bitsandbytes computes them before its cast) times activations, fp32
+accumulation; the tl.dot path below rounds the weights to the activation dtype first: both equal dequantize +
+reference within bf16/fp16 rounding.
 Prefill and 17+ tokens: the tl.dot kernels above (BM=16 row tiles for S <= 64, BM=64 beyond).
 
 Bytes moved per token at decode (K active experts per token, each read once when T*K rows hit distinct

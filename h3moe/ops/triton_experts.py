@@ -284,7 +284,8 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool
         grid = (m * _cdiv(I, cfg.BN),)
         k._gate_up_kernel[grid](
             x, w_gate_up, slots, offsets, a, x, w_down, rw_flat, a, rw_flat, h if save_h else a, H, I, E, m,
-            K=K, ACT=act_id, BWD=False, SAVE_H=save_h, RECOMPUTE=False, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+            K=K, ACT=act_id, BWD=False, SAVE_H=save_h, RECOMPUTE=False, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+            GROUP_M=cfg.GROUP_M,
             BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0, PREC=_prec(x.dtype), UPCAST=interp, INTERP=interp,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -351,7 +352,8 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
         part["dw"] = dwp = torch.empty(S, nb, device=dev, dtype=torch.float32)
         k._gate_up_kernel[(m * nb,)](
             x, w_gate_up, slots, offsets, a, dy, w_down, rw_flat, dh, dwp, h if saved else dh, H, I, E, m,
-            K=K, ACT=act_id, BWD=True, SAVE_H=False, RECOMPUTE=not saved, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+            K=K, ACT=act_id, BWD=True, SAVE_H=False, RECOMPUTE=not saved, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+            GROUP_M=cfg.GROUP_M,
             BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0, PREC=prec, UPCAST=interp, INTERP=interp,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
