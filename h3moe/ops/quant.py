@@ -4,9 +4,9 @@ Backends: triton (h3moe/kernels/quant.py: dequantize in registers inside the gro
 memory; T <= 16 tokens run the GEMV decode kernels, the down projection split over I into fp32 partials;
 more tokens run the tl.dot kernels; the down ops end with h3moe/ops/combine.py, which sums the partials and
 each token's K slots into y in one pass), torch (the CPU / fallback path: dequantize ONE expert at a time
-with `dequantize`, which equals
-bitsandbytes' dequantize_4bit / int8_vectorwise_dequant, then that expert's rows; a per-expert loop with a
-host sync, fine for a fallback). Inference only (no autograd through packed weights).
+with `dequantize`, which equals bitsandbytes' dequantize_4bit / int8_vectorwise_dequant, then that expert's
+rows; a per-expert loop with a host sync, fine for a fallback). Inference only (no autograd through packed
+weights).
 
 `Packed` is the layout both backends read; h3moe.integrations.bitsandbytes builds it (quantize, take over
 bnb Linear4bit / Linear8bitLt experts, save / load). Nothing here needs bitsandbytes.
