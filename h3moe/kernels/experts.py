@@ -38,9 +38,14 @@ Kernels (all accumulate in fp32; fp32 inputs use tl.dot's "tf32x3", about fp32 a
       (deterministic), or y itself when K=1, or (ATOMIC=True, opt-in H3MOE_COMBINE=atomic) an fp32 (T, N)
       buffer that every slot adds into with tl.atomic_add: less memory, but the order of the K additions,
       hence the rounding, varies from run to run.
-  _wgrad_kernel  dW[e] = sum_{r in e} L[r]^T R[r]: d(w_gate_up) = dH^T x_gathered (E, 2I, H);
-                 d(w_down) = (w*dy_gathered)^T A (E, H, I). The K-loop runs over the expert's rows; an
-                 expert with no row gets zeros.
+  _wgrad_kernel  dW[e] = sum_{r in e} L[r]^T R[r]: d(w_gate_up) = dH^T xs (E, 2I, H);
+                 d(w_down) = dys^T A (E, H, I). The K-loop runs over the expert's rows; an expert with no
+                 row gets zeros. Both operands are read in sorted row order: the launcher gathers
+                 xs = x[token] and dys = w * dy[token] (S, H) first (two torch passes, S*H*2 bytes each,
+                 transient). Gathering inside this loop made every step's tile addresses depend on a load of
+                 the same loop (slot -> token), which Triton pipelines one stage late, and the in-register
+                 routing-weight scale kept the left tile off cp.async: 1.5-2 stages of shared memory instead
+                 of 3 (49-66 KB vs 96 KB at 128x128x64, compile tier).
 
 FLOPs and bytes (bf16, per layer): forward 6*S*H*I FLOPs; bytes ~ E_used*3*H*I*2 (weights) + S*(H+I)*2
 + T*K*H*4 (slot buffer) (+ S*2I*2 for the saved h). Backward: bwd-act 2*S*H*I (6 when recomputing),
@@ -378,53 +383,32 @@ def _down_kernel(
 
 
 @triton.jit
-def _wgrad_step(r0, hi, l_ptr, r_ptr, slots_ptr, rw_ptr, acc, M, N, offs_m, offs_n, mmask, nmask, offs_r,
-                K,
-                L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr,
+def _wgrad_step(r0, hi, l_ptr, r_ptr, acc, M, N, offs_m, offs_n, mmask, nmask, offs_r, PREC: tl.constexpr,
                 UPCAST: tl.constexpr):
     """One step of BK rows of _wgrad_kernel's loop over an expert's rows."""
     rows = r0 + offs_r
     rmask = rows < hi
-    if L_GATHER or R_GATHER or SCALE:
-        slot = tl.load(slots_ptr + rows, mask=rmask, other=0)
-    if L_GATHER:
-        lrow = (slot // K).to(tl.int64)
-    else:
-        lrow = rows.to(tl.int64)
-    if R_GATHER:
-        rrow = (slot // K).to(tl.int64)
-    else:
-        rrow = rows.to(tl.int64)
+    rows64 = rows.to(tl.int64)
     # masks, not clamped indices, on the contiguous dims: tl.where would hide their contiguity and turn the
     # tile loads into scalar loads that the pipeliner cannot make asynchronous
-    lt = tl.load(l_ptr + lrow[None, :] * M + offs_m[:, None], mask=rmask[None, :] & mmask[:, None],
+    lt = tl.load(l_ptr + rows64[None, :] * M + offs_m[:, None], mask=rmask[None, :] & mmask[:, None],
                  other=0.0)  # (BM, BK)
-    rt = tl.load(r_ptr + rrow[:, None] * N + offs_n[None, :], mask=rmask[:, None] & nmask[None, :],
+    rt = tl.load(r_ptr + rows64[:, None] * N + offs_n[None, :], mask=rmask[:, None] & nmask[None, :],
                  other=0.0)  # (BK, BN)
-    if SCALE:
-        w = tl.load(rw_ptr + slot, mask=rmask, other=0.0)
-        lt = (lt.to(tl.float32) * w[None, :]).to(l_ptr.dtype.element_ty)
     if UPCAST:
         lt = lt.to(tl.float32)
         rt = rt.to(tl.float32)
     return tl.dot(lt, rt, acc, input_precision=PREC)
 
 
-# Values that change with the batch (T) or the model are not specialized: one compile serves them all.
-@triton.jit(do_not_specialize=["K"])
+@triton.jit
 def _wgrad_kernel(
-    l_ptr,  # rows of the left operand, (., M) x dtype: dH (S, 2I) sorted | dy (T, H) gathered
-    r_ptr,  # rows of the right operand, (., N) x dtype: x (T, H) gathered | A (S, I) sorted
-    slots_ptr,  # (S,) int32 sorted_slots
+    l_ptr,  # (S, M) x dtype, sorted rows of the left operand: dH (S, 2I) | w * dy[token] (S, H)
+    r_ptr,  # (S, N) x dtype, sorted rows of the right operand: x[token] (S, H) | A (S, I)
     offsets_ptr,  # (E+1,) int32
-    rw_ptr,  # (S,) fp32 routing weights in flat slot order (SCALE only: scales the left rows)
     out_ptr,  # (E, M, N) weight dtype: d(w_gate_up) (E, 2I, H) | d(w_down) (E, H, I)
     M,
     N,
-    K,  # top-k
-    L_GATHER: tl.constexpr,  # left row of sorted row r is token(slot(r)) (else r)
-    R_GATHER: tl.constexpr,
-    SCALE: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,  # rows per step
@@ -450,13 +434,11 @@ def _wgrad_kernel(
     if INTERP:
         r0 = lo
         while r0 < hi:
-            acc = _wgrad_step(r0, hi, l_ptr, r_ptr, slots_ptr, rw_ptr, acc, M, N, offs_m, offs_n, mmask, nmask,
-                              offs_r, K, L_GATHER, R_GATHER, SCALE, PREC, UPCAST)
+            acc = _wgrad_step(r0, hi, l_ptr, r_ptr, acc, M, N, offs_m, offs_n, mmask, nmask, offs_r, PREC, UPCAST)
             r0 += BK
     else:
         for r0 in range(lo, hi, BK):
-            acc = _wgrad_step(r0, hi, l_ptr, r_ptr, slots_ptr, rw_ptr, acc, M, N, offs_m, offs_n, mmask, nmask,
-                              offs_r, K, L_GATHER, R_GATHER, SCALE, PREC, UPCAST)
+            acc = _wgrad_step(r0, hi, l_ptr, r_ptr, acc, M, N, offs_m, offs_n, mmask, nmask, offs_r, PREC, UPCAST)
     out_ptrs = out_ptr + e.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
@@ -667,11 +649,9 @@ def aot_specs() -> list:
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages, gemm=cfg.BM >= 64,
                             archs=(90,) if cfg.hopper_only else (80, 90), **_divisible(fn)))
                 else:
-                    gu = role == "wgrad_gu"
-                    sig = {"l_ptr": p, "r_ptr": p, "slots_ptr": "*i32", "offsets_ptr": "*i32", "rw_ptr": "*fp32",
-                           "out_ptr": p, "M": "i32", "N": "i32", "K": "i32"}
-                    const = dict(L_GATHER=not gu, R_GATHER=gu, SCALE=not gu, BM=cfg.BM, BN=cfg.BN,
-                                 BK=cfg.BK, GROUP_M=cfg.GROUP_M, PREC=prec, UPCAST=False, INTERP=False)
+                    sig = {"l_ptr": p, "r_ptr": p, "offsets_ptr": "*i32", "out_ptr": p, "M": "i32", "N": "i32"}
+                    const = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, PREC=prec, UPCAST=False,
+                                 INTERP=False)
                     fn = _wgrad_kernel
                 sig.update({k: "constexpr" for k in const})
                 assert set(sig) == set(fn.arg_names), (name, set(sig) ^ set(fn.arg_names))

@@ -378,21 +378,25 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
         if K > 1:
             dx = combine(buf, T, K, dt)
 
-    def wgrad(role, left, right, out, M, N, l_gather, r_gather, scale):
+    def wgrad(role, left, right, out, M, N):
         def run(cfg):
             grid = (E * _cdiv(M, cfg.BM) * _cdiv(N, cfg.BN),)
             k._wgrad_kernel[grid](
-                left, right, slots, offsets, rw_flat, out, M, N,
-                K=K, L_GATHER=l_gather, R_GATHER=r_gather, SCALE=scale, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
-                GROUP_M=cfg.GROUP_M, PREC=prec, UPCAST=interp, INTERP=interp, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+                left, right, offsets, out, M, N, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, PREC=prec,
+                UPCAST=interp, INTERP=interp, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
         _launch(role, S, H, I, E, K, dt, dev, run)
 
-    if need_gu:  # d(w_gate_up)[e] = dH_e^T @ x_e  (E, 2I, H)
-        wgrad("wgrad_gu", dh, x, dwgu, 2 * I, H, False, True, False)
-    if need_down:  # d(w_down)[e] = (w * dy)_e^T @ A_e  (E, H, I)
-        wgrad("wgrad_down", dy, a, dwd, H, I, True, False, True)
+    # the weight gradients read both operands in sorted row order (see _wgrad_kernel): gathered here
+    tok = slots.long() // K if (need_gu or need_down) else None  # (S,) token of each sorted row
+    if need_gu:  # d(w_gate_up)[e] = dH_e^T @ x[token]_e  (E, 2I, H)
+        xs = x.index_select(0, tok)  # (S, H)
+        wgrad("wgrad_gu", dh, xs, dwgu, 2 * I, H)
+        del xs
+    if need_down:  # d(w_down)[e] = (w * dy[token])_e^T @ A_e  (E, H, I)
+        dys = dy.index_select(0, tok)  # (S, H), scaled in place: fp32 product, one rounding
+        dys.mul_(rw_flat.index_select(0, slots.long()).unsqueeze(1))
+        wgrad("wgrad_down", dys, a, dwd, H, I)
     return dx, dwgu, dwd, drw
 
 
