@@ -185,6 +185,15 @@ def test_saved_activation_vs_recompute(monkeypatch):
     with torch.no_grad():
         te.moe(x.requires_grad_(), wgu, wd, _routing(logits, ids), "silu")
     assert calls == [False]
+    # the public API and the module pass recompute through
+    for recompute in (False, True):
+        m = h3moe.MoE(H, I, E, K, backend="triton", recompute=recompute)
+        calls.clear()
+        _, shapes = _saved_shapes(lambda m=m: m(x.detach()))
+        assert calls == [not recompute] and ((T * K, 2 * I) in shapes) != recompute
+        calls.clear()
+        h3moe.moe(x, m.gate_up_proj, m.down_proj, m.routing, backend="triton", recompute=recompute)
+        assert calls == [not recompute]
 
 
 @needs_triton

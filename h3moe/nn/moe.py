@@ -30,6 +30,7 @@ class MoE(nn.Module):
         renormalize: bool = True,
         activation: str = "silu",
         backend: str = "auto",
+        recompute: bool | None = None,
         device=None,
         dtype=None,
     ):
@@ -43,6 +44,7 @@ class MoE(nn.Module):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = num_experts, top_k
         self.renormalize, self.activation, self.backend = renormalize, activation, backend
+        self.recompute = recompute  # see h3moe.moe
         kw = {"device": device, "dtype": dtype}
         self.gate = nn.Linear(hidden_size, num_experts, bias=False, **kw)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
@@ -65,7 +67,8 @@ class MoE(nn.Module):
         logits = self.gate(x2)  # (T, E)
         routing = route(logits, self.top_k, renormalize=self.renormalize, backend=self.backend)
         self.router_logits, self.routing = logits, routing
-        y = moe(x2, self.gate_up_proj, self.down_proj, routing, activation=self.activation, backend=self.backend)
+        y = moe(x2, self.gate_up_proj, self.down_proj, routing, activation=self.activation, backend=self.backend,
+                recompute=self.recompute)
         return y.reshape(shape)
 
     def extra_repr(self) -> str:

@@ -331,7 +331,7 @@ def gating_loss(layers, labels, attention_mask=None, variant: str = "paper") -> 
     return gating_loss_from_psums(psums, labels, attention_mask, variant, T // B)
 
 
-def moe(x, w_gate_up, w_down, routing: Routing, activation: str = "silu") -> torch.Tensor:
+def moe(x, w_gate_up, w_down, routing: Routing, activation: str = "silu", recompute=None) -> torch.Tensor:
     """SwiGLU experts (see h3moe.moe) with the mma.sync kernels; forward only — with autograd on, or for
     dtypes / sizes the kernels do not take, it falls back (one log line)."""
     ok, why = supports("moe", x, w_gate_up, w_down, routing.weights)
@@ -339,7 +339,7 @@ def moe(x, w_gate_up, w_down, routing: Routing, activation: str = "silu") -> tor
         if _fallback_backend("moe", x.device, why) == "triton":
             from . import triton_experts
 
-            return triton_experts.moe(x, w_gate_up, w_down, routing, activation)
+            return triton_experts.moe(x, w_gate_up, w_down, routing, activation, recompute)
         from .experts import _moe_torch
 
         return _moe_torch(x, w_gate_up, w_down, routing, activation)
