@@ -393,6 +393,7 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
         xs = x.index_select(0, tok)  # (S, H)
         wgrad("wgrad_gu", dh, xs, dwgu, 2 * I, H)
         del xs
+    dh = None  # (S, 2I) no longer needed: freed before d(w_down)'s temporaries (the closures share this cell)
     if need_down:  # d(w_down)[e] = (w * dy[token])_e^T @ A_e  (E, H, I)
         dys = dy.index_select(0, tok)  # (S, H), scaled in place: fp32 product, one rounding
         dys.mul_(rw_flat.index_select(0, slots.long()).unsqueeze(1))
