@@ -164,6 +164,15 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
     return "torch"
 
 
+def runs(name: str, op: str, device: torch.device) -> bool:
+    """Whether backend `name` can run `op` on `device` (a constant for torch.compile, as resolve())."""
+    _load_backend_modules()
+    return _can_run(name, op, device)[0]
+
+
+runs._dynamo_marked_constant = True
+
+
 # torch.compile treats resolve() as a constant (what torch.compiler.assume_constant_result sets), so tracing
 # h3moe ops never steps into the module probing. Set directly: the decorator imports torch._dynamo (and with
 # it triton) at h3moe import time.

@@ -283,3 +283,71 @@ def test_gpu_torch_compile_fullgraph():
     xe = x.detach().clone().requires_grad_()
     (_tr().route(xe, K, True).weights * 2.0 * g).sum().backward()
     torch.testing.assert_close(x.grad, xe.grad)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("T,E,K,mode", [
+    (37, 8, 2, "topk"),  # one block of BLOCK_T = 64 tokens
+    (150, 16, 4, "topk"),  # three blocks
+    (100, 64, 8, "dups"),  # four blocks of 32, K = 8 with repeats
+    (20, 6, 3, "dups"),  # a token naming an expert twice (given ids need not come from a top-k)
+    (9, 300, 2, "topk"),  # E > 256: the torch function
+    (0, 8, 2, "topk"),
+])
+def test_sort_by_expert_from_ids_equals_torch(T, E, K, mode):
+    """The Triton counting sort of given ids (transformers' experts interface) equals the torch function:
+    counts, offsets and the stable order of the slots."""
+    from h3moe.ops import triton_routing as tr
+    from h3moe.ops.routing import sort_by_expert as torch_sort
+
+    g = torch.Generator().manual_seed(T + E)
+    if mode == "dups":
+        ids = torch.randint(0, E, (T, K), generator=g)
+    else:
+        ids = torch.topk(torch.randn(T, E, generator=g), K, dim=-1).indices
+    ids = ids.to(DEV)
+    got = tr.sort_by_expert(ids.to(torch.int32), E)
+    want = torch_sort(ids, E)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.int32 and torch.equal(a.cpu(), b.cpu())
+
+
+@pytest.mark.interpreter
+def test_moe_with_an_ids_pair_sorts_on_triton(monkeypatch):
+    """h3moe.moe(..., (weights, ids), backend="triton") builds the sort metadata with the Triton kernels."""
+    from h3moe.ops import triton_routing as tr
+
+    calls = []
+    real = tr._sort_by_expert_impl
+    monkeypatch.setattr(tr, "_sort_by_expert_impl", lambda *a: calls.append(1) or real(*a))
+    T, H, I, E, K = 5, 16, 16, 4, 2
+    x = torch.randn(T, H, device=DEV)
+    wgu = torch.randn(E, 2 * I, H, device=DEV) / 4
+    wd = torch.randn(E, H, I, device=DEV) / 4
+    w, ids = torch.topk(torch.softmax(torch.randn(T, E, device=DEV), -1), K, dim=-1)
+    with torch.no_grad():
+        y = h3moe.moe(x, wgu, wd, (w, ids), backend="triton")
+    assert calls == [1]
+    ref = h3moe.reference.experts_ref(x.double(), wgu.double(), wd.double(), w.double(), ids)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.interpreter
+def test_sort_by_expert_opcheck():
+    from h3moe.ops import triton_routing as tr
+
+    ids = torch.topk(torch.randn(6, 8), 2, dim=-1).indices.to(DEV)
+    torch.library.opcheck(torch.ops.h3moe.triton_sort_by_expert.default, (ids, 8))
+    assert tr._sort_by_expert is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T,E,K", [(4096, 128, 8), (16384, 8, 2), (1, 64, 8)])
+def test_gpu_sort_by_expert_from_ids(T, E, K):
+    from h3moe.ops import triton_routing as tr
+
+    ids = torch.topk(torch.randn(T, E, device="cuda"), K, dim=-1).indices
+    for i in (ids, torch.randint(0, E, (T, K), device="cuda")):  # top-k ids, and ids with repeats
+        for a, b in zip(tr.sort_by_expert(i, E), sort_by_expert(i, E)):
+            assert torch.equal(a, b)

@@ -155,7 +155,15 @@ def route_topk_kernel(
 
     # Block histogram: experts picked by this block's real tokens.
     hits = ((work == -2.0) & row_ok[:, None]).to(tl.int32)  # (BLOCK_T, E_PAD)
-    hist = tl.sum(hits, axis=0)  # (E_PAD,)
+    _histogram_and_scan(tl.sum(hits, axis=0), pid, nb, cols, col_ok, block_counts_ptr, counts_ptr, offsets_ptr,
+                        ticket_ptr, E_PAD, BLOCK_B)
+
+
+@triton.jit
+def _histogram_and_scan(hist, pid, nb, cols, col_ok, block_counts_ptr, counts_ptr, offsets_ptr, ticket_ptr,
+                        E_PAD: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Store this program's (E_PAD,) histogram into row pid of block_counts; the last program to arrive turns
+    block_counts into per-(block, expert) exclusive prefixes over blocks and writes counts and offsets."""
     tl.store(block_counts_ptr + pid * E_PAD + cols, hist)
     # Release our histogram, acquire everyone's: the last program to arrive runs the scan. The barrier
     # orders every thread's histogram store before the (single-thread) release, as CUTLASS's semaphore does.
@@ -184,6 +192,45 @@ def route_topk_kernel(
 
 
 @triton.jit
+def _ids_hits(ids_ptr, rows64, row_ok, cols, K: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
+    """(BLOCK_T, E_PAD) int32: how many of token t's K slots name expert e (an id >= E lands in a padded
+    column, which the callers ignore; a negative id matches nothing)."""
+    hits = tl.zeros((BLOCK_T, E_PAD), dtype=tl.int32)
+    for k in range(K):
+        e = tl.load(ids_ptr + rows64 * K + k, mask=row_ok, other=-1).to(tl.int32)
+        hits += (cols[None, :] == e[:, None]).to(tl.int32)
+    return hits
+
+
+@triton.jit
+def ids_histogram_kernel(
+    ids_ptr,  # (T, K) int64 expert ids in [0, E) (a token may name an expert more than once)
+    block_counts_ptr,  # (nb, E_PAD) int32 scratch, as route_topk_kernel's
+    counts_ptr,  # (E,) int32, out
+    offsets_ptr,  # (E+1,) int32, out
+    ticket_ptr,  # (1,) int32, zero on entry
+    T,  # i32
+    E,  # i32
+    nb,  # i32 programs: cdiv(T, BLOCK_T)
+    K: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """route_topk_kernel's histogram and scan for ids that are given (h3moe.moe with a (weights, ids) pair, as
+    transformers' experts interface passes them): the first launch of the Triton sort_by_expert."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    cols = tl.arange(0, E_PAD)
+    col_ok = cols < E
+    hits = _ids_hits(ids_ptr, rows.to(tl.int64), row_ok, cols, K, BLOCK_T, E_PAD)
+    hist = tl.where(col_ok, tl.sum(hits, axis=0), 0)
+    _histogram_and_scan(hist, pid, nb, cols, col_ok, block_counts_ptr, counts_ptr, offsets_ptr, ticket_ptr, E_PAD,
+                        BLOCK_B)
+
+
+@triton.jit
 def route_scatter_kernel(
     ids_ptr,  # (T, K) int64
     block_prefix_ptr,  # (nb, E_PAD) int32 rows of the block before this one, per expert
@@ -197,6 +244,7 @@ def route_scatter_kernel(
     E_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,  # must equal route_topk_kernel's
     SAMPLE_BLOCKS: tl.constexpr,  # the sample-aligned partition of route_topk_kernel's PSUM
+    DUPS: tl.constexpr = False,  # a token may name an expert more than once (given ids, not a top-k)
 ):
     pid = tl.program_id(0)
     if SAMPLE_BLOCKS:
@@ -209,17 +257,17 @@ def route_scatter_kernel(
         row_ok = rows < T
     cols = tl.arange(0, E_PAD)
     rows64 = rows.to(tl.int64)
-    hits = tl.zeros((BLOCK_T, E_PAD), dtype=tl.int32)
-    for k in range(K):
-        e = tl.load(ids_ptr + rows64 * K + k, mask=row_ok, other=-1).to(tl.int32)
-        hits += (cols[None, :] == e[:, None]).to(tl.int32)
+    hits = _ids_hits(ids_ptr, rows64, row_ok, cols, K, BLOCK_T, E_PAD)
     rank = tl.cumsum(hits, axis=0) - hits  # (BLOCK_T, E_PAD) exclusive: earlier tokens of the block
     base = tl.load(block_prefix_ptr + pid * E_PAD + cols) + tl.load(offsets_ptr + cols, mask=cols < E, other=0)
     dest_e = rank + base[None, :]  # (BLOCK_T, E_PAD) destination row of (token, expert)
     for k in range(K):
         e = tl.load(ids_ptr + rows64 * K + k, mask=row_ok, other=-1).to(tl.int32)
-        dest = tl.sum(tl.where(cols[None, :] == e[:, None], dest_e, 0), axis=1)  # (BLOCK_T,)
-        tl.store(sorted_slots_ptr + dest, (rows * K + k).to(tl.int32), mask=row_ok)
+        here = cols[None, :] == e[:, None]  # (BLOCK_T, E_PAD)
+        dest = tl.sum(tl.where(here, dest_e, 0), axis=1)  # (BLOCK_T,)
+        if DUPS:  # after this token's earlier slots on the same expert (the sort stays stable)
+            dest_e += here.to(tl.int32)
+        tl.store(sorted_slots_ptr + dest, (rows * K + k).to(tl.int32), mask=row_ok & (e >= 0) & (e < E))
 
 
 @triton.jit
@@ -352,7 +400,7 @@ def _bwd_spec(name, dt, c, nw, topk_grad=True, psum_grad=False, mask_dt=None):
     )  # fmt: skip
 
 
-def _scatter_spec(name, c, nw, sample_blocks=False):
+def _scatter_spec(name, c, nw, sample_blocks=False, dups=False):
     from .aot import AotSpec
 
     return AotSpec(
@@ -362,8 +410,27 @@ def _scatter_spec(name, c, nw, sample_blocks=False):
             "ids_ptr": "*i64", "block_prefix_ptr": "*i32", "offsets_ptr": "*i32",
             "sorted_slots_ptr": "*i32", "T": "i32", "E": "i32", "S": "i32", "nbs": "i32",
             "K": "constexpr", "E_PAD": "constexpr", "BLOCK_T": "constexpr", "SAMPLE_BLOCKS": "constexpr",
+            "DUPS": "constexpr",
         },
-        constexprs={"K": c["K"], "E_PAD": c["E_PAD"], "BLOCK_T": c["BLOCK_T"], "SAMPLE_BLOCKS": sample_blocks},
+        constexprs={"K": c["K"], "E_PAD": c["E_PAD"], "BLOCK_T": c["BLOCK_T"], "SAMPLE_BLOCKS": sample_blocks,
+                    "DUPS": dups},
+        num_warps=nw,
+        num_stages=1,
+    )  # fmt: skip
+
+
+def _ids_hist_spec(name, c, nw):
+    from .aot import AotSpec
+
+    return AotSpec(
+        name=name,
+        fn=ids_histogram_kernel,
+        signature={
+            "ids_ptr": "*i64", "block_counts_ptr": "*i32", "counts_ptr": "*i32", "offsets_ptr": "*i32",
+            "ticket_ptr": "*i32", "T": "i32", "E": "i32", "nb": "i32",
+            "K": "constexpr", "E_PAD": "constexpr", "BLOCK_T": "constexpr", "BLOCK_B": "constexpr",
+        },
+        constexprs={"K": c["K"], "E_PAD": c["E_PAD"], "BLOCK_T": c["BLOCK_T"], "BLOCK_B": 16},
         num_warps=nw,
         num_stages=1,
     )  # fmt: skip
@@ -371,6 +438,12 @@ def _scatter_spec(name, c, nw, sample_blocks=False):
 
 def aot_specs():
     specs = []
+    # sort_by_expert from given ids (transformers' experts interface): histogram + scan, duplicate-safe scatter
+    for E, K in ((8, 2), (128, 8)):
+        c = _cfg(E, K)
+        nw = num_warps_for(c["E_PAD"])
+        specs.append(_ids_hist_spec(f"ids_histogram[E={E},K={K}]", c, nw))
+        specs.append(_scatter_spec(f"route_scatter_dups[E={E},K={K}]", c, nw, dups=True))
     # (E, K, logits dtypes): Mixtral-like 8/2, fine-grained 64/8, the largest E. The logits dtype only
     # changes the tile load, so fp32 is compiled once; the compile tier stays fast.
     for E, K, dts in ((8, 2, ("bf16",)), (64, 8, ("bf16", "fp32")), (256, 8, ("bf16",))):

@@ -409,9 +409,9 @@ def quant_moe(
     if tuple(down.shape) != (E, H, two_i // 2) or x.shape[1] != H:
         raise ValueError(f"quant_moe: shapes x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, down "
                          f"{tuple(down.shape)} do not fit (T, H), (E, 2I, H), (E, H, I)")
-    routing = as_routing(routing, E)
-    _validate.routing(routing.weights, routing.ids, x.shape[0], E)
     be = _backend.resolve(backend, x.device, "quant_moe")
+    routing = as_routing(routing, E, "triton" if be == "triton" else "torch")
+    _validate.routing(routing.weights, routing.ids, x.shape[0], E)
     if be == "triton":
         return _quant_moe_triton(x, gate_up, down, routing, activation)
     return _quant_moe_torch(x, gate_up, down, routing, activation)

@@ -59,15 +59,22 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     return counts, offsets, sorted_slots
 
 
-def as_routing(routing, num_experts: int) -> Routing:
-    """Accept a Routing or a (weights, ids) pair (e.g. from a transformers router)."""
+def as_routing(routing, num_experts: int, backend: str = "torch") -> Routing:
+    """Accept a Routing or a (weights, ids) pair (e.g. from a transformers router). The pair's sort metadata
+    is built by `backend`: "triton" (the Triton counting sort; the caller checked that Triton runs on ids'
+    device) or "torch"."""
     if isinstance(routing, Routing):
         return routing
     if isinstance(routing, (tuple, list)) and len(routing) == 2:
         weights, ids = routing
         _validate.tensor("routing.weights", weights, 2)
         _validate.tensor("routing.ids", ids, 2, floating=False)
-        counts, offsets, sorted_slots = sort_by_expert(ids, num_experts)
+        if backend == "triton":
+            from .triton_routing import sort_by_expert as triton_sort
+
+            counts, offsets, sorted_slots = triton_sort(ids, num_experts)
+        else:
+            counts, offsets, sorted_slots = sort_by_expert(ids, num_experts)
         return Routing(weights, ids, counts, offsets, sorted_slots)
     raise ValueError(f"routing: expected a Routing or a (weights, ids) pair, got {type(routing).__name__}")
 

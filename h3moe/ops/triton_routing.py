@@ -35,7 +35,61 @@ import triton  # noqa: E402  (after registering: a missing triton still leaves t
 
 from ..kernels import routing as K  # noqa: E402
 
-__all__ = ["route", "route_with_gating"]
+__all__ = ["route", "route_with_gating", "sort_by_expert"]
+
+
+def _sort_by_expert_impl(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, top_k = ids.shape
+    E, dev = num_experts, ids.device
+    counts = torch.empty(E, dtype=torch.int32, device=dev)
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    sorted_slots = torch.empty(T * top_k, dtype=torch.int32, device=dev)
+    if T == 0 or top_k == 0:
+        counts.zero_()
+        offsets.zero_()
+        return counts, offsets, sorted_slots
+    ids = ids.to(torch.int64).contiguous()
+    e_pad = triton.next_power_of_2(E)
+    block_t = K.block_t_for(e_pad)
+    nb = triton.cdiv(T, block_t)
+    num_warps = K.num_warps_for(e_pad)
+    block_counts = torch.empty(nb, e_pad, dtype=torch.int32, device=dev)
+    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
+    K.ids_histogram_kernel[(nb,)](
+        ids, block_counts, counts, offsets, ticket, T, E, nb,
+        K=top_k, E_PAD=e_pad, BLOCK_T=block_t, BLOCK_B=16, num_warps=num_warps, num_stages=1,
+    )  # fmt: skip
+    K.route_scatter_kernel[(nb,)](
+        ids, block_counts, offsets, sorted_slots, T, E, T, nb,
+        K=top_k, E_PAD=e_pad, BLOCK_T=block_t, SAMPLE_BLOCKS=False, DUPS=True, num_warps=num_warps, num_stages=1,
+    )  # fmt: skip
+    return counts, offsets, sorted_slots
+
+
+# the op; the implementation stays callable for eager calls (_backend.eager_direct)
+_sort_by_expert = torch.library.custom_op("h3moe::triton_sort_by_expert", mutates_args=())(_sort_by_expert_impl)
+
+
+@_sort_by_expert.register_fake
+def _(ids, num_experts):
+    T, top_k = ids.shape
+    new = ids.new_empty
+    return (new((num_experts,), dtype=torch.int32), new((num_experts + 1,), dtype=torch.int32),
+            new((T * top_k,), dtype=torch.int32))
+
+
+def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h3moe.ops.routing.sort_by_expert on the Triton kernels of route() (block histograms, last-block scan,
+    a stable counting-sort scatter: 2 launches and a 4-byte memset instead of torch's argsort and ~6 more),
+    for ids that are given rather than routed here (transformers' experts interface passes them). A token may
+    name an expert twice. ids (T, K) integer in [0, E), E <= 256 (beyond: torch). Returns counts (E,),
+    offsets (E+1,), sorted_slots (T*K,), all int32, equal to the torch function's."""
+    if num_experts > K.MAX_EXPERTS:
+        from .routing import sort_by_expert as torch_sort
+
+        return torch_sort(ids, num_experts)
+    op = _sort_by_expert_impl if _backend.eager_direct(ids) else _sort_by_expert
+    return op(ids, num_experts)
 
 
 def _weights_dtype(logits: torch.Tensor) -> torch.dtype:
