@@ -29,6 +29,11 @@ nbs = cdiv(S, BLOCK_T) programs per sample, the last one padded), and the scatte
 partition (SAMPLE_BLOCKS). Blocks are still in token order, so the counting sort stays stable. The softmax
 is the one the top-k already holds in registers: no (T, E) probabilities are written.
 
+Given ids (sort_by_expert for a (weights, ids) pair, as transformers' experts interface passes them):
+`ids_histogram_kernel` builds the same block histograms from the ids (no softmax) and runs the same
+last-block scan (`_histogram_and_scan`, shared), then `route_scatter_kernel` with DUPS=True, which also
+places a token's repeated expert after its earlier slots (given ids need not come from a top-k).
+
 Why not one launch: the destination of a slot depends on the histograms of all earlier blocks, which needs
 a grid-wide barrier (a spin-wait on other programs can deadlock when the grid does not fit on the GPU).
 Why not torch.argsort: a sort is O(S log S) and several launches; a counting sort on E buckets is O(S).
