@@ -613,9 +613,18 @@ def _divisible(fn) -> dict:
     return {"divisible": ptrs + AOT_DIVISIBLE[fn.__name__]}
 
 
-def aot_specs() -> list:
+def _spec(name: str, fn, sig: dict, const: dict, cfg: Config):
     from .aot import AotSpec
 
+    sig = {**sig, **{k: "constexpr" for k in const}}
+    assert set(sig) == set(fn.arg_names), (name, set(sig) ^ set(fn.arg_names))
+    # BM < 64 (decode tiles) is below wgmma's M: those use mma.sync on sm_90 too, by design.
+    return AotSpec(name=name, fn=fn, signature={n: sig[n] for n in fn.arg_names}, constexprs=const,
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, gemm=cfg.BM >= 64,
+                   archs=(90,) if cfg.hopper_only else (80, 90), **_divisible(fn))
+
+
+def aot_specs() -> list:
     specs = []
     for dt, p in _DT.items():
         fp32 = dt == "fp32"
@@ -633,31 +642,19 @@ def aot_specs() -> list:
                            "h_ptr": p, "H": "i32", "I": "i32", "E": "i32", "M_SLOTS": "i32", "K": "i32"}
                     const = dict(ACT=0, BWD=bwd, SAVE_H=not bwd, RECOMPUTE=role == "bwd_act", **tile, BLOCK_E=8,
                                  EVEN_K=True, PREC=prec, UPCAST=False, INTERP=False)
-                    fn = _gate_up_kernel
+                    specs.append(_spec(name, _gate_up_kernel, sig, const, cfg))
                 elif role in ("down", "dx"):
                     dx = role == "dx"
                     sig = {"a_ptr": p, "w_ptr": p, "slots_ptr": "*i32", "offsets_ptr": "*i32", "rw_ptr": "*fp32",
                            "out_ptr": "*fp32", "N": "i32", "KD": "i32", "E": "i32", "M_SLOTS": "i32", "K": "i32"}
                     const = dict(TRANS_W=dx, SCALE=not dx, ATOMIC=False, **tile, BLOCK_E=8, EVEN_K=True,
                                  PREC=prec, UPCAST=False, INTERP=False)
-                    fn = _down_kernel
+                    specs.append(_spec(name, _down_kernel, sig, const, cfg))
                     if not fp32:  # H3MOE_COMBINE=lowp: slot rows stored in the activations' dtype
-                        lsig = {**sig, "out_ptr": p, **{k: "constexpr" for k in const}}
-                        specs.append(AotSpec(
-                            name=f"experts_{role}_lowp[{dt},{cfg!r}]", fn=fn,
-                            signature={n: lsig[n] for n in fn.arg_names}, constexprs=const,
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages, gemm=cfg.BM >= 64,
-                            archs=(90,) if cfg.hopper_only else (80, 90), **_divisible(fn)))
+                        specs.append(_spec(f"experts_{role}_lowp[{dt},{cfg!r}]", _down_kernel, {**sig, "out_ptr": p},
+                                           const, cfg))
                 else:
                     sig = {"l_ptr": p, "r_ptr": p, "offsets_ptr": "*i32", "out_ptr": p, "M": "i32", "N": "i32"}
-                    const = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, PREC=prec, UPCAST=False,
-                                 INTERP=False)
-                    fn = _wgrad_kernel
-                sig.update({k: "constexpr" for k in const})
-                assert set(sig) == set(fn.arg_names), (name, set(sig) ^ set(fn.arg_names))
-                sig = {n: sig[n] for n in fn.arg_names}  # in argument order
-                # BM < 64 (decode tiles) is below wgmma's M: those use mma.sync on sm_90 too, by design.
-                specs.append(AotSpec(name=name, fn=fn, signature=sig, constexprs=const, num_warps=cfg.num_warps,
-                                     num_stages=cfg.num_stages, gemm=cfg.BM >= 64,
-                                     archs=(90,) if cfg.hopper_only else (80, 90), **_divisible(fn)))
+                    const = dict(**tile, PREC=prec, UPCAST=False, INTERP=False)
+                    specs.append(_spec(name, _wgrad_kernel, sig, const, cfg))
     return specs
