@@ -221,6 +221,8 @@ def parse_args(argv=None):
     p.add_argument("--plot-combined", action="store_true", help="with --plot / --plot-only: only the overview chart")
     p.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="only draw the charts of a results file")
     p.add_argument("--list", action="store_true", help="print the plan and exit")
+    p.add_argument("--compare", type=Path, nargs=2, default=None, metavar=("OLD", "NEW"),
+                   help="print what changed between two results files (targets, h3moe rows) and exit")
     p.add_argument("--device", default=None, help="cuda (default where there is one) or cpu (real shapes on a "
                    "CPU: slow, for checking the driver); --cpu-smoke implies cpu")
     args = p.parse_args(argv)
@@ -241,6 +243,9 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        print(report.compare(report.load(args.compare[0]), report.load(args.compare[1])), end="")
+        return 0
     if args.plot_only:
         from .plot import plot_results
 

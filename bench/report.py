@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 __all__ = ["ROW_FIELDS", "TOP_FIELDS", "validate", "evaluate_targets", "markdown", "short_table", "write",
-           "load", "IMPL_ORDER", "targets_summary"]
+           "load", "IMPL_ORDER", "targets_summary", "compare"]
 
 TOP_FIELDS = ("gpu", "torch", "triton", "commit", "ceilings", "rows")
 ROW_FIELDS = ("case", "model", "tokens", "dtype", "impl", "ms", "ms_p20", "ms_p80", "tflops", "gbps", "rel_err")
@@ -257,3 +257,50 @@ def write(result: dict, path: Path) -> None:
 
 def load(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# ------------------------------------------------------------------------------------------ comparison
+
+
+def compare(old: dict, new: dict, *, min_change: float = 0.05) -> str:
+    """Markdown: what changed between two results files (e.g. the last committed record and a new GPU run).
+
+    1. Every target on every (model, T, impl) either file evaluates: old value, new value, met / missed.
+    2. The h3moe rows measured in both (same case, model, T, impl) whose median time moved by more than
+       `min_change` (relative), fastest gain first; speedup = old ms / new ms.
+    The two runs should be on the same GPU type; the header says which devices and commits they came from."""
+    def targets(res):
+        return {(t["target"], t["model"], t["tokens"], t["impl"]): t for t in evaluate_targets(res)}
+
+    to, tn = targets(old), targets(new)
+    lines = [f"# {old.get('gpu')} @ {old.get('commit')} → {new.get('gpu')} @ {new.get('commit')}", ""]
+    if old.get("gpu") != new.get("gpu"):
+        lines += ["**Different GPUs: the times are not comparable.**", ""]
+    lines += ["## Targets", "", "| target | model | T | impl | old | new | needs | |", "|---|---|---:|---|---:|---:|---:|---|"]
+    for key in sorted(set(to) | set(tn), key=lambda k: (k[0], k[1], k[2], _impl_key(k[3]))):
+        a, b = to.get(key), tn.get(key)
+        va, vb = (x["value"] if x else None for x in (a, b))
+        thr = (b or a)["threshold"]
+        met = b["met"] if b else None
+        mark = "—" if met is None else ("met" if met else "**missed**")
+        if a and b and a["met"] is False and met:
+            mark = "**now met**"
+        elif a and b and a["met"] and met is False:
+            mark = "**now missed**"
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {_f(va)} | {_f(vb)} | {_f(thr)} | {mark} |")
+    io, inew = _index(old.get("rows", [])), _index(new.get("rows", []))
+    moved = []
+    for key in set(io) & set(inew):
+        if not key[3].startswith("h3moe:"):
+            continue
+        sp = io[key]["ms"] / inew[key]["ms"]
+        if abs(sp - 1) > min_change:
+            moved.append((sp, key))
+    lines += ["", f"## h3moe rows that moved by more than {100 * min_change:.0f}% (speedup = old ms / new ms)", "",
+              "| case | model | T | impl | old ms | new ms | speedup |", "|---|---|---:|---|---:|---:|---:|"]
+    for sp, key in sorted(moved, key=lambda m: -m[0]):
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {_f(io[key]['ms'])} | {_f(inew[key]['ms'])} "
+                     f"| {_f(sp)} |")
+    if not moved:
+        lines.append("| — | | | | | | |")
+    return "\n".join(lines) + "\n"

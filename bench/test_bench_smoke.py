@@ -197,3 +197,25 @@ def test_graph_rows_equal_eager_rows():
                 torch.cuda.synchronize()
                 for a, b in zip(got, eager):
                     torch.testing.assert_close(a, b)
+
+
+def test_compare_two_results(tmp_path, capsys):
+    """python -m bench --compare OLD NEW: targets old → new (a target newly met is flagged), and the h3moe
+    rows that moved, on two files differing in one row."""
+    def res(ms_triton, commit):
+        rows = [_row("fwdbwd", "mixtral", 4096, "h3moe:triton", ms_triton),
+                _row("fwdbwd", "mixtral", 4096, "hf:grouped_mm", 20.0),
+                _row("fwd", "mixtral", 4096, "h3moe:triton", 5.0)]
+        return {"gpu": "G", "torch": "x", "triton": "x", "commit": commit, "ceilings": {"copy_GBps": 3000.0,
+                "bf16_tflops": 700.0}, "rows": rows}
+
+    (tmp_path / "old.json").write_text(json.dumps(res(28.0, "a")))
+    (tmp_path / "new.json").write_text(json.dumps(res(16.0, "b")))
+    assert main(["--compare", str(tmp_path / "old.json"), str(tmp_path / "new.json")]) == 0
+    out = capsys.readouterr().out
+    assert "# G @ a → G @ b" in out
+    line = next(l for l in out.splitlines() if l.startswith("| fwdbwd_vs_grouped_mm | mixtral | 4096 | h3moe:triton"))
+    assert "0.714" in line and "1.25" in line and "**now met**" in line
+    moved = [l for l in out.splitlines() if l.startswith("| fwdbwd | mixtral | 4096 | h3moe:triton")]
+    assert len(moved) == 1 and "| 1.75 |" in moved[0]
+    assert not any(l.startswith("| fwd | mixtral") for l in out.splitlines())  # unchanged row: not listed
