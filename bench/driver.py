@@ -200,6 +200,25 @@ def _line(row) -> str:
 # -------------------------------------------------------------------------------------------- main
 
 
+def latest_record(gpu: str | None, exclude: Path | None = None, directory: Path | None = None) -> Path | None:
+    """The newest results file of GPU `gpu` in bench/results/ (by its `date` field; a file ending in -runN
+    is an earlier run of a day and never the newest record)."""
+    best = None
+    for path in sorted((directory or RESULTS_DIR).glob("*.json")):
+        if exclude is not None and path.resolve() == Path(exclude).resolve():
+            continue
+        if re.search(r"-run\d+\.json$", path.name):
+            continue
+        try:
+            res = report.load(path)
+        except (OSError, ValueError):
+            continue
+        if res.get("gpu") == gpu and res.get("device", "cuda") == "cuda":
+            if best is None or str(res.get("date", "")) > best[0]:
+                best = (str(res.get("date", "")), path)
+    return best[1] if best else None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -223,6 +242,8 @@ def parse_args(argv=None):
     p.add_argument("--list", action="store_true", help="print the plan and exit")
     p.add_argument("--compare", type=Path, nargs=2, default=None, metavar=("OLD", "NEW"),
                    help="print what changed between two results files (targets, h3moe rows) and exit")
+    p.add_argument("--compare-latest", type=Path, default=None, metavar="NEW",
+                   help="--compare with the newest record of the same GPU committed in bench/results/")
     p.add_argument("--device", default=None, help="cuda (default where there is one) or cpu (real shapes on a "
                    "CPU: slow, for checking the driver); --cpu-smoke implies cpu")
     args = p.parse_args(argv)
@@ -245,6 +266,15 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.compare:
         print(report.compare(report.load(args.compare[0]), report.load(args.compare[1])), end="")
+        return 0
+    if args.compare_latest:
+        new = report.load(args.compare_latest)
+        old = latest_record(new.get("gpu"), exclude=args.compare_latest)
+        if old is None:
+            print(f"no committed record of {new.get('gpu')} in {RESULTS_DIR}")
+            return 0
+        print(f"(against {old.name})")
+        print(report.compare(report.load(old), new), end="")
         return 0
     if args.plot_only:
         from .plot import plot_results

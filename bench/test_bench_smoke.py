@@ -219,3 +219,19 @@ def test_compare_two_results(tmp_path, capsys):
     moved = [l for l in out.splitlines() if l.startswith("| fwdbwd | mixtral | 4096 | h3moe:triton")]
     assert len(moved) == 1 and "| 1.75 |" in moved[0]
     assert not any(l.startswith("| fwd | mixtral") for l in out.splitlines())  # unchanged row: not listed
+
+
+def test_latest_record_picks_the_newest_of_the_same_gpu(tmp_path):
+    from bench.driver import latest_record
+
+    def put(name, gpu, date):
+        (tmp_path / name).write_text(json.dumps({"gpu": gpu, "date": date, "device": "cuda", "rows": []}))
+
+    put("h100-2026-11-27.json", "H100", "2026-11-27T17:00:00+00:00")
+    put("h100-2026-11-27-run1.json", "H100", "2026-11-27T18:00:00+00:00")  # an earlier run of a day: skipped
+    put("h100-2026-11-20.json", "H100", "2026-11-20T10:00:00+00:00")
+    put("h200-2026-11-28.json", "H200", "2026-11-28T10:00:00+00:00")
+    put("new.json", "H100", "2026-11-29T10:00:00+00:00")
+    assert latest_record("H100", exclude=tmp_path / "new.json", directory=tmp_path).name == "h100-2026-11-27.json"
+    assert latest_record("H200", directory=tmp_path).name == "h200-2026-11-28.json"
+    assert latest_record("A100", directory=tmp_path) is None

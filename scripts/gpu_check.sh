@@ -10,8 +10,9 @@
 # and the benchmark driver stops adding cases at its --budget-s (its JSON is rewritten as it goes, and on
 # SIGTERM, so a step cut short still leaves its results).
 #
-# OUT_DIR receives (7 files): gpu_check.log (environment, build, step times), pytest_gpu.log, bench.json,
-# bench.md, bench.log, bench.png (when matplotlib is there), kernel_report.txt.
+# OUT_DIR receives (8 files): gpu_check.log (environment, build, step times), pytest_gpu.log, bench.json,
+# bench.md, bench.log, bench.png (when matplotlib is there), compare.md (python -m bench --compare-latest:
+# against the newest committed record of this GPU), kernel_report.txt.
 # Commit the results as bench/results/<gpu>-<date>.json + .md (+ .png): see bench/results/README.md.
 # H3MOE_COMMIT=<sha> names the commit where this tree has no .git; PYTHON=... picks the interpreter;
 # H3MOE_GPU_CHECK_SKIP_BUILD=1 skips the CUDA build (a dry run of the script on a CPU machine).
@@ -110,6 +111,9 @@ BUDGET=$(( $(left) - 45 ))
 step bench "$(( $(left) - 20 ))" "$OUT/bench.log" \
   "$PY" -m bench --quick --budget-s "$BUDGET" --out "$OUT/bench.json" --plot --plot-combined
 
+# what changed against the newest committed record of this GPU (targets newly met / missed, rows that moved)
+[ -f "$OUT/bench.json" ] && timeout 60 "$PY" -m bench --compare-latest "$OUT/bench.json" > "$OUT/compare.md" 2>&1
+
 # ------------------------------------------------------------------------------------ static kernel report
 {
   echo "== libh3moe_cuda.so resource usage (cuobjdump)"
@@ -136,5 +140,6 @@ if [ -f "$OUT/bench.md" ]; then
 else
   tail -n 30 "$OUT/bench.log"
 fi
+echo "== against the last record ($OUT/compare.md)"; grep -E "^\(against|now met|now missed" "$OUT/compare.md" 2>/dev/null | head -n 30
 echo "== gpu tests ($OUT/pytest_gpu.log)"; grep -E '^===== tests/|^(FAILED|ERROR)' "$OUT/pytest_gpu.log" 2>/dev/null | cut -c1-200 | head -n 60
 echo "== steps"; printf '%s' "$SUMMARY"
