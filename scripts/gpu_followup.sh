@@ -8,7 +8,8 @@
 #   configs/*.json       python -m h3moe.ops.triton_experts for each shape (T = 1, 16, 4096; fwd and bwd
 #                        roles): commit them to h3moe/configs/ to make them the configs on this GPU type
 #   bench_tuned.{json,md} python -m bench, fwd and fwdbwd at T = 1, 16, 4096, h3moe:triton* and the
-#                        grouped_mm baselines, with those configs (H3MOE_CONFIG_DIR)
+#                        grouped_mm baselines, with those configs (H3MOE_CONFIG_DIR); compare_tuned.md: against
+#                        the newest committed record (python -m bench --compare-latest)
 #   profile_experts.{json,md} scripts/profile_experts.py --candidates at T=4096 with those configs (backward
 #                        saved / recomputed, combine fp32 / lowp / atomic): per kernel
 #                        role, every candidate timed; and the torch backend's kernel table on Mixtral
@@ -51,6 +52,8 @@ say "bench (tuned): limit ${B}s"
 timeout -k 10 "$B" "$PY" -m bench --cases fwd,fwdbwd --tokens 1,16,4096 --impls h3moe:triton,grouped_mm \
   --budget-s $(( B - 20 )) --out "$OUT/bench_tuned.json" >> "$LOG" 2>&1
 say "bench (tuned): rc=$?"
+[ -f "$OUT/bench_tuned.json" ] && timeout 60 "$PY" -m bench --compare-latest "$OUT/bench_tuned.json" \
+  > "$OUT/compare_tuned.md" 2>&1
 
 # 3. per-kernel breakdown with the tuned configs, every candidate timed
 P=$(( $(left) - 5 ))
@@ -60,5 +63,5 @@ timeout -k 10 "$P" "$PY" scripts/profile_experts.py --out "$OUT" --candidates --
   --torch-profile mixtral --budget-s $(( P - 40 )) >> "$LOG" 2>&1
 say "profile: rc=$?"
 say "done in $(( $(date +%s) - START ))s of ${TOTAL}s"
-[ -f "$OUT/bench_tuned.md" ] && sed -n '/^## Targets/,/^## All rows/p' "$OUT/bench_tuned.md" | head -60
+[ -f "$OUT/compare_tuned.md" ] && grep -E "^\(against|^\| (fwd|fwdbwd|decode)" "$OUT/compare_tuned.md" | head -60
 [ -f "$OUT/profile_experts.md" ] && cat "$OUT/profile_experts.md"
