@@ -13,6 +13,8 @@ Custom ops (namespace h3moe, each with a fake implementation):
         renormalize) -> (T, E) logits' dtype: ONE pass over the logits adds the top-k gradient and the
         gating-loss gradient m_t·p_t⊙(dpsum_b − <dpsum_b, p_t>). Autograd of triton_route_gating calls it
         once with both gradients; it saves only the logits, ids (T, K) and the (T,) mask.
+    h3moe::triton_sort_by_expert(ids (T, K), num_experts) -> counts (E,), offsets (E+1,), sorted_slots (T*K,)
+        int32: the metadata of given ids (a (weights, ids) pair), with the same kernels minus the softmax.
 The forward is two kernel launches (top-k + block histograms + last-block scan, then a counting-sort
 scatter; see h3moe/kernels/routing.py) plus a 4-byte memset for the scan ticket. No host synchronization
 and no data-dependent shapes: it can be captured in a CUDA graph and traced by torch.compile(fullgraph=True).
