@@ -523,18 +523,15 @@ _CANDIDATES = {
         "small": [C(64, 64, 64, 8, 4, 4), C(64, 128, 64, 8, 4, 3)],
         "large": [C(128, 128, 64, 8, 8, 4), C(128, 256, 64, 8, 8, 3), Hp(128, 128, 64, 8, 4, 3)],
     },
-    # weight gradients: a BM x BN tile of dW[e], BK of the expert's rows per step
+    # weight gradients: a BM x BN tile of dW[e], BK of the expert's rows per step; both roles run the same
+    # kernel on sorted operands, so they share one list (tuned separately: their shapes differ)
     "wgrad_gu": {
         "decode": [C(64, 64, 16, 8, 4, 3), C(32, 64, 32, 8, 4, 3)],
         "small": [C(64, 64, 32, 8, 4, 3), C(64, 128, 32, 8, 4, 3)],
         "large": [C(128, 128, 64, 8, 8, 3), C(128, 128, 32, 8, 4, 4), Hp(128, 256, 64, 8, 8, 3)],
     },
-    "wgrad_down": {
-        "decode": [C(64, 64, 16, 8, 4, 3), C(32, 64, 32, 8, 4, 3)],
-        "small": [C(64, 64, 32, 8, 4, 3), C(64, 128, 32, 8, 4, 3)],
-        "large": [C(128, 128, 64, 8, 8, 3), Hp(128, 128, 32, 8, 4, 4), Hp(128, 256, 64, 8, 8, 3)],
-    },
 }
+_CANDIDATES["wgrad_down"] = _CANDIDATES["wgrad_gu"]
 
 # fp32 (tf32x3: three tensor-core products per dot, about fp32 accuracy) needs about twice the registers
 # and shared memory of 16-bit: smaller tiles, the same for every regime but decode. Not a speed target.
@@ -545,8 +542,8 @@ _CANDIDATES_FP32 = {
     "bwd_act_saved": {"decode": [C(16, 64, 32, 1, 4, 3)], "rest": [C(64, 64, 32, 8, 4, 3)]},
     "dx": {"decode": [C(16, 64, 32, 1, 4, 3)], "rest": [C(64, 64, 32, 8, 4, 3)]},
     "wgrad_gu": {"decode": [C(64, 64, 16, 8, 4, 3)], "rest": [C(64, 64, 32, 8, 4, 3)]},
-    "wgrad_down": {"decode": [C(64, 64, 16, 8, 4, 3)], "rest": [C(64, 64, 32, 8, 4, 3)]},
 }
+_CANDIDATES_FP32["wgrad_down"] = _CANDIDATES_FP32["wgrad_gu"]
 
 
 def regime(S: int, E: int, K: int) -> str:

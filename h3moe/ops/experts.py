@@ -216,7 +216,7 @@ def moe(
         raise ValueError(f"w_gate_up/w_down: dtypes {w_gate_up.dtype}/{w_down.dtype} differ from x's {x.dtype}")
     be = _backend.resolve(backend, x.device, "moe")
     if be == "cuda" and backend == "auto" and _backend.auto_requested() and not _cuda_moe_pays(T, E):
-        be = "triton" if _backend._can_run("triton", "moe", x.device)[0] else "torch"
+        be = "triton" if _backend.runs("triton", "moe", x.device) else "torch"
     # a (weights, ids) pair gets its sort metadata from the Triton kernels where the GPU backends run
     sort_be = "triton" if be in ("triton", "cuda") and _backend.runs("triton", "route", x.device) else "torch"
     routing = as_routing(routing, E, sort_be)

@@ -345,6 +345,7 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
     part = {}
 
     saved = h is not None and h.numel() > 0
+    slots64 = slots.long()  # (S,) flat slot of each sorted row, as an index
 
     def run_act(cfg):
         m = _m_slots(S, E, cfg.BM)
@@ -360,7 +361,7 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
     _launch("bwd_act_saved" if saved else "bwd_act", S, H, I, E, K, dt, dev, run_act)
     if need_w:
         # row r's partial sums over the I blocks -> slot order (each slot written once: deterministic)
-        drw.view(-1).index_copy_(0, slots.long(), part["dw"].sum(dim=1))
+        drw.view(-1).index_copy_(0, slots64, part["dw"].sum(dim=1))
 
     if need_x:
         slot_dt = dt if _combine_mode() == "lowp" else torch.float32
@@ -388,7 +389,7 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
         _launch(role, S, H, I, E, K, dt, dev, run)
 
     # the weight gradients read both operands in sorted row order (see _wgrad_kernel): gathered here
-    tok = slots.long() // K if (need_gu or need_down) else None  # (S,) token of each sorted row
+    tok = slots64 // K if (need_gu or need_down) else None  # (S,) token of each sorted row
     if need_gu:  # d(w_gate_up)[e] = dH_e^T @ x[token]_e  (E, 2I, H)
         xs = x.index_select(0, tok)  # (S, H)
         wgrad("wgrad_gu", dh, xs, dwgu, 2 * I, H)
@@ -396,7 +397,7 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
     dh = None  # (S, 2I) no longer needed: freed before d(w_down)'s temporaries (the closures share this cell)
     if need_down:  # d(w_down)[e] = (w * dy[token])_e^T @ A_e  (E, H, I)
         dys = dy.index_select(0, tok)  # (S, H), scaled in place: fp32 product, one rounding
-        dys.mul_(rw_flat.index_select(0, slots.long()).unsqueeze(1))
+        dys.mul_(rw_flat.index_select(0, slots64).unsqueeze(1))
         wgrad("wgrad_down", dys, a, dwd, H, I)
     return dx, dwgu, dwd, drw
 

@@ -40,6 +40,17 @@ from ..kernels import routing as K  # noqa: E402
 __all__ = ["route", "route_with_gating", "sort_by_expert"]
 
 
+def _token_blocks(T: int, E: int, dev):
+    """The token-block partition of route_topk_kernel / ids_histogram_kernel and route_scatter_kernel:
+    (E_PAD, BLOCK_T, programs nb, num_warps, block_counts (nb, E_PAD) int32 scratch for the block histograms
+    then their prefixes, the last-block ticket (1,) int32 zeroed)."""
+    e_pad = triton.next_power_of_2(E)
+    block_t = K.block_t_for(e_pad)
+    nb = triton.cdiv(T, block_t)
+    block_counts = torch.empty(nb, e_pad, dtype=torch.int32, device=dev)
+    return e_pad, block_t, nb, K.num_warps_for(e_pad), block_counts, torch.zeros(1, dtype=torch.int32, device=dev)
+
+
 def _sort_by_expert_impl(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, top_k = ids.shape
     E, dev = num_experts, ids.device
@@ -51,12 +62,7 @@ def _sort_by_expert_impl(ids: torch.Tensor, num_experts: int) -> tuple[torch.Ten
         offsets.zero_()
         return counts, offsets, sorted_slots
     ids = ids.to(torch.int64).contiguous()
-    e_pad = triton.next_power_of_2(E)
-    block_t = K.block_t_for(e_pad)
-    nb = triton.cdiv(T, block_t)
-    num_warps = K.num_warps_for(e_pad)
-    block_counts = torch.empty(nb, e_pad, dtype=torch.int32, device=dev)
-    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
+    e_pad, block_t, nb, num_warps, block_counts, ticket = _token_blocks(T, E, dev)
     K.ids_histogram_kernel[(nb,)](
         ids, block_counts, counts, offsets, ticket, T, E, nb,
         K=top_k, E_PAD=e_pad, BLOCK_T=block_t, BLOCK_B=16, num_warps=num_warps, num_stages=1,
@@ -114,12 +120,7 @@ def _triton_route_impl(
         return weights, ids, counts, offsets, sorted_slots
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    e_pad = triton.next_power_of_2(E)
-    block_t = K.block_t_for(e_pad)
-    nb = triton.cdiv(T, block_t)
-    num_warps = K.num_warps_for(e_pad)
-    block_counts = torch.empty(nb, e_pad, dtype=torch.int32, device=dev)  # histograms, then block prefixes
-    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
+    e_pad, block_t, nb, num_warps, block_counts, ticket = _token_blocks(T, E, dev)
     K.route_topk_kernel[(nb,)](
         logits, weights, ids, block_counts, counts, offsets, ticket, logits, weights,  # no mask, no psum
         T, E, logits.stride(0), nb, T, nb,
