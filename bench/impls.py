@@ -9,7 +9,8 @@ themselves. The Triton interpreter is never timed (CPU tensors) unless asked. De
 T <= 16, on CUDA) add '<name>+graph' for h3moe and torch:grouped_mm: the same call replayed from a CUDA graph
 (the kernels' time without Python's launch overhead, as a serving engine runs decode). fwdbwd adds
 h3moe:triton-recompute, the Triton backward that recomputes gate/up instead of reading the saved
-pre-activation (H3MOE_RECOMPUTE=1: less memory, more FLOPs).
+pre-activation (H3MOE_RECOMPUTE=1: less memory, more FLOPs). nf4 decode adds h3moe:triton-load, the 4-bit GEMV
+kernels with their other nibble lookup (H3MOE_W4_LOOKUP=load: table loads instead of warp shuffles).
 Baselines:
     hf:eager       transformers' MixtralExperts.forward: the per-expert Python loop (the loop the H3Fusion
                    authors wrote), bf16 index_add accumulation.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +53,8 @@ _GRAPH = [f"{n}+graph" for n in _H3]  # decode only (T <= 16, CUDA): see _with_g
 CANDIDATES = {
     "route": _H3 + ["torch:eager"], "fwd": _H3 + _HF + _GRAPH + ["torch:grouped_mm+graph"],
     "fwdbwd": _H3 + ["h3moe:triton-recompute"] + _HF, "layer": _H3 + _HF,
-    "gating": _H3 + ["torch:eager"], "nf4": _H3 + ["bnb:dequant+mm"] + _GRAPH,
+    "gating": _H3 + ["torch:eager"],
+    "nf4": _H3 + ["h3moe:triton-load", "bnb:dequant+mm"] + _GRAPH + ["h3moe:triton-load+graph"],
     "int8": _H3 + ["bnb:dequant+mm"] + _GRAPH,
 }
 
@@ -511,6 +514,24 @@ def _h3moe_quant_api():
     return quantize, run, dequantize
 
 
+#: Decode token counts (the 4-bit GEMV kernels' range) that also time h3moe:triton-load.
+GEMV_LOOKUP_MAX_T = 16
+
+
+def _with_env(var: str, value: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with os.environ[var] = value, as a 1-tuple of its output (a few µs of Python: compare
+    the '+graph' rows, where the launch was captured with the variable set)."""
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        return (fn(*args, **kwargs),)
+    finally:
+        if old is None:
+            del os.environ[var]
+        else:
+            os.environ[var] = old
+
+
 def _quant_impls(c: Case, device, interpreter):
     impls, skipped = [], []
     fmt = c.case
@@ -534,6 +555,11 @@ def _quant_impls(c: Case, device, interpreter):
                 continue
             impls.append(Impl(f"h3moe:{b}", lambda s, b=b: (quant_moe(s["x"], s["q"], s["routing"], backend=b),),
                               prepare, dequantized, ref_key="h3moe"))
+            if b == "triton" and fmt == "nf4" and device.type == "cuda" and c.T <= GEMV_LOOKUP_MAX_T:
+                # the 4-bit GEMV's other lookup (16-entry table loads instead of warp shuffles)
+                impls.append(Impl("h3moe:triton-load", lambda s: _with_env(
+                    "H3MOE_W4_LOOKUP", "load", quant_moe, s["x"], s["q"], s["routing"], backend="triton"),
+                    prepare, dequantized, ref_key="h3moe"))
     except Skip as e:
         skipped.append(("h3moe:*", str(e)))
     try:

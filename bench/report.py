@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 __all__ = ["ROW_FIELDS", "TOP_FIELDS", "validate", "evaluate_targets", "markdown", "short_table", "write",
@@ -94,9 +95,10 @@ def evaluate_targets(result: dict) -> list[dict]:
             elif kind == "bw_frac":
                 against = f"copy {ceil.get('copy_GBps', 0):.0f} GB/s"
                 value = r["gbps"] / ceil["copy_GBps"] if r.get("gbps") and ceil.get("copy_GBps") else None
-            elif kind == "vs_bf16":
-                o = idx.get(("fwd", r["model"], r["tokens"], r["impl"]))
-                against = f"fwd {r['impl']} (bf16)"
+            elif kind == "vs_bf16":  # a variant row (h3moe:triton-load+graph) against its backend's bf16 row
+                base = re.sub(r"^(h3moe:[a-z]+)-[a-z0-9]+", r"\1", r["impl"])
+                o = idx.get(("fwd", r["model"], r["tokens"], base))
+                against = f"fwd {base} (bf16)"
                 value = o["ms"] / r["ms"] if o else None
             out.append({
                 "target": tid, "text": text, "model": r["model"], "tokens": r["tokens"], "impl": r["impl"],

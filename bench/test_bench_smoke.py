@@ -93,10 +93,15 @@ def test_targets_are_evaluated_from_rows():
         _row("fwd", "mixtral", 4096, "hf:eager", 9.0),  # 9× ≥ 8: met
         _row("fwd", "mixtral", 1, "h3moe:triton", 0.1, gbps=2400.0),  # 80% of copy: met
         _row("nf4", "mixtral", 1, "h3moe:triton", 0.05),  # 2× bf16 < 2.5: missed
+        _row("fwd", "mixtral", 1, "h3moe:triton+graph", 0.09),
+        _row("nf4", "mixtral", 1, "h3moe:triton-load+graph", 0.03),  # a variant: against h3moe:triton+graph
         _row("fwdbwd", "mixtral", 4096, "h3moe:triton", 3.0),  # no baselines: n/a
     ]}
+    targets = report.evaluate_targets(res)
     got = {(t["target"], t["tokens"]): (round(t["value"], 3) if t["value"] is not None else None, t["met"])
-           for t in report.evaluate_targets(res)}
+           for t in targets if "+graph" not in t["impl"]}
+    variant = next(t for t in targets if t["impl"] == "h3moe:triton-load+graph")
+    assert (round(variant["value"], 3), variant["met"], variant["against"]) == (3.0, True, "fwd h3moe:triton+graph (bf16)")
     assert got[("fwd_vs_grouped_mm", 4096)] == (1.1, False)
     assert got[("fwd_vs_eager", 4096)] == (9.0, True)
     assert got[("fwd_matmul_frac", 4096)] == (0.625, True)

@@ -262,6 +262,43 @@ def test_pick_decode_config():
 
 @pytest.mark.interpreter
 @needs_triton
+def test_gemv_reads_a_misaligned_packed_view():
+    """The 4-bit GEMV kernels read the packed bytes as 32-bit words: a qweight view that starts off a 4-byte
+    boundary (a slice of a larger buffer) is copied first, and the result is the aligned one's."""
+    if HAS_CUDA:
+        pytest.skip("the GPU tier covers the kernels")
+    E, H, I, T, K = 3, 64, 64, 1, 2
+    w_gu, w_dn = _weights(E, H, I, torch.float32)
+    gu, dn = hb.quantize_weight(w_gu, "nf4", 64), hb.quantize_weight(w_dn, "nf4", 64)
+    x = torch.randn(T, H)
+    r = route(torch.randn(T, E), K)
+    want = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
+    q = gu.packed.qweight
+    buf = torch.empty(q.numel() + 1, dtype=torch.uint8)
+    view = buf[1:].view(q.shape)
+    view.copy_(q)
+    assert view.data_ptr() % 4 and oq._words(view).data_ptr() % 4 == 0
+    got = oq.quant_moe(x, gu.packed._replace(qweight=view), dn.packed, r, backend="triton")
+    assert torch.equal(got, want)
+
+
+def test_w4_lookup_choice(monkeypatch):
+    """The GEMV's nibble lookup: the interpreter always takes the table loads (it cannot run the PTX shuffle);
+    on a GPU H3MOE_W4_LOOKUP picks, default shfl; a typo fails loudly instead of silently timing the other."""
+    from h3moe.kernels import quant as kq
+
+    monkeypatch.delenv("H3MOE_W4_LOOKUP", raising=False)
+    assert kq.w4_lookup(interpret=True) == "load" and kq.w4_lookup(interpret=False) == "shfl"
+    monkeypatch.setenv("H3MOE_W4_LOOKUP", "load")
+    assert kq.w4_lookup(interpret=False) == "load"
+    monkeypatch.setenv("H3MOE_W4_LOOKUP", "shuffle")
+    with pytest.raises(ValueError, match="H3MOE_W4_LOOKUP"):
+        kq.w4_lookup(interpret=False)
+    assert kq.w4_lookup(interpret=True) == "load"
+
+
+@pytest.mark.interpreter
+@needs_triton
 def test_custom_ops_opcheck():
     """torch.library.opcheck on the h3moe::quant_* ops (schema, fake, dispatch) at a tiny shape."""
     E, H, I, T, K = 2, 64, 64, 3, 2
@@ -437,8 +474,9 @@ def test_package_import_does_not_import_bitsandbytes():
 
 @pytest.mark.compile
 def test_decode_kernel_compiles_without_spills():
-    """One spec here (the compile tier compiles them all): the NF4 nested GEMV decode gate_up kernel (T=1) for
-    sm_90: no spills, no shared-memory staging beyond a small scratch, and 16-byte weight loads."""
+    """Two specs here (the compile tier compiles them all): the NF4 nested GEMV decode gate_up kernel (T=1) and
+    the table-load variant of the down kernel, for sm_90: no spills, no shared-memory staging beyond a small
+    scratch, 16-byte weight loads, and the lookup each one asks for (warp shuffles / table loads)."""
     pytest.importorskip("triton")
     code = r"""
 import os, subprocess, tempfile, triton
@@ -446,17 +484,26 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from h3moe.kernels.quant import aot_specs
 specs = aot_specs()
-assert len({s.name for s in specs}) == len(specs) == 72
-s = next(s for s in specs if s.name.startswith("quant_w4_gate_up_gemv[bf16,nf4+nested,T=1,"))
-attrs = {(s.fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in s.divisible}
-k = triton.compile(ASTSource(fn=s.fn, signature=s.signature, constexprs=s.constexprs, attrs=attrs),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": s.num_warps, "num_stages": s.num_stages})
-assert k.metadata.shared <= 2048, k.metadata.shared
-assert "ld.global.v4.b32" in k.asm["ptx"] or "ld.global.v4.u32" in k.asm["ptx"], "no 16-byte weight loads"
-f = tempfile.NamedTemporaryFile(suffix=".cubin", delete=False); f.write(k.asm["cubin"]); f.close()
-tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-assert "STACK:0 " in out and "LOCAL:0 " in out, out
+assert len({s.name for s in specs}) == len(specs) == 76
+def build(prefix):
+    s = next(s for s in specs if s.name.startswith(prefix))
+    attrs = {(s.fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in s.divisible}
+    k = triton.compile(ASTSource(fn=s.fn, signature=s.signature, constexprs=s.constexprs, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": s.num_warps, "num_stages": s.num_stages})
+    assert k.metadata.shared <= 2048, k.metadata.shared
+    assert "ld.global.v4.b32" in k.asm["ptx"] or "ld.global.v4.u32" in k.asm["ptx"], "no 16-byte weight loads"
+    f = tempfile.NamedTemporaryFile(suffix=".cubin", delete=False); f.write(k.asm["cubin"]); f.close()
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    assert "STACK:0 " in out and "LOCAL:0 " in out, out
+    return k.asm["ptx"]
+# the default lookup: one shfl.sync.idx per weight (64 per thread per 1 KB chunk, unrolled), no table loads
+ptx = build("quant_w4_gate_up_gemv[bf16,nf4+nested,T=1,")
+assert ptx.count("shfl.sync.idx.b32") >= 64, ptx.count("shfl.sync.idx.b32")
+assert "ld.global.b64" not in ptx and "ld.global.u64" not in ptx, "a 64-bit table load is back"
+# the table-load alternative: no shuffle lookups (Triton's own layout moves use a few shfl.idx)
+ptx = build("quant_w4_down_gemv[bf16,nf4+load,T=1,")
+assert ptx.count("shfl.sync.idx.b32") < 16, ptx.count("shfl.sync.idx.b32")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -508,6 +555,30 @@ def test_gpu_kernels_equal_dequantize_reference(monkeypatch, quant_type, nested,
     assert y.dtype == dtype and not torch.isnan(y).any()
     want, eager = _ref_fp32_and_eager(x, gu, dn, r)
     err, eager_err = (y.float() - want).abs().max(), (eager - want).abs().max()
+    assert err <= 2 * eager_err + 1e-3 * want.abs().max(), (err, eager_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type,nested", [("nf4", False), ("fp4", True)])
+@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (3, 8, 2), (16, 8, 2), (1, 64, 8), (5, 64, 8)])
+def test_gpu_gemv_lookups_agree(monkeypatch, quant_type, nested, T, E, K):
+    """The 4-bit GEMV kernels' two nibble lookups (warp shuffle, the default; 16-entry table loads, the
+    interpreter's path) read the same fp32 codes in the same order: bit-identical outputs, both equal to
+    dequantize + reference. Only the GPU runs the shuffle (PTX); every other line is interpreter-tested."""
+    H, I = 1024, 1536
+    w_gu, w_dn = _weights(E, H, I, torch.bfloat16, "cuda")
+    gu, dn = hb.quantize_weight(w_gu, quant_type, 64, nested), hb.quantize_weight(w_dn, quant_type, 64, nested)
+    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+    r = route(torch.randn(T, E, device="cuda"), K)
+    _poison(monkeypatch)
+    ys = {}
+    for mode in ("shfl", "load"):
+        monkeypatch.setenv("H3MOE_W4_LOOKUP", mode)
+        ys[mode] = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
+    assert not torch.isnan(ys["shfl"]).any()
+    assert torch.equal(ys["shfl"], ys["load"])
+    want, eager = _ref_fp32_and_eager(x, gu, dn, r)
+    err, eager_err = (ys["shfl"].float() - want).abs().max(), (eager - want).abs().max()
     assert err <= 2 * eager_err + 1e-3 * want.abs().max(), (err, eager_err)
 
 

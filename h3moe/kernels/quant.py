@@ -28,19 +28,37 @@ one over the high nibbles (even k, activations loaded with stride 2) and one ove
 so no in-register interleave is needed.
 
 Decode, T <= GEMV_MAX_T = 16 tokens: GEMV kernels (w4_gate_up_gemv_kernel, w4_down_gemv_kernel,
-w8_gate_up_gemv_kernel, w8_down_gemv_kernel; no tl.dot, no shared-memory staging). A program owns one row tile
+w8_gate_up_gemv_kernel, w8_down_gemv_kernel; no tl.dot; shared memory only to broadcast the activation tile,
+<= 256 B). A program owns one row tile
 (ROWS <= 8 sorted rows of one expert), BN output rows and, for down, one of KSPLIT slices of I. Per chunk of
 128 columns it issues one 16-byte load per thread per tile (a row of the packed matrix is contiguous; the
-tile is laid out byte-column first so the compiler keeps those 16 bytes in one thread), looks each byte up in
-a 256-entry int64 table holding both nibbles' fp32 codes (one L1 load per byte; the table is built on the host
-from `code`), multiplies with the activation row(s), reduces over the block in registers and applies the
-block absmax once per block (int8: the row scale once per row, at the end). The next chunk's bytes are loaded
-before the current one is computed (register double buffer). gate_up tiles carry BN gate rows and the same BN
-up rows and apply act(gate)*up in the epilogue; down writes KSPLIT fp32 partials (KSPLIT, T*K, H) that the
-combine kernel sums with the K slots in one pass (deterministic, no atomics). Numerics: fp32 dequantized
-weights (code * absmax in fp32, as bitsandbytes computes them before its cast) times activations, fp32
-accumulation; the tl.dot path below rounds the weights to the activation dtype first: both equal dequantize +
-reference within bf16/fp16 rounding.
+tile is laid out word-column first so the compiler keeps those 4 words in one thread) and looks up each
+nibble's fp32 code by a warp shuffle (LOOKUP "shfl": lane l holds code[l % 16] in one register; shfl.sync.idx
+reads the low 5 bits of `word >> shift`, so no mask and no address arithmetic: one SHF and one SHFL per
+weight), multiplies with the activation row(s) (loaded as one (BLOCKSIZE/8, NBLK, 8) tile, 8 bytes per thread,
+split by position within the word), reduces over the block in registers and applies the block absmax once per
+block (int8: the row scale once per row, at the end). The next chunk's words are loaded before the current one
+is computed (register double buffer). gate_up tiles carry BN gate rows and the same BN up rows and apply
+act(gate)*up in the epilogue; down writes KSPLIT fp32 partials (KSPLIT, T*K, H) that the combine kernel sums
+with the K slots in one pass (deterministic, no atomics). Numerics: fp32 codes (bit-for-bit bitsandbytes'
+table) times activations, the absmax applied to each block's fp32 sum, fp32 accumulation; the tl.dot path
+below rounds the weights (code * absmax) to the activation dtype first: both equal dequantize + reference
+within bf16/fp16 rounding. LOOKUP "load" (H3MOE_W4_LOOKUP=load, and always under the interpreter, which
+cannot run PTX) loads the code from the 16-entry fp32 table instead: same values, same order, bit-identical
+outputs (GPU test), ~55% more instructions (64-bit address arithmetic per weight).
+
+Why a shuffle (compile tier, sm_90, bf16, T=1, per 1 KB chunk per warp = 32 B per thread): the first GEMV
+version looked up each packed BYTE in a 256-entry int64 table of code pairs (2 KB in global memory) — one
+LDG.64 per byte, but 32 lanes gathering random entries of 2 KB touch ~14.5 different 128-byte lines, and the
+L1 serves one line per wavefront: ~460 L1 cycles per 1 KB chunk, a ceiling near 0.5 TB/s of packed weights per
+GPU (132 SMs) whatever the DRAM could give; plus ~390 instructions per chunk (a PRMT, a copy and a mask per
+byte for the double buffer, 64-bit table addresses, 32 two-byte activation loads). Now: ~308 instructions per
+chunk (64 SHFL + 57 SHF for the lookups, 58 FFMA, 28 IMAD for the bf16 -> fp32 activations, 20 LDS, 6 LDG),
+~100 memory-pipe operations (shuffles included) instead of ~460 L1 wavefronts. At one shuffle per clock per SM
+that is ~10 B/clk/SM of packed weights: ~2.4 TB/s on an H100 (132 SMs, 1.755 GHz) — about 80% of its measured
+3.0 TB/s copy, the issue rate (308 / 4 per clock = 77 clk per KB, 13 B/clk/SM) just above. Registers 127-168,
+0-256 B of shared memory, no spills, sm_80 and sm_90 (scripts/kernel_report.py --module h3moe.kernels.quant
+--filter gemv --sass).
 Prefill and 17+ tokens: the tl.dot kernels above (BM=16 row tiles for S <= 64, BM=64 beyond).
 
 Bytes moved per token at decode (K active experts per token, each read once when T*K rows hit distinct
@@ -57,19 +75,18 @@ Qwen3-30B-A3B (K=8, H=2048, I=768): 21 MB, 7 µs.
 Grid at T=1, Mixtral NF4 (pick_decode_config): gate_up BN=8 -> (14336/8, S//1 + min(E, S)) = (1792, 4),
 3584 active one-warp programs (2 experts x 1792; the rest leave after the offsets scan), each streaming 8 gate +
 8 up rows x 2048 B = 32 KB in 32 chunks of 1 KB; down BN=16, KSPLIT=4 -> (256, 4, 4), 2048 active programs of
-16 rows x 1792 B = 28 KB. Compile tier (scripts/kernel_report.py, sm_90, bf16): gate_up 148 registers, down 145,
-128 B of shared memory (reduction scratch), no spills, 16-byte weight loads (LDG.E.128) -> 13 one-warp
-programs per SM by registers, ~26 KB of weight loads in flight per SM with the double buffer. The main loop
-is ~390 SASS instructions per warp per 1 KB chunk, ~6 per weight (LUT address + load, byte unpack, 2 FFMA per
-byte, ...): 352 M weights x 6 / 32 lanes = 67 M warp instructions, ~72 µs at 4 issues/clock on 132 SMs at
-1.755 GHz — the same order as the 66 µs of DRAM time, so the kernels sit at the issue / bandwidth ridge.
+16 rows x 1792 B = 28 KB. 127-168 registers -> 12-16 one-warp programs per SM, ~24-32 KB of weight loads in
+flight per SM with the double buffer (Little's law at 3 TB/s and ~1 µs: ~23 KB per SM).
 int8 (BN=8, one warp, 64-120 registers, no double buffer): ~3-4 instructions per weight, bandwidth-bound.
 Prediction for the next GPU session (bench `python -m bench --cases nf4,int8`, T=1, whole quant_moe call incl.
-the combine launch): Mixtral NF4 ~0.10-0.13 ms (measured before: 0.91 ms with the tl.dot
-decode tiles: 224-448 programs of 256 threads, 100 KB of shared memory for the pipelined code-table gathers,
-1 CTA per SM), H³Fusion NF4 ~0.08-0.10 ms (0.70), OLMoE / Qwen3 NF4 ~0.03-0.04 ms (0.39 / 0.23, launch-bound);
-int8 Mixtral ~0.13-0.15 ms (0.35). If NF4 lands near 0.13 ms and the SASS issue rate is the limit (nsight:
-issue slots busy > 80%), the next step is fewer instructions per weight (drop the 64-bit LUT address math).
+the combine launch): Mixtral NF4 ~0.09-0.12 ms per layer call (66 µs of DRAM at 3 TB/s, ~83 µs at the
+shuffle ceiling above; measured before: 0.91 ms with the tl.dot decode tiles), H³Fusion NF4 ~0.07-0.09 ms,
+OLMoE / Qwen3 NF4 ~0.03-0.04 ms (launch-bound); int8 Mixtral ~0.13-0.15 ms. The bench also times
+h3moe:triton-load (the table-load lookup) to check the shuffle's gain. If NF4 stays above ~0.1 ms with the
+memory pipe busy (nsight: MIO throttle), the next lever takes the lookups off the memory pipe: fp16 codes
+held in 8 registers and picked with PRMT byte permutes, 4 nibbles at a time (~3 integer instructions per
+nibble, codes rounded to fp16). A byte-pair table in shared memory would not help: 32 random 8-byte lookups
+into 2 KB conflict ~3-4 ways per half warp.
 """
 from __future__ import annotations
 
@@ -373,41 +390,89 @@ def w8_down_kernel(
 @triton.jit
 def _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask, k0, NB, NB2,
              Kd: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NBLK: tl.constexpr):
-    """Raw chunk of rows n (BN,) of one expert's (N, Kd) matrix (q_e at its first byte), columns
-    [k0, k0 + NBLK*BLOCKSIZE): packed bytes (BLOCKSIZE/2, NBLK, BN) uint8, TRANSPOSED (byte column first: the
-    compiler then gives each thread 16 consecutive bytes of one row, one 16 B load, and the table gather and
-    the k reduction stay in that layout, no shuffle of the weights) and the block absmax (NBLK, BN) fp32; rows
-    where mask (BN,) is False read as 0."""
-    BSH: tl.constexpr = BLOCKSIZE // 2
+    """Raw chunk of rows n (BN,) of one expert's (N, Kd) matrix (q_e: int32 view at the expert's first byte),
+    columns [k0, k0 + NBLK*BLOCKSIZE): packed 32-bit words (BLOCKSIZE/8, NBLK, BN) int32, TRANSPOSED (word
+    column first: the compiler gives each thread 4 consecutive words of one row, one 16 B load, and the lookups
+    and the k reduction stay in that layout) and the block absmax (NBLK, BN) fp32; rows where mask (BN,) is
+    False read as 0. Word c of a block holds elements 8c..8c+7 (see _w4_codes8)."""
+    BSW: tl.constexpr = BLOCKSIZE // 8
     j = tl.arange(0, NBLK)
-    c = tl.arange(0, BSH)
-    rows = n.to(tl.int64)[None, None, :] * (Kd // 2)
-    b = tl.load(q_e + rows + k0 // 2 + j[None, :, None] * BSH + c[:, None, None], mask=mask[None, None, :],
+    c = tl.arange(0, BSW)
+    rows = n.to(tl.int64)[None, None, :] * (Kd // 8)
+    w = tl.load(q_e + rows + k0 // 8 + j[None, :, None] * BSW + c[:, None, None], mask=mask[None, None, :],
                 other=0)
     blk = n[None, :] * (Kd // BLOCKSIZE) + k0 // BLOCKSIZE + j[:, None]  # (NBLK, BN)
     am = _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, blk, mask[None, :], NB, NB2, NESTED)
-    return b, am
+    return w, am
 
 
 @triton.jit
-def _w4_codes(lut_ptr, b):
-    """Codes of packed bytes b (BLOCKSIZE/2, NBLK, BN): (high nibble, low nibble) fp32, i.e. elements 2c and
-    2c+1 of each block. One 8-byte table load per byte; the value is code * block absmax, which the GEMV
-    applies once per block, after the block's sum."""
-    pair = tl.load(lut_ptr + b.to(tl.int32))  # int64: fp32 bits of code[b >> 4] (low), code[b & 15] (high)
-    return pair.to(tl.int32).to(tl.float32, bitcast=True), (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+def _w4_lane_table(code_ptr, like, LOOKUP: tl.constexpr):
+    """The shuffle lookup's table, one register: fp32 bits of code[laneid % 16] (int32, like's shape, every
+    element equal, so the compiler keeps one copy); zeros when LOOKUP = 1 (it reads code_ptr instead)."""
+    z = tl.zeros_like(like)
+    if LOOKUP == 0:
+        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [z], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+        return tl.load(code_ptr + (lane & 15)).to(tl.int32, bitcast=True)
+    else:
+        return z
 
 
 @triton.jit
-def _rowdot(c_hi, c_lo, am, src_ptr, k0, NBLK: tl.constexpr, BLOCKSIZE: tl.constexpr):
-    """(BN,) fp32: Σ_k code[k, n] * absmax[k // BLOCKSIZE, n] * src[k0 + k] over the chunk (c_hi, c_lo, am
-    from _w4_load / _w4_codes; src_ptr at the activation row)."""
+def _w4_code(w, S: tl.constexpr, tbl, code_ptr, LOOKUP: tl.constexpr):
+    """fp32 code of the nibble at bits [S, S+4) of every word of w (int32).
+    LOOKUP 0: `shfl.sync.idx` from the lane that holds the entry (lane l holds code[l % 16]; shfl reads the low
+    5 bits of its lane operand, so w >> S needs no mask: bit 4 lands on the copy of the table in lanes 16-31).
+    One instruction per weight, no memory access, no address arithmetic; every lane of the warp runs it (no
+    divergent branch around it). LOOKUP 1: a load of the 16-entry table (64 B: one cache line, one L1
+    wavefront per warp load), and the path of Triton's interpreter, which cannot run PTX."""
+    if LOOKUP == 0:
+        bits = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
+                                         [tbl, w >> S], dtype=tl.int32, is_pure=True, pack=1)
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return tl.load(code_ptr + ((w >> S) & 15))
+
+
+@triton.jit
+def _w4_codes8(w, tbl, code_ptr, LOOKUP: tl.constexpr):
+    """Codes of the 8 elements of every packed word w (BLOCKSIZE/8, NBLK, BN), in element order 8c+0..8c+7.
+    Word c (little-endian) holds packed bytes 4c..4c+3; byte i holds element 2i in its HIGH nibble (bits
+    8i+4..8i+7) and element 2i+1 in its low nibble (bits 8i..8i+3). The value is code * block absmax, which the
+    GEMV applies once per block, after the block's sum."""
+    return (_w4_code(w, 4, tbl, code_ptr, LOOKUP), _w4_code(w, 0, tbl, code_ptr, LOOKUP),
+            _w4_code(w, 12, tbl, code_ptr, LOOKUP), _w4_code(w, 8, tbl, code_ptr, LOOKUP),
+            _w4_code(w, 20, tbl, code_ptr, LOOKUP), _w4_code(w, 16, tbl, code_ptr, LOOKUP),
+            _w4_code(w, 28, tbl, code_ptr, LOOKUP), _w4_code(w, 24, tbl, code_ptr, LOOKUP))
+
+
+@triton.jit
+def _rowdot(cs, am, src_ptr, k0, NBLK: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """(BN,) fp32: Σ_k code[k, n] * absmax[k // BLOCKSIZE, n] * src[k0 + k] over the chunk (cs: the 8 code
+    tensors of _w4_codes8, am from _w4_load; src_ptr at the activation row). The activations are loaded as one
+    (BLOCKSIZE/8, NBLK, 8) tile, each word's 8 elements contiguous (16-byte loads), and split by position."""
     j = tl.arange(0, NBLK)
-    c = tl.arange(0, BLOCKSIZE // 2)
-    xp = src_ptr + k0 + j[None, :] * BLOCKSIZE + 2 * c[:, None]  # (BSH, NBLK)
-    xe = tl.load(xp).to(tl.float32)[:, :, None]
-    xo = tl.load(xp + 1).to(tl.float32)[:, :, None]
-    return tl.sum((tl.sum(c_hi * xe, axis=0) + tl.sum(c_lo * xo, axis=0)) * am, axis=0)
+    c = tl.arange(0, BLOCKSIZE // 8)
+    p = tl.arange(0, 8)
+    xt = tl.load(src_ptr + k0 + j[None, :, None] * BLOCKSIZE + 8 * c[:, None, None] + p[None, None, :])
+    xt = tl.reshape(xt.to(tl.float32), (BLOCKSIZE // 8, NBLK, 2, 2, 2))  # [c, j, p >> 2, (p >> 1) & 1, p & 1]
+    xe, xo = tl.split(xt)  # p even / odd
+    xee, xeo = tl.split(xe)
+    xoe, xoo = tl.split(xo)
+    x0, x4 = tl.split(xee)
+    x2, x6 = tl.split(xeo)
+    x1, x5 = tl.split(xoe)
+    x3, x7 = tl.split(xoo)
+    s = cs[0] * x0[:, :, None]  # one FFMA per weight from here on
+    s += cs[1] * x1[:, :, None]
+    s += cs[2] * x2[:, :, None]
+    s += cs[3] * x3[:, :, None]
+    s += cs[4] * x4[:, :, None]
+    s += cs[5] * x5[:, :, None]
+    s += cs[6] * x6[:, :, None]
+    s += cs[7] * x7[:, :, None]
+    return tl.sum(tl.sum(s, axis=0) * am, axis=0)
 
 
 @triton.jit
@@ -427,14 +492,14 @@ def w4_gate_up_gemv_kernel(
     absmax2_ptr,  # (E, NB2) fp32 (NESTED only)
     code2_ptr,  # (256,) fp32 (NESTED only)
     offset_ptr,  # (E,) fp32 (NESTED only)
-    lut_ptr,  # (256,) int64 byte table: fp32 bits of code[b >> 4] (low word), code[b & 15] (high word)
+    code_ptr,  # (16,) fp32 NF4 / FP4 table
     slots_ptr,  # (S,) int32 sorted_slots
     offsets_ptr,  # (E+1,) int32
     out_ptr,  # (S, I) x's dtype: act(gate)*up per sorted row
     NB, NB2,  # i32
     E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     TOPK: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ACT: tl.constexpr,
-    ROWS: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
+    ROWS: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, LOOKUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -445,7 +510,7 @@ def w4_gate_up_gemv_kernel(
     dtype = x_ptr.dtype.element_ty
     n = pid_n * BN + tl.arange(0, BN)  # (BN,) gate rows; up rows are n + I
     mask_n = n < I
-    q_e = q_ptr + e64 * I * H
+    q_e = (q_ptr + e64 * I * H).to(tl.pointer_type(tl.int32))  # the expert's 2I*H/2 bytes as words
     acc_g = tl.zeros((ROWS, BN), dtype=tl.float32)
     acc_u = tl.zeros((ROWS, BN), dtype=tl.float32)
     BK: tl.constexpr = NBLK * BLOCKSIZE
@@ -454,19 +519,20 @@ def w4_gate_up_gemv_kernel(
                       BLOCKSIZE, NESTED, NBLK)
     bu, au = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n + I, mask_n, 0, NB, NB2, H,
                       BLOCKSIZE, NESTED, NBLK)
+    tbl = _w4_lane_table(code_ptr, bg, LOOKUP)
     for k0 in range(0, H, BK):
         more = mask_n & (k0 + BK < H)
         bg2, ag2 = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, more, k0 + BK, NB, NB2,
                             H, BLOCKSIZE, NESTED, NBLK)
         bu2, au2 = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n + I, more, k0 + BK, NB,
                             NB2, H, BLOCKSIZE, NESTED, NBLK)
-        gh, gl = _w4_codes(lut_ptr, bg)
-        uh, ul = _w4_codes(lut_ptr, bu)
+        cg = _w4_codes8(bg, tbl, code_ptr, LOOKUP)
+        cu = _w4_codes8(bu, tbl, code_ptr, LOOKUP)
         for m in tl.static_range(ROWS):
             if start + m < end:
                 tok = (tl.load(slots_ptr + start + m) // TOPK).to(tl.int64)
-                acc_g = _acc_row(acc_g, _rowdot(gh, gl, ag, x_ptr + tok * H, k0, NBLK, BLOCKSIZE), m, ROWS)
-                acc_u = _acc_row(acc_u, _rowdot(uh, ul, au, x_ptr + tok * H, k0, NBLK, BLOCKSIZE), m, ROWS)
+                acc_g = _acc_row(acc_g, _rowdot(cg, ag, x_ptr + tok * H, k0, NBLK, BLOCKSIZE), m, ROWS)
+                acc_u = _acc_row(acc_u, _rowdot(cu, au, x_ptr + tok * H, k0, NBLK, BLOCKSIZE), m, ROWS)
         bg, ag, bu, au = bg2, ag2, bu2, au2
     rows_m = start + tl.arange(0, ROWS)
     _store_act(out_ptr, acc_g, acc_u, rows_m, rows_m < end, n, mask_n, I, ACT)
@@ -480,7 +546,7 @@ def w4_down_gemv_kernel(
     absmax2_ptr,  # (E, NB2) fp32 (NESTED only)
     code2_ptr,  # (256,) fp32 (NESTED only)
     offset_ptr,  # (E,) fp32 (NESTED only)
-    lut_ptr,  # (256,) int64 byte table (see w4_gate_up_gemv_kernel)
+    code_ptr,  # (16,) fp32 NF4 / FP4 table
     slots_ptr,  # (S,) int32 sorted_slots
     offsets_ptr,  # (E+1,) int32
     w_ptr,  # (T*K,) fp32 routing weight per flat slot
@@ -488,7 +554,7 @@ def w4_down_gemv_kernel(
     NB, NB2, TK,  # i32; TK = T*K slots
     E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-    ROWS: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, KSPLIT: tl.constexpr,
+    ROWS: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, KSPLIT: tl.constexpr, LOOKUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -500,20 +566,21 @@ def w4_down_gemv_kernel(
     dtype = a_ptr.dtype.element_ty
     n = pid_n * BN + tl.arange(0, BN)  # (BN,) output features
     mask_n = n < H
-    q_e = q_ptr + e64 * H * (I // 2)
+    q_e = (q_ptr + e64 * H * (I // 2)).to(tl.pointer_type(tl.int32))  # the expert's H*I/2 bytes as words
     acc = tl.zeros((ROWS, BN), dtype=tl.float32)
     KC: tl.constexpr = I // KSPLIT
     BK: tl.constexpr = NBLK * BLOCKSIZE
     b, am = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask_n, ks * KC, NB, NB2, I,
                      BLOCKSIZE, NESTED, NBLK)
+    tbl = _w4_lane_table(code_ptr, b, LOOKUP)
     for kc in range(0, KC, BK):
         k0 = ks * KC + kc
         b2, am2 = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask_n & (kc + BK < KC),
                            k0 + BK, NB, NB2, I, BLOCKSIZE, NESTED, NBLK)
-        wh, wl = _w4_codes(lut_ptr, b)
+        cw = _w4_codes8(b, tbl, code_ptr, LOOKUP)
         for m in tl.static_range(ROWS):
             if start + m < end:
-                acc = _acc_row(acc, _rowdot(wh, wl, am, a_ptr + (start + m).to(tl.int64) * I, k0, NBLK, BLOCKSIZE), m,
+                acc = _acc_row(acc, _rowdot(cw, am, a_ptr + (start + m).to(tl.int64) * I, k0, NBLK, BLOCKSIZE), m,
                                ROWS)
         b, am = b2, am2
     rows_m = start + tl.arange(0, ROWS)
@@ -644,6 +711,22 @@ def pick_config(S: int, bits: int, blocksize: int, Kd: int, N: int) -> dict:
 #: H3MOE_QUANT_GEMV_MAX_T=0 turns them off (every T takes the tl.dot kernels, measured correct on an H100
 #: 2026-11-27); the GEMV kernels were checked in the interpreter and the compile tier, not yet on a GPU.
 GEMV_MAX_T = min(16, int(os.environ.get("H3MOE_QUANT_GEMV_MAX_T", "16")))
+#: How the 4-bit GEMV kernels look up a nibble's code (constexpr LOOKUP): "shfl" (warp shuffle from a table
+#: held in one register per lane, the default on a GPU) or "load" (a load from the 16-entry table; the only
+#: path Triton's interpreter can run, which cannot execute PTX). H3MOE_W4_LOOKUP picks one on a GPU.
+W4_LOOKUP_IDS = {"shfl": 0, "load": 1}
+
+
+def w4_lookup(interpret: bool) -> str:
+    """The GEMV lookup in effect: "load" under the interpreter, else H3MOE_W4_LOOKUP (default "shfl")."""
+    if interpret:
+        return "load"
+    mode = os.environ.get("H3MOE_W4_LOOKUP", "shfl")
+    if mode not in W4_LOOKUP_IDS:
+        raise ValueError(f"H3MOE_W4_LOOKUP: expected one of {sorted(W4_LOOKUP_IDS)}, got {mode!r}")
+    return mode
+
+
 #: Rows of one expert a GEMV program serves (the row loop is unrolled).
 GEMV_ROWS = 8
 #: Active programs the decode path aims for (H100: 132 SMs; ~16 small CTAs per SM keep ~20 KB of loads in
@@ -756,7 +839,11 @@ def _gemv_specs(dt: str, H: int, I: int) -> list[AotSpec]:
     specs = []
     for T in GEMV_AOT_TOKENS:
         S = T * K
-        for fmt, nested in (("nf4", False), ("nf4+nested", True), ("int8", None)):
+        # 4-bit: the default lookup (shfl) at every T and nesting; the table-load lookup (the interpreter's,
+        # and the alternative H3MOE_W4_LOOKUP=load) at T=1
+        variants = [("nf4", False, "shfl"), ("nf4+nested", True, "shfl"), ("int8", None, None)]
+        variants += [("nf4", False, "load")] if T == 1 else []
+        for fmt, nested, lookup in variants:
             for proj in ("gate_up", "down"):
                 Kd, N = (H, I) if proj == "gate_up" else (I, H)
                 if nested is None:
@@ -768,12 +855,9 @@ def _gemv_specs(dt: str, H: int, I: int) -> list[AotSpec]:
                     kind = "w8"
                 else:
                     cfg = pick_decode_config(T, S, E, 4, 64, Kd, N, proj)
-                    ptrs = {**_W4_ARGS, "absmax_ptr": "*u8" if nested else "*fp32", "lut_ptr": "*i64"}
-                    del ptrs["code_ptr"]
-                    ptrs = {k: ptrs[k] for k in ("q_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr",
-                                                 "lut_ptr", "slots_ptr", "offsets_ptr")}
+                    ptrs = {**_W4_ARGS, "absmax_ptr": "*u8" if nested else "*fp32"}
                     tiles = {"BLOCKSIZE": 64, "NESTED": nested, "ROWS": cfg["ROWS"], "BN": cfg["BN"],
-                             "NBLK": cfg["NBLK"]}
+                             "NBLK": cfg["NBLK"], "LOOKUP": W4_LOOKUP_IDS[lookup]}
                     fn = w4_gate_up_gemv_kernel if proj == "gate_up" else w4_down_gemv_kernel
                     ints = {"NB": "i32", "NB2": "i32"}
                     kind = "w4"
@@ -788,7 +872,8 @@ def _gemv_specs(dt: str, H: int, I: int) -> list[AotSpec]:
                 tile = ",".join(f"{k}={cfg[k]}" for k in ("ROWS", "BN", "NBLK", "BK", "KSPLIT") if k in cfg
                                 and not (k == "KSPLIT" and proj == "gate_up"))
                 specs.append(AotSpec(
-                    name=f"quant_{kind}_{proj}_gemv[{dt},{fmt},T={T},{tile},w{cfg['num_warps']}]", fn=fn,
+                    name=f"quant_{kind}_{proj}_gemv[{dt},{fmt}{'' if lookup in (None, 'shfl') else '+' + lookup},"
+                         f"T={T},{tile},w{cfg['num_warps']}]", fn=fn,
                     signature=sig, constexprs=ce, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                     divisible=tuple(k for k in sig if k.endswith("_ptr"))))
     return specs

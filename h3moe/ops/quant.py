@@ -13,6 +13,7 @@ bnb Linear4bit / Linear8bitLt experts, save / load). Nothing here needs bitsandb
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -136,23 +137,14 @@ def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-_PAIR_LUTS: dict = {}
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _pair_lut(code: torch.Tensor) -> torch.Tensor:
-    """(256,) int64 byte table of the GEMV decode kernels: entry b holds the fp32 bits of code[b >> 4] in its
-    low word and of code[b & 15] in its high word (one load per packed byte dequantizes both nibbles).
-    Cached per code tensor (the cache holds the tensor, so its storage is not reused while cached)."""
-    key = (code.data_ptr(), code.device, code._version)
-    hit = _PAIR_LUTS.get(key)
-    if hit is not None and hit[0] is code:
-        return hit[1]
-    c = code.to(torch.float32)
-    lut = torch.stack((c.repeat_interleave(16), c.repeat(16)), dim=1).contiguous().view(torch.int64).view(256)
-    if len(_PAIR_LUTS) > 64:
-        _PAIR_LUTS.clear()
-    _PAIR_LUTS[key] = (code, lut)
-    return lut
+def _words(q: torch.Tensor) -> torch.Tensor:
+    """The packed bytes as the 4-bit GEMV kernels read them, 32-bit words: a copy when a view starts off a
+    4-byte boundary (a slice of a larger buffer), else q itself."""
+    return q if q.data_ptr() % 4 == 0 else q.clone()
 
 
 def _pow2(n: int) -> int:
@@ -189,10 +181,11 @@ def _w4_gate_up_impl(
         cfg = kq.pick_decode_config(T, S, E, 4, blocksize, H, I, "gate_up")
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["ROWS"]))
         kq.w4_gate_up_gemv_kernel[grid](
-            x, q, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
-            _pair_lut(code), sorted_slots, offsets, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E,
+            x, _words(q), absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
+            code, sorted_slots, offsets, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E,
             EP=_pow2(E), H=H, I=I, TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation],
-            ROWS=cfg["ROWS"], BN=cfg["BN"], NBLK=cfg["NBLK"], num_warps=cfg["num_warps"],
+            ROWS=cfg["ROWS"], BN=cfg["BN"], NBLK=cfg["NBLK"],
+            LOOKUP=kq.W4_LOOKUP_IDS[kq.w4_lookup(_interpreting())], num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
         return out
@@ -235,10 +228,11 @@ def _w4_down_impl(
         part = _empty(ks, TK, H, dtype=torch.float32, device=a.device)
         grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["ROWS"]), ks)
         kq.w4_down_gemv_kernel[grid](
-            a, q, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
-            _pair_lut(code), sorted_slots, offsets, weights, part, absmax.shape[1],
+            a, _words(q), absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
+            code, sorted_slots, offsets, weights, part, absmax.shape[1],
             absmax2.shape[1] if nested else 0, TK, E=E, EP=_pow2(E), H=H, I=I, BLOCKSIZE=blocksize, NESTED=nested,
-            ROWS=cfg["ROWS"], BN=cfg["BN"], NBLK=cfg["NBLK"], KSPLIT=ks, num_warps=cfg["num_warps"],
+            ROWS=cfg["ROWS"], BN=cfg["BN"], NBLK=cfg["NBLK"], KSPLIT=ks,
+            LOOKUP=kq.W4_LOOKUP_IDS[kq.w4_lookup(_interpreting())], num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
         return combine(part, T, K, a.dtype)
