@@ -451,7 +451,8 @@ def _w4_codes8(w, tbl, code_ptr, LOOKUP: tl.constexpr):
 def _rowdot(cs, am, src_ptr, k0, NBLK: tl.constexpr, BLOCKSIZE: tl.constexpr):
     """(BN,) fp32: Σ_k code[k, n] * absmax[k // BLOCKSIZE, n] * src[k0 + k] over the chunk (cs: the 8 code
     tensors of _w4_codes8, am from _w4_load; src_ptr at the activation row). The activations are loaded as one
-    (BLOCKSIZE/8, NBLK, 8) tile, each word's 8 elements contiguous (16-byte loads), and split by position."""
+    (BLOCKSIZE/8, NBLK, 8) tile (contiguous: vector loads, one per thread at BLOCKSIZE=64, NBLK=2) and split
+    by position within the word."""
     j = tl.arange(0, NBLK)
     c = tl.arange(0, BLOCKSIZE // 8)
     p = tl.arange(0, 8)
