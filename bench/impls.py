@@ -9,8 +9,9 @@ themselves. The Triton interpreter is never timed (CPU tensors) unless asked. De
 T <= 16, on CUDA) add '<name>+graph' for h3moe and torch:grouped_mm: the same call replayed from a CUDA graph
 (the kernels' time without Python's launch overhead, as a serving engine runs decode). fwdbwd adds
 h3moe:triton-recompute, the Triton backward that recomputes gate/up instead of reading the saved
-pre-activation (H3MOE_RECOMPUTE=1: less memory, more FLOPs). nf4 decode adds h3moe:triton-load, the 4-bit GEMV
-kernels with their other nibble lookup (H3MOE_W4_LOOKUP=load: table loads instead of warp shuffles).
+pre-activation (H3MOE_RECOMPUTE=1: less memory, more FLOPs). nf4 adds the 4-bit kernels with their other nibble
+lookup (H3MOE_W4_LOOKUP): h3moe:triton-load at T <= 16 (the GEMV kernels, whose default is the warp shuffle),
+h3moe:triton-shfl above (the tl.dot kernels, whose default is the table load).
 Baselines:
     hf:eager       transformers' MixtralExperts.forward: the per-expert Python loop (the loop the H3Fusion
                    authors wrote), bf16 index_add accumulation.
@@ -54,7 +55,8 @@ CANDIDATES = {
     "route": _H3 + ["torch:eager"], "fwd": _H3 + _HF + _GRAPH + ["torch:grouped_mm+graph"],
     "fwdbwd": _H3 + ["h3moe:triton-recompute"] + _HF, "layer": _H3 + _HF,
     "gating": _H3 + ["torch:eager"],
-    "nf4": _H3 + ["h3moe:triton-load", "bnb:dequant+mm"] + _GRAPH + ["h3moe:triton-load+graph"],
+    "nf4": _H3 + ["h3moe:triton-load", "h3moe:triton-shfl", "bnb:dequant+mm"] + _GRAPH
+    + ["h3moe:triton-load+graph"],
     "int8": _H3 + ["bnb:dequant+mm"] + _GRAPH,
 }
 
@@ -514,8 +516,10 @@ def _h3moe_quant_api():
     return quantize, run, dequantize
 
 
-#: Decode token counts (the 4-bit GEMV kernels' range) that also time h3moe:triton-load.
-GEMV_LOOKUP_MAX_T = 16
+def _default_w4_lookup(T: int) -> str:
+    from h3moe.kernels.quant import default_w4_lookup
+
+    return default_w4_lookup(T)
 
 
 def _with_env(var: str, value: str, fn, *args, **kwargs):
@@ -555,10 +559,11 @@ def _quant_impls(c: Case, device, interpreter):
                 continue
             impls.append(Impl(f"h3moe:{b}", lambda s, b=b: (quant_moe(s["x"], s["q"], s["routing"], backend=b),),
                               prepare, dequantized, ref_key="h3moe"))
-            if b == "triton" and fmt == "nf4" and device.type == "cuda" and c.T <= GEMV_LOOKUP_MAX_T:
-                # the 4-bit GEMV's other lookup (16-entry table loads instead of warp shuffles)
-                impls.append(Impl("h3moe:triton-load", lambda s: _with_env(
-                    "H3MOE_W4_LOOKUP", "load", quant_moe, s["x"], s["q"], s["routing"], backend="triton"),
+            if b == "triton" and fmt == "nf4" and device.type == "cuda":
+                # the 4-bit kernels' other nibble lookup at this T (warp shuffle / 16-entry table load)
+                other = "load" if _default_w4_lookup(c.T) == "shfl" else "shfl"
+                impls.append(Impl(f"h3moe:triton-{other}", lambda s, other=other: _with_env(
+                    "H3MOE_W4_LOOKUP", other, quant_moe, s["x"], s["q"], s["routing"], backend="triton"),
                     prepare, dequantized, ref_key="h3moe"))
     except Skip as e:
         skipped.append(("h3moe:*", str(e)))

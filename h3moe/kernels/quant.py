@@ -59,7 +59,11 @@ that is ~10 B/clk/SM of packed weights: ~2.4 TB/s on an H100 (132 SMs, 1.755 GHz
 3.0 TB/s copy, the issue rate (308 / 4 per clock = 77 clk per KB, 13 B/clk/SM) just above. Registers 127-168,
 0-256 B of shared memory, no spills, sm_80 and sm_90 (scripts/kernel_report.py --module h3moe.kernels.quant
 --filter gemv --sass).
-Prefill and 17+ tokens: the tl.dot kernels above (BM=16 row tiles for S <= 64, BM=64 beyond).
+Prefill and 17+ tokens: the tl.dot kernels above (BM=16 row tiles for S <= 64, BM=64 beyond). Their default
+lookup is the table load (the code gathers and activations staged in shared memory by Triton's pipeliner,
+95-100 KB at 4 stages: 1-2 programs per SM); with H3MOE_W4_LOOKUP=shfl the pipeliner stages neither (it does
+not follow loads through inline assembly: 6-30 KB of shared memory, loads waited on in the loop). Which wins
+is measured by the bench (h3moe:triton-shfl rows at T > 16), not guessed.
 
 Bytes moved per token at decode (K active experts per token, each read once when T*K rows hit distinct
 experts; shared experts are read once for all their rows):
@@ -191,13 +195,18 @@ def _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, blk, mask_n, N
 
 
 @triton.jit
-def _w4_tile(q_ptr, code_ptr, amax, rows, kh, mask_n, Kd, dtype: tl.constexpr):
+def _w4_tile(q_ptr, code_ptr, amax, rows, kh, mask_n, Kd, dtype: tl.constexpr, LOOKUP: tl.constexpr):
     """Dequantize a packed 4-bit tile: rows (BN,) of one expert (q_ptr at its first byte), byte columns kh
-    (BK/2,) → (w_even, w_odd) each (BK/2, BN) in dtype (k = 2*kh: high nibble, 2*kh+1: low nibble)."""
+    (BK/2,) → (w_even, w_odd) each (BK/2, BN) in dtype (k = 2*kh: high nibble, 2*kh+1: low nibble), code *
+    absmax rounded as bitsandbytes does. The codes come from _w4_code: LOOKUP 0, warp shuffles (no memory
+    access per weight; Triton's pipeliner then stages only the activations in shared memory, ~6-30 KB),
+    LOOKUP 1, gathers from the 16-entry table (the pipeliner stages the gathers too: ~100 KB of shared memory,
+    1-2 programs per SM; measured 0.22 TB/s of packed weights at BM=16 on an H100)."""
     ptrs = q_ptr + rows[None, :].to(tl.int64) * (Kd // 2) + kh[:, None]
     b = tl.load(ptrs, mask=mask_n[None, :], other=0).to(tl.int32)  # (BK/2, BN) packed bytes
-    w_hi = (tl.load(code_ptr + (b >> 4)) * amax[None, :]).to(dtype)
-    w_lo = (tl.load(code_ptr + (b & 15)) * amax[None, :]).to(dtype)
+    tbl = _w4_lane_table(code_ptr, b, LOOKUP)
+    w_hi = (_w4_code(b, 4, tbl, code_ptr, LOOKUP) * amax[None, :]).to(dtype)
+    w_lo = (_w4_code(b, 0, tbl, code_ptr, LOOKUP) * amax[None, :]).to(dtype)
     return w_hi, w_lo
 
 
@@ -216,7 +225,7 @@ def w4_gate_up_kernel(
     NB, NB2,  # i32 absmax blocks per expert, nested scales per expert
     E: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     TOPK: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ACT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr, LOOKUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -243,8 +252,8 @@ def w4_gate_up_kernel(
         am_g = _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n * BPR + kb, mask_n, NB, NB2, NESTED)
         am_u = _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, (n + I) * BPR + kb, mask_n, NB, NB2,
                         NESTED)
-        wg_hi, wg_lo = _w4_tile(q_e, code_ptr, am_g, n, k0 // 2 + kh, mask_n, H, dtype)
-        wu_hi, wu_lo = _w4_tile(q_e, code_ptr, am_u, n + I, k0 // 2 + kh, mask_n, H, dtype)
+        wg_hi, wg_lo = _w4_tile(q_e, code_ptr, am_g, n, k0 // 2 + kh, mask_n, H, dtype, LOOKUP)
+        wu_hi, wu_lo = _w4_tile(q_e, code_ptr, am_u, n + I, k0 // 2 + kh, mask_n, H, dtype, LOOKUP)
         acc_g = tl.dot(x_even, wg_hi, acc_g, input_precision=DOT_PREC)
         acc_g = tl.dot(x_odd, wg_lo, acc_g, input_precision=DOT_PREC)
         acc_u = tl.dot(x_even, wu_hi, acc_u, input_precision=DOT_PREC)
@@ -268,7 +277,7 @@ def w4_down_kernel(
     NB, NB2,  # i32 absmax blocks per expert, nested scales per expert
     E: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr, LOOKUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -291,7 +300,7 @@ def w4_down_kernel(
         a_odd = tl.load(ap + 1, mask=mask_m[:, None], other=0.0)
         am = _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n * BPR + k0 // BLOCKSIZE, mask_n, NB,
                       NB2, NESTED)
-        w_hi, w_lo = _w4_tile(q_e, code_ptr, am, n, k0 // 2 + kh, mask_n, I, dtype)
+        w_hi, w_lo = _w4_tile(q_e, code_ptr, am, n, k0 // 2 + kh, mask_n, I, dtype, LOOKUP)
         acc = tl.dot(a_even, w_hi, acc, input_precision=DOT_PREC)
         acc = tl.dot(a_odd, w_lo, acc, input_precision=DOT_PREC)
     _store_slots(out_ptr, acc, rows_m, mask_m, n, mask_n, slots_ptr, w_ptr, 0, H)
@@ -712,20 +721,30 @@ def pick_config(S: int, bits: int, blocksize: int, Kd: int, N: int) -> dict:
 #: H3MOE_QUANT_GEMV_MAX_T=0 turns them off (every T takes the tl.dot kernels, measured correct on an H100
 #: 2026-11-27); the GEMV kernels were checked in the interpreter and the compile tier, not yet on a GPU.
 GEMV_MAX_T = min(16, int(os.environ.get("H3MOE_QUANT_GEMV_MAX_T", "16")))
-#: How the 4-bit GEMV kernels look up a nibble's code (constexpr LOOKUP): "shfl" (warp shuffle from a table
-#: held in one register per lane, the default on a GPU) or "load" (a load from the 16-entry table; the only
-#: path Triton's interpreter can run, which cannot execute PTX). H3MOE_W4_LOOKUP picks one on a GPU.
+#: How the 4-bit kernels look up a nibble's code (constexpr LOOKUP): "shfl", a warp shuffle from a table held
+#: in one register per lane, or "load", a load from the 16-entry table (the only path Triton's interpreter can
+#: run: it cannot execute PTX). Defaults per kernel (W4_DEFAULT_LOOKUP): the GEMV decode kernels shuffle; the
+#: tl.dot kernels load (there Triton's pipeliner stages the table gathers and the activations in shared memory;
+#: with the shuffle it stages neither, so the loop waits on its loads: which is faster is for a GPU to say, the
+#: bench times both). H3MOE_W4_LOOKUP=shfl|load forces one lookup on every 4-bit kernel.
 W4_LOOKUP_IDS = {"shfl": 0, "load": 1}
+W4_DEFAULT_LOOKUP = {"gemv": "shfl", "dot": "load"}
 
 
-def w4_lookup(interpret: bool) -> str:
-    """The GEMV lookup in effect: "load" under the interpreter, else H3MOE_W4_LOOKUP (default "shfl")."""
+def w4_lookup(kernel: str, interpret: bool) -> str:
+    """The lookup in effect for kernel "gemv" or "dot": "load" under the interpreter, else H3MOE_W4_LOOKUP if
+    set, else W4_DEFAULT_LOOKUP[kernel]."""
     if interpret:
         return "load"
-    mode = os.environ.get("H3MOE_W4_LOOKUP", "shfl")
+    mode = os.environ.get("H3MOE_W4_LOOKUP") or W4_DEFAULT_LOOKUP[kernel]
     if mode not in W4_LOOKUP_IDS:
         raise ValueError(f"H3MOE_W4_LOOKUP: expected one of {sorted(W4_LOOKUP_IDS)}, got {mode!r}")
     return mode
+
+
+def default_w4_lookup(T: int) -> str:
+    """The lookup a 4-bit quant_moe call over T tokens runs by default (GEMV at T <= GEMV_MAX_T)."""
+    return W4_DEFAULT_LOOKUP["gemv" if T <= GEMV_MAX_T else "dot"]
 
 
 #: Rows of one expert a GEMV program serves (the row loop is unrolled).
@@ -783,6 +802,14 @@ _W4_ARGS = {
 _W8_ARGS = {"q_ptr": "*i8", "scale_ptr": "*fp32", "slots_ptr": "*i32", "offsets_ptr": "*i32"}
 
 
+def _w4_variants(kernel: str) -> list[tuple[str, bool, str]]:
+    """(name, nested, lookup) of the 4-bit specs the compile tier builds for kernel "gemv" or "dot": NF4 and
+    nested NF4 with the kernel's default lookup, NF4 with the other one."""
+    default = W4_DEFAULT_LOOKUP[kernel]
+    other = next(k for k in W4_LOOKUP_IDS if k != default)
+    return [("nf4", False, default), ("nf4+nested", True, default), (f"nf4+{other}", False, other)]
+
+
 def aot_specs() -> list[AotSpec]:
     """Every kernel × activation dtype × weight format × config the launchers pick (ops/quant.py) at SHAPE."""
     H, I = SHAPE["H"], SHAPE["I"]
@@ -791,8 +818,9 @@ def aot_specs() -> list[AotSpec]:
         xp = "*" + dt
         for phase, S in (("decode", 16), ("prefill", 1024)):
             gemm = phase == "prefill"  # BM=16 decode tiles are below wgmma's M=64: mma.sync on sm_90 too
-            # 4-bit: NF4 and FP4 share one kernel (the table is an argument); nested absmax is a constexpr.
-            for fmt, nested in (("nf4", False), ("nf4+nested", True)):
+            # 4-bit: NF4 and FP4 share one kernel (the table is an argument); nested absmax is a constexpr;
+            # the default lookup, and the other one (H3MOE_W4_LOOKUP) on plain NF4
+            for fmt, nested, lookup in _w4_variants("dot"):
                 ptrs = {**_W4_ARGS, "absmax_ptr": "*u8" if nested else "*fp32"}
                 for proj, fn, Kd, N in (("gate_up", w4_gate_up_kernel, H, I), ("down", w4_down_kernel, I, H)):
                     cfg = pick_config(S, 4, 64, Kd, N)
@@ -804,7 +832,7 @@ def aot_specs() -> list[AotSpec]:
                         extra = {}
                     sig.update({"NB": "i32", "NB2": "i32"})
                     ce = {**SHAPE, **extra, "BLOCKSIZE": 64, "NESTED": nested, "BM": cfg["BM"], "BN": cfg["BN"],
-                          "BK": cfg["BK"], "DOT_PREC": "tf32"}
+                          "BK": cfg["BK"], "DOT_PREC": "tf32", "LOOKUP": W4_LOOKUP_IDS[lookup]}
                     sig.update({k: "constexpr" for k in ce})
                     specs.append(AotSpec(
                         name=f"quant_w4_{proj}[{dt},{fmt},{phase},BM={cfg['BM']},BN={cfg['BN']},BK={cfg['BK']}]",
@@ -840,10 +868,8 @@ def _gemv_specs(dt: str, H: int, I: int) -> list[AotSpec]:
     specs = []
     for T in GEMV_AOT_TOKENS:
         S = T * K
-        # 4-bit: the default lookup (shfl) at every T and nesting; the table-load lookup (the interpreter's,
-        # and the alternative H3MOE_W4_LOOKUP=load) at T=1
-        variants = [("nf4", False, "shfl"), ("nf4+nested", True, "shfl"), ("int8", None, None)]
-        variants += [("nf4", False, "load")] if T == 1 else []
+        # 4-bit: the default lookup at every T and nesting, the other one (H3MOE_W4_LOOKUP) at T=1
+        variants = _w4_variants("gemv")[:2] + [("int8", None, None)] + (_w4_variants("gemv")[2:] if T == 1 else [])
         for fmt, nested, lookup in variants:
             for proj in ("gate_up", "down"):
                 Kd, N = (H, I) if proj == "gate_up" else (I, H)
@@ -873,8 +899,7 @@ def _gemv_specs(dt: str, H: int, I: int) -> list[AotSpec]:
                 tile = ",".join(f"{k}={cfg[k]}" for k in ("ROWS", "BN", "NBLK", "BK", "KSPLIT") if k in cfg
                                 and not (k == "KSPLIT" and proj == "gate_up"))
                 specs.append(AotSpec(
-                    name=f"quant_{kind}_{proj}_gemv[{dt},{fmt}{'' if lookup in (None, 'shfl') else '+' + lookup},"
-                         f"T={T},{tile},w{cfg['num_warps']}]", fn=fn,
+                    name=f"quant_{kind}_{proj}_gemv[{dt},{fmt},T={T},{tile},w{cfg['num_warps']}]", fn=fn,
                     signature=sig, constexprs=ce, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                     divisible=tuple(k for k in sig if k.endswith("_ptr"))))
     return specs

@@ -185,7 +185,7 @@ def _w4_gate_up_impl(
             code, sorted_slots, offsets, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E,
             EP=_pow2(E), H=H, I=I, TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation],
             ROWS=cfg["ROWS"], BN=cfg["BN"], NBLK=cfg["NBLK"],
-            LOOKUP=kq.W4_LOOKUP_IDS[kq.w4_lookup(_interpreting())], num_warps=cfg["num_warps"],
+            LOOKUP=kq.W4_LOOKUP_IDS[kq.w4_lookup("gemv", _interpreting())], num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
         return out
@@ -196,7 +196,8 @@ def _w4_gate_up_impl(
         sorted_slots, offsets, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E, H=H, I=I,
         TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation],
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], DOT_PREC=_dot_prec(x.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        LOOKUP=kq.W4_LOOKUP_IDS[kq.w4_lookup("dot", _interpreting())], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 
@@ -232,7 +233,7 @@ def _w4_down_impl(
             code, sorted_slots, offsets, weights, part, absmax.shape[1],
             absmax2.shape[1] if nested else 0, TK, E=E, EP=_pow2(E), H=H, I=I, BLOCKSIZE=blocksize, NESTED=nested,
             ROWS=cfg["ROWS"], BN=cfg["BN"], NBLK=cfg["NBLK"], KSPLIT=ks,
-            LOOKUP=kq.W4_LOOKUP_IDS[kq.w4_lookup(_interpreting())], num_warps=cfg["num_warps"],
+            LOOKUP=kq.W4_LOOKUP_IDS[kq.w4_lookup("gemv", _interpreting())], num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
         return combine(part, T, K, a.dtype)
@@ -245,7 +246,8 @@ def _w4_down_impl(
         a, q, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code, code,
         sorted_slots, offsets, weights, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E, H=H, I=I,
         BLOCKSIZE=blocksize, NESTED=nested, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
-        DOT_PREC=_dot_prec(a.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_PREC=_dot_prec(a.dtype), LOOKUP=kq.W4_LOOKUP_IDS[kq.w4_lookup("dot", _interpreting())],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return combine(out, T, K, a.dtype)
 
