@@ -149,6 +149,20 @@ def _find_tile_vec(offsets_ptr, E: tl.constexpr, EP: tl.constexpr, pid_m, BM: tl
 
 
 @triton.jit
+def _program_tile(offsets_ptr, E: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  N: tl.constexpr, VEC: tl.constexpr):
+    """This program's tile (grid axis 0: BN output columns, axis 1: BM-row tiles of the sorted rows): expert e
+    (-1 past the last tile: the kernel returns), its rows [start, end) from start, and columns n (BN,) with
+    mask_n = n < N. VEC: the vectorized offsets scan (_find_tile_vec, EP >= E a power of two)."""
+    if VEC:
+        e, start, end = _find_tile_vec(offsets_ptr, E, EP, tl.program_id(1), BM)
+    else:
+        e, start, end = _find_tile(offsets_ptr, E, tl.program_id(1), BM)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    return e, start, end, n, n < N
+
+
+@triton.jit
 def _act(g, ACT: tl.constexpr):
     # g fp32; ids from ACT_IDS
     if ACT == 0:
@@ -227,9 +241,7 @@ def w4_gate_up_kernel(
     TOPK: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ACT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr, LOOKUP: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e, start, end = _find_tile(offsets_ptr, E, pid_m, BM)
+    e, start, end, n, mask_n = _program_tile(offsets_ptr, E, 1, BM, BN, I, False)  # n: gate rows, up: n + I
     if e < 0:
         return
     e64 = e.to(tl.int64)
@@ -237,8 +249,6 @@ def w4_gate_up_kernel(
     rows_m = start + tl.arange(0, BM)  # (BM,) sorted rows
     mask_m = rows_m < end
     tok = (tl.load(slots_ptr + rows_m, mask=mask_m, other=0) // TOPK).to(tl.int64)  # (BM,)
-    n = pid_n * BN + tl.arange(0, BN)  # (BN,) rows of the gate half
-    mask_n = n < I
     q_e = q_ptr + e64 * I * H  # (2I*H/2) bytes of expert e
     kh = tl.arange(0, BK // 2)
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
@@ -279,17 +289,13 @@ def w4_down_kernel(
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr, LOOKUP: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e, start, end = _find_tile(offsets_ptr, E, pid_m, BM)
+    e, start, end, n, mask_n = _program_tile(offsets_ptr, E, 1, BM, BN, H, False)
     if e < 0:
         return
     e64 = e.to(tl.int64)
     dtype = a_ptr.dtype.element_ty
-    rows_m = start + tl.arange(0, BM)
+    rows_m = start + tl.arange(0, BM)  # (BM,) sorted rows
     mask_m = rows_m < end
-    n = pid_n * BN + tl.arange(0, BN)  # (BN,) output features
-    mask_n = n < H
     q_e = q_ptr + e64 * H * (I // 2)
     kh = tl.arange(0, BK // 2)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -325,18 +331,14 @@ def w8_gate_up_kernel(
     TOPK: tl.constexpr, ACT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e, start, end = _find_tile(offsets_ptr, E, pid_m, BM)
+    e, start, end, n, mask_n = _program_tile(offsets_ptr, E, 1, BM, BN, I, False)  # n: gate rows, up: n + I
     if e < 0:
         return
     e64 = e.to(tl.int64)
     dtype = x_ptr.dtype.element_ty
-    rows_m = start + tl.arange(0, BM)
+    rows_m = start + tl.arange(0, BM)  # (BM,) sorted rows
     mask_m = rows_m < end
     tok = (tl.load(slots_ptr + rows_m, mask=mask_m, other=0) // TOPK).to(tl.int64)
-    n = pid_n * BN + tl.arange(0, BN)
-    mask_n = n < I
     q_e = q_ptr + e64 * 2 * I * H
     sg = tl.load(scale_ptr + e64 * 2 * I + n, mask=mask_n, other=0.0)  # (BN,)
     su = tl.load(scale_ptr + e64 * 2 * I + I + n, mask=mask_n, other=0.0)
@@ -364,17 +366,13 @@ def w8_down_kernel(
     E: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e, start, end = _find_tile(offsets_ptr, E, pid_m, BM)
+    e, start, end, n, mask_n = _program_tile(offsets_ptr, E, 1, BM, BN, H, False)
     if e < 0:
         return
     e64 = e.to(tl.int64)
     dtype = a_ptr.dtype.element_ty
-    rows_m = start + tl.arange(0, BM)
+    rows_m = start + tl.arange(0, BM)  # (BM,) sorted rows
     mask_m = rows_m < end
-    n = pid_n * BN + tl.arange(0, BN)
-    mask_n = n < H
     q_e = q_ptr + e64 * H * I
     s = tl.load(scale_ptr + e64 * H + n, mask=mask_n, other=0.0)
     kk = tl.arange(0, BK)
@@ -387,14 +385,13 @@ def w8_down_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decode GEMV kernels (T <= GEMV_MAX_T tokens: every expert owns at most T <= 16 sorted rows). No tl.dot, no
-# shared memory: a program owns (ROWS-row tile of one expert, BN output rows, one K split), streams its
-# packed weight rows with 16-byte loads (a row of the packed matrix is contiguous), dequantizes in registers
-# (code[q] * absmax rounded to the activation dtype, as above), and for each of its (at most ROWS) sorted rows
-# multiplies with the activation row and reduces over k in registers. The weight tile is dequantized once per
-# chunk and reused by every row of the tile; rows past the expert's count are skipped by a runtime branch.
-# Tiles: (BN, NBLK, BLOCKSIZE/2) bytes per chunk of BK = NBLK*BLOCKSIZE elements (one absmax per row per
-# block, broadcast over the block), int8: (BN, BK) bytes.
+# Decode GEMV kernels (T <= GEMV_MAX_T tokens: every expert owns at most T <= 16 sorted rows), see the module
+# docstring. No tl.dot: a program owns (ROWS-row tile of one expert, BN output rows, one K split), streams its
+# packed weight rows with 16-byte loads (a row of the packed matrix is contiguous), turns them into fp32 codes
+# once per chunk (4-bit: a shuffle or table lookup per nibble; int8: a conversion) and, for each of its (at most
+# ROWS) sorted rows, multiplies with the activation row and reduces over k in registers; the block absmax
+# (int8: the row scale) scales the sums. Rows past the expert's count are skipped by a uniform branch.
+# Tiles per chunk of BK = NBLK*BLOCKSIZE elements: 4-bit (BLOCKSIZE/8, NBLK, BN) words, int8 (BN, BK) bytes.
 
 @triton.jit
 def _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask, k0, NB, NB2,
@@ -511,15 +508,10 @@ def w4_gate_up_gemv_kernel(
     TOPK: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ACT: tl.constexpr,
     ROWS: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, LOOKUP: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e, start, end = _find_tile_vec(offsets_ptr, E, EP, pid_m, ROWS)
+    e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, ROWS, BN, I, True)  # n: gate rows, up: n + I
     if e < 0:
         return
     e64 = e.to(tl.int64)
-    dtype = x_ptr.dtype.element_ty
-    n = pid_n * BN + tl.arange(0, BN)  # (BN,) gate rows; up rows are n + I
-    mask_n = n < I
     q_e = (q_ptr + e64 * I * H).to(tl.pointer_type(tl.int32))  # the expert's 2I*H/2 bytes as words
     acc_g = tl.zeros((ROWS, BN), dtype=tl.float32)
     acc_u = tl.zeros((ROWS, BN), dtype=tl.float32)
@@ -566,16 +558,11 @@ def w4_down_gemv_kernel(
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     ROWS: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, KSPLIT: tl.constexpr, LOOKUP: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
     ks = tl.program_id(2)
-    e, start, end = _find_tile_vec(offsets_ptr, E, EP, pid_m, ROWS)
+    e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, ROWS, BN, H, True)
     if e < 0:
         return
     e64 = e.to(tl.int64)
-    dtype = a_ptr.dtype.element_ty
-    n = pid_n * BN + tl.arange(0, BN)  # (BN,) output features
-    mask_n = n < H
     q_e = (q_ptr + e64 * H * (I // 2)).to(tl.pointer_type(tl.int32))  # the expert's H*I/2 bytes as words
     acc = tl.zeros((ROWS, BN), dtype=tl.float32)
     KC: tl.constexpr = I // KSPLIT
@@ -624,15 +611,10 @@ def w8_gate_up_gemv_kernel(
     TOPK: tl.constexpr, ACT: tl.constexpr,
     ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e, start, end = _find_tile_vec(offsets_ptr, E, EP, pid_m, ROWS)
+    e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, ROWS, BN, I, True)  # n: gate rows, up: n + I
     if e < 0:
         return
     e64 = e.to(tl.int64)
-    dtype = x_ptr.dtype.element_ty
-    n = pid_n * BN + tl.arange(0, BN)
-    mask_n = n < I
     q_e = q_ptr + e64 * 2 * I * H
     sg = tl.load(scale_ptr + e64 * 2 * I + n, mask=mask_n, other=0.0)  # (BN,)
     su = tl.load(scale_ptr + e64 * 2 * I + I + n, mask=mask_n, other=0.0)
@@ -664,16 +646,11 @@ def w8_down_gemv_kernel(
     E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
     ks = tl.program_id(2)
-    e, start, end = _find_tile_vec(offsets_ptr, E, EP, pid_m, ROWS)
+    e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, ROWS, BN, H, True)
     if e < 0:
         return
     e64 = e.to(tl.int64)
-    dtype = a_ptr.dtype.element_ty
-    n = pid_n * BN + tl.arange(0, BN)
-    mask_n = n < H
     q_e = q_ptr + e64 * H * I
     s = tl.load(scale_ptr + e64 * H + n, mask=mask_n, other=0.0)
     acc = tl.zeros((ROWS, BN), dtype=tl.float32)
