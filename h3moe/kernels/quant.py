@@ -81,7 +81,8 @@ Grid at T=1, Mixtral NF4 (pick_decode_config): gate_up BN=8 -> (14336/8, S//1 + 
 8 up rows x 2048 B = 32 KB in 32 chunks of 1 KB; down BN=16, KSPLIT=4 -> (256, 4, 4), 2048 active programs of
 16 rows x 1792 B = 28 KB. 127-168 registers -> 12-16 one-warp programs per SM, ~24-32 KB of weight loads in
 flight per SM with the double buffer (Little's law at 3 TB/s and ~1 µs: ~23 KB per SM).
-int8 (BN=8, one warp, 64-120 registers, no double buffer): ~3-4 instructions per weight, bandwidth-bound.
+int8 (BN=8, one warp, 46-124 registers, no double buffer): ~2.8 instructions per weight (byte extract, LOP3 +
+FADD conversion, FFMA; no I2F, whose quarter rate would cap it near 3.7 TB/s), bandwidth-bound.
 Prediction for the next GPU session (bench `python -m bench --cases nf4,int8`, T=1, whole quant_moe call incl.
 the combine launch): Mixtral NF4 ~0.09-0.12 ms per layer call (66 µs of DRAM at 3 TB/s, ~83 µs at the
 shuffle ceiling above; measured before: 0.91 ms with the tl.dot decode tiles), H³Fusion NF4 ~0.07-0.09 ms,
@@ -586,10 +587,14 @@ def w4_down_gemv_kernel(
 
 @triton.jit
 def _w8_chunk(q_e, n, mask_n, k0, Kd: tl.constexpr, BK: tl.constexpr):
-    """(BN, BK) fp32 int8 values of rows n, columns [k0, k0 + BK)."""
+    """(BN, BK) fp32 int8 values of rows n, columns [k0, k0 + BK). Converted without I2F (a quarter-rate
+    instruction on sm_80/sm_90: one per weight would cap the GEMV near 16 B/clk/SM, ~3.7 TB/s on an H100,
+    below an H200's bandwidth): the byte b, offset to b + 128 by flipping its top bit, is the low mantissa of
+    2^23 + b + 128 (exponent bits 0x4B), and subtracting 2^23 + 128 leaves b exactly (one LOP3, one FADD)."""
     kk = tl.arange(0, BK)
     b = tl.load(q_e + n.to(tl.int64)[:, None] * Kd + k0 + kk[None, :], mask=mask_n[:, None], other=0)
-    return b.to(tl.float32)
+    bits = (b.to(tl.int32) & 0xFF) ^ 0x4B000080  # 0x4B000000 | (b + 128)
+    return bits.to(tl.float32, bitcast=True) - 8388736.0
 
 
 @triton.jit
