@@ -10,6 +10,8 @@
 #   bench_tuned.{json,md} python -m bench, fwd and fwdbwd at T = 1, 16, 4096, h3moe:triton* and the
 #                        grouped_mm baselines, with those configs (H3MOE_CONFIG_DIR); compare_tuned.md: against
 #                        the newest committed record (python -m bench --compare-latest)
+#   quant/profile_experts.{json,md} scripts/profile_experts.py --quant nf4,int8: the quantized decode (Mixtral,
+#                        Qwen3; T = 1, 16) kernel by kernel, GB/s against the copy bandwidth, both 4-bit lookups
 #   profile_experts.{json,md} scripts/profile_experts.py --candidates at T=4096 with those configs (backward
 #                        saved / recomputed, combine fp32 / lowp / atomic): per kernel
 #                        role, every candidate timed; and the torch backend's kernel table on Mixtral
@@ -30,6 +32,7 @@ START=$(date +%s)
 LOG="$OUT/followup.log"
 : > "$LOG"
 left() { echo $(( TOTAL - ($(date +%s) - START) )); }
+min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 say() { echo "[gpu_followup $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
 # 1. autotune each model shape (about half the budget), in the order of the targets missed
@@ -55,7 +58,13 @@ say "bench (tuned): rc=$?"
 [ -f "$OUT/bench_tuned.json" ] && timeout 60 "$PY" -m bench --compare-latest "$OUT/bench_tuned.json" \
   > "$OUT/compare_tuned.md" 2>&1
 
-# 3. per-kernel breakdown with the tuned configs, every candidate timed
+# 3. the quantized decode kernel by kernel (gate_up / down / combine GB/s, both 4-bit lookups), then the
+#    per-kernel fwd+bwd breakdown with the tuned configs, every candidate timed
+Q=$(min 75 $(( $(left) / 3 )))
+say "profile (quantized decode): limit ${Q}s"
+timeout -k 10 "$Q" "$PY" scripts/profile_experts.py --out "$OUT/quant" --models mixtral,qwen3 --tokens "" \
+  --quant nf4,int8 --quant-tokens 1,16 --budget-s $(( Q - 15 )) >> "$LOG" 2>&1
+say "profile (quantized decode): rc=$?"
 P=$(( $(left) - 5 ))
 say "profile: limit ${P}s"
 timeout -k 10 "$P" "$PY" scripts/profile_experts.py --out "$OUT" --candidates --tokens 4096 \
@@ -64,4 +73,5 @@ timeout -k 10 "$P" "$PY" scripts/profile_experts.py --out "$OUT" --candidates --
 say "profile: rc=$?"
 say "done in $(( $(date +%s) - START ))s of ${TOTAL}s"
 [ -f "$OUT/compare_tuned.md" ] && grep -E "^\(against|^\| (fwd|fwdbwd|decode)" "$OUT/compare_tuned.md" | head -60
+[ -f "$OUT/quant/profile_experts.md" ] && cat "$OUT/quant/profile_experts.md"
 [ -f "$OUT/profile_experts.md" ] && cat "$OUT/profile_experts.md"

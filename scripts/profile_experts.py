@@ -12,6 +12,12 @@ allocations) as "other", the FLOPs of each role, its TFLOP/s and its fraction of
 same run. With --candidates, every candidate config of every role is also timed at its launch (the data
 `python -m h3moe.ops.triton_experts` autotunes on; the table shows the pinned default beside the best).
 
+With --quant nf4,int8 (and --quant-tokens, default 1,16), the quantized decode too: one quant_moe call per
+(model, T, format, 4-bit lookup), its gate_up kernel, down kernel and combine kernel bracketed by CUDA events,
+each kernel's bytes of packed weights touched, its GB/s and its fraction of a device-to-device copy measured in
+the same run, and "other" (Python and launch gaps inside the call). The bench times whole calls; this says
+which kernel of the call lags.
+
 Writes OUT_DIR/profile_experts.{json,md} and prints the Markdown. Needs CUDA (exits 2 without it), except
 --dry-run: tiny shapes on CPU under TRITON_INTERPRET=1, wall-clock times (CI checks the script runs).
 """
@@ -208,6 +214,120 @@ def torch_profile(m, T: int, top: int = 12) -> dict:
     return {"model": m.name, "tokens": T, "tables": out}
 
 
+def _copy_gbps(cuda: bool) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second), measured here."""
+    n = 2**28 if cuda else 2**20  # 1 GiB of fp32 on the GPU
+    dev = "cuda" if cuda else "cpu"
+    a = torch.randn(n, device=dev)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    _sync(cuda)
+    reps = 10
+    m0 = _Mark(cuda)
+    for _ in range(reps):
+        b.copy_(a)
+    m1 = _Mark(cuda)
+    _sync(cuda)
+    return 2 * a.numel() * 4 * reps / (m0.ms_to(m1) * 1e-3) / 1e9
+
+
+def _packed_bytes(p, experts: int, rows: int) -> int:
+    """Bytes of `rows` weight rows of `experts` experts of Packed p (E, N, Kd): packed values and scales."""
+    E, N, Kd = p.shape
+    if p.quant_type == "int8":
+        return experts * rows * (Kd + 4)
+    per_weight = 0.5 + (1 if p.nested else 4) / p.blocksize
+    return int(experts * rows * Kd * per_weight)
+
+
+def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict) -> dict:
+    """One quant_moe call (format fmt, T tokens, 4-bit lookup forced by H3MOE_W4_LOOKUP unless None) timed kernel
+    by kernel: gate_up, down (its kernel alone) and combine, each bracketed by CUDA events, median of reps calls
+    with fresh routing. weights caches the quantized experts per (model, fmt)."""
+    from h3moe.integrations import bitsandbytes as hb
+    from h3moe.ops import quant as oq
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dt = torch.bfloat16 if cuda else torch.float32
+    H, I, E, K = m.H, m.I, m.E, m.K
+    key = (m.name, fmt)
+    if key not in weights:
+        weights.clear()  # one model's experts at a time
+        g = torch.Generator(device=dev).manual_seed(E * 7 + H)
+        w_gu = (torch.randn(E, 2 * I, H, device=dev, generator=g) / H**0.5).to(dt)
+        gu = hb.quantize_weight(w_gu, fmt, 64).packed
+        del w_gu
+        w_dn = (torch.randn(E, H, I, device=dev, generator=g) / I**0.5).to(dt)
+        dn = hb.quantize_weight(w_dn, fmt, 64).packed
+        del w_dn
+        weights[key] = (gu, dn)
+    gu, dn = weights[key]
+    g = torch.Generator(device=dev).manual_seed(T * 31 + E)
+    reps, sets = (20, 4) if cuda else (2, 1)  # the dry run: the interpreter takes seconds per call
+    inputs = []
+    for _ in range(sets):  # a few input sets, cycled: fresh routing, the same shapes
+        x = torch.randn(T, H, device=dev, generator=g).to(dt)
+        logits = torch.randn(T, E, device=dev, generator=g)
+        import h3moe
+
+        inputs.append((x, h3moe.route(logits, K, backend="torch")))
+    events: list[tuple[str, _Mark, _Mark]] = []
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            m0 = _Mark(cuda)
+            out = fn(*a, **k)
+            events.append((name, m0, _Mark(cuda)))
+            return out
+        return wrapper
+
+    names = {"_w4_gate_up_impl": "gate_up", "_w8_gate_up_impl": "gate_up", "_w4_down_impl": "down+combine",
+             "_w8_down_impl": "down+combine", "combine": "combine"}
+    saved = {n: getattr(oq, n) for n in names}
+    old_env = os.environ.get("H3MOE_W4_LOOKUP")
+    if lookup:
+        os.environ["H3MOE_W4_LOOKUP"] = lookup
+    try:
+        for n, label in names.items():
+            setattr(oq, n, timed(label, saved[n]))
+        for x, r in inputs:  # compile
+            oq.quant_moe(x, gu, dn, r, backend="triton")
+        _sync(cuda)
+        per: dict[str, list[float]] = {}
+        for i in range(reps):
+            x, r = inputs[i % len(inputs)]
+            events.clear()
+            m0 = _Mark(cuda)
+            oq.quant_moe(x, gu, dn, r, backend="triton")
+            m1 = _Mark(cuda)
+            _sync(cuda)
+            t = {name: a.ms_to(b) for name, a, b in events}
+            t["down"] = t.pop("down+combine") - t["combine"]
+            t["total"] = m0.ms_to(m1)
+            t["other"] = t["total"] - t["gate_up"] - t["down"] - t["combine"]
+            for k, v in t.items():
+                per.setdefault(k, []).append(v)
+    finally:
+        for n in names:
+            setattr(oq, n, saved[n])
+        if lookup:
+            if old_env is None:
+                del os.environ["H3MOE_W4_LOOKUP"]
+            else:
+                os.environ["H3MOE_W4_LOOKUP"] = old_env
+    ms = {k: sorted(v)[len(v) // 2] for k, v in per.items()}
+    touched = [int(torch.unique(r.ids).numel()) for _, r in inputs]
+    n_exp = sorted(touched)[len(touched) // 2]
+    nbytes = {"gate_up": _packed_bytes(gu, n_exp, 2 * I), "down": _packed_bytes(dn, n_exp, H)}
+    if not cuda and lookup:
+        lookup += " (interpreter: load)"
+    return {"model": m.name, "tokens": T, "format": fmt, "lookup": lookup or "default", "experts_touched": n_exp,
+            "ms": ms, "bytes": nbytes,
+            "gbps": {k: nbytes[k] / (ms[k] * 1e-3) / 1e9 if ms[k] > 0 else None for k in nbytes}}
+
+
 def markdown(res: dict) -> str:
     peak = res["bf16_tflops"]
     out = [f"# Triton experts, per-kernel fwd+bwd times ({res['gpu']}, bf16)", "",
@@ -230,6 +350,21 @@ def markdown(res: dict) -> str:
             for role, cands in p["candidates"].items():
                 cells = ", ".join(f"{c}: {t:.3f}" if isinstance(t, float) else f"{c}: {t}" for c, t in cands)
                 out.append(f"- {role}: {cells}")
+        out.append("")
+    if res.get("quant"):
+        copy = res["copy_GBps"]
+        out += [f"## Quantized decode, kernel by kernel (copy {copy:.0f} GB/s measured)", "",
+                "| model | T | format | lookup | experts | total ms | gate_up ms | GB/s | % copy | down ms | GB/s | "
+                "% copy | combine ms | other ms |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for q in res["quant"]:
+            ms, bw = q["ms"], q["gbps"]
+            cells = [q["model"], str(q["tokens"]), q["format"], q["lookup"], str(q["experts_touched"]),
+                     f"{ms['total']:.4f}"]
+            for k in ("gate_up", "down"):
+                cells += [f"{ms[k]:.4f}", f"{bw[k]:.0f}" if bw[k] else "—",
+                          f"{100 * bw[k] / copy:.0f}%" if bw[k] else "—"]
+            cells += [f"{ms['combine']:.4f}", f"{ms['other']:.4f}"]
+            out.append("| " + " | ".join(cells) + " |")
         out.append("")
     for tp in res.get("torch_profiles", []):
         out += [f"## torch backend vs torch grouped_mm, {tp['model']} T={tp['tokens']} (torch.profiler, top kernels)",
@@ -254,6 +389,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny models (--models tiny)")
     ap.add_argument("--torch-profile", default="", help="models whose torch backend and torch grouped_mm fwd+bwd "
                                                       "get a torch.profiler kernel table (at the first --tokens)")
+    ap.add_argument("--quant", default="", help="quantized formats (nf4,int8) whose decode is profiled kernel by "
+                                              "kernel at --quant-tokens (4-bit: both lookups)")
+    ap.add_argument("--quant-tokens", default="1,16")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if a.dry_run:
@@ -280,7 +418,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in a.models.split(","):
-        for T in (int(t) for t in a.tokens.split(",")):
+        for T in (int(t) for t in a.tokens.split(",") if t):  # --tokens "": no fwd+bwd runs
             for form in forms:
                 if time.time() - t0 > a.budget_s:
                     print(f"budget: skipping {name} T={T} {form}")
@@ -298,12 +436,31 @@ def main(argv=None) -> int:
                 if cuda:
                     torch.cuda.empty_cache()
                 (out / "profile_experts.json").write_text(json.dumps(res, indent=1))
+    res["quant"] = []
+    qfmts = [f for f in a.quant.split(",") if f]
+    if set(qfmts) - {"nf4", "fp4", "int8"}:
+        ap.error(f"--quant: unknown {sorted(set(qfmts) - {'nf4', 'fp4', 'int8'})}")
+    if qfmts:
+        res["copy_GBps"] = _copy_gbps(cuda)
+        cache: dict = {}
+        for name in a.models.split(","):
+            for fmt in qfmts:
+                for T in (int(t) for t in a.quant_tokens.split(",")):
+                    for lookup in ((None,) if fmt == "int8" else ("shfl", "load")):
+                        if time.time() - t0 > a.budget_s:
+                            print(f"budget: skipping the quantized profile of {name} {fmt} T={T}")
+                            continue
+                        res["quant"].append(quant_profile(models[name], fmt, T, lookup, cache))
+                        (out / "profile_experts.json").write_text(json.dumps(res, indent=1))
+        cache.clear()
+        if cuda:
+            torch.cuda.empty_cache()
     res["torch_profiles"] = []
     for name in filter(None, a.torch_profile.split(",")):
         if time.time() - t0 > a.budget_s:
             print(f"budget: skipping the torch profile of {name}")
             continue
-        res["torch_profiles"].append(torch_profile(models[name], int(a.tokens.split(",")[0])))
+        res["torch_profiles"].append(torch_profile(models[name], int((a.tokens or "4096").split(",")[0])))
         (out / "profile_experts.json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
     (out / "profile_experts.md").write_text(md)
