@@ -355,7 +355,8 @@ def markdown(res: dict) -> str:
         copy = res["copy_GBps"]
         out += [f"## Quantized decode, kernel by kernel (copy {copy:.0f} GB/s measured)", "",
                 "| model | T | format | lookup | experts | total ms | gate_up ms | GB/s | % copy | down ms | GB/s | "
-                "% copy | combine ms | other ms |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "% copy | combine ms | other ms |",
+                "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for q in res["quant"]:
             ms, bw = q["ms"], q["gbps"]
             cells = [q["model"], str(q["tokens"]), q["format"], q["lookup"], str(q["experts_touched"]),

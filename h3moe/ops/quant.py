@@ -13,7 +13,6 @@ bnb Linear4bit / Linear8bitLt experts, save / load). Nothing here needs bitsandb
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -137,8 +136,11 @@ def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def _lookup(kernel: str) -> int:
+    """The LOOKUP constexpr of the 4-bit kernels of kind "gemv" or "dot" (kernels/quant.py: w4_lookup)."""
+    from ..kernels import quant as kq
+
+    return kq.W4_LOOKUP_IDS[kq.w4_lookup(kernel, _backend.interpreter_enabled())]
 
 
 def _words(q: torch.Tensor) -> torch.Tensor:
@@ -185,7 +187,7 @@ def _w4_gate_up_impl(
             code, sorted_slots, offsets, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E,
             EP=_pow2(E), H=H, I=I, TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation],
             ROWS=cfg["ROWS"], BN=cfg["BN"], NBLK=cfg["NBLK"],
-            LOOKUP=kq.W4_LOOKUP_IDS[kq.w4_lookup("gemv", _interpreting())], num_warps=cfg["num_warps"],
+            LOOKUP=_lookup("gemv"), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
         return out
@@ -196,7 +198,7 @@ def _w4_gate_up_impl(
         sorted_slots, offsets, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E, H=H, I=I,
         TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation],
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], DOT_PREC=_dot_prec(x.dtype),
-        LOOKUP=kq.W4_LOOKUP_IDS[kq.w4_lookup("dot", _interpreting())], num_warps=cfg["num_warps"],
+        LOOKUP=_lookup("dot"), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return out
@@ -233,7 +235,7 @@ def _w4_down_impl(
             code, sorted_slots, offsets, weights, part, absmax.shape[1],
             absmax2.shape[1] if nested else 0, TK, E=E, EP=_pow2(E), H=H, I=I, BLOCKSIZE=blocksize, NESTED=nested,
             ROWS=cfg["ROWS"], BN=cfg["BN"], NBLK=cfg["NBLK"], KSPLIT=ks,
-            LOOKUP=kq.W4_LOOKUP_IDS[kq.w4_lookup("gemv", _interpreting())], num_warps=cfg["num_warps"],
+            LOOKUP=_lookup("gemv"), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
         return combine(part, T, K, a.dtype)
@@ -246,7 +248,7 @@ def _w4_down_impl(
         a, q, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code, code,
         sorted_slots, offsets, weights, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E, H=H, I=I,
         BLOCKSIZE=blocksize, NESTED=nested, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
-        DOT_PREC=_dot_prec(a.dtype), LOOKUP=kq.W4_LOOKUP_IDS[kq.w4_lookup("dot", _interpreting())],
+        DOT_PREC=_dot_prec(a.dtype), LOOKUP=_lookup("dot"),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return combine(out, T, K, a.dtype)
