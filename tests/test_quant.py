@@ -197,6 +197,7 @@ GEMV_CASES = [
     (16, 64, 64, 5, 1, 32, None),  # T=16 = GEMV_MAX_T, k=1, prime E: ROWS=8, experts with > 8 rows get 2 tiles
     (5, 160, 96, 6, 3, 32, 64),  # H, I multiples of the blocksize but not of the chunk nor of BN=64: masks
     (2, 64, 64, 8, 1, 64, None),  # most experts empty, ROWS=2 tiles half used
+    (1, 256, 256, 3, 2, 256, None),  # blocksize 256 > the GEMV's 128-element sub-block: two absmax per block
 ]
 
 
@@ -489,7 +490,7 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from h3moe.kernels.quant import aot_specs
 specs = aot_specs()
-assert len({s.name for s in specs}) == len(specs) == 84
+assert len({s.name for s in specs}) == len(specs) == 88
 def build(prefix):
     s = next(s for s in specs if s.name.startswith(prefix))
     attrs = {(s.fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in s.divisible}

@@ -392,23 +392,26 @@ def w8_down_kernel(
 # once per chunk (4-bit: a shuffle or table lookup per nibble; int8: a conversion) and, for each of its (at most
 # ROWS) sorted rows, multiplies with the activation row and reduces over k in registers; the block absmax
 # (int8: the row scale) scales the sums. Rows past the expert's count are skipped by a uniform branch.
-# Tiles per chunk of BK = NBLK*BLOCKSIZE elements: 4-bit (BLOCKSIZE/8, NBLK, BN) words, int8 (BN, BK) bytes.
+# Tiles per chunk of BK = NBLK*SUB elements (SUB = min(BLOCKSIZE, 128): one absmax per sub-block, so a large
+# blocksize keeps the same tile): 4-bit (SUB/8, NBLK, BN) words, int8 (BN, BK) bytes.
 
 @triton.jit
 def _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask, k0, NB, NB2,
-             Kd: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NBLK: tl.constexpr):
+             Kd: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NBLK: tl.constexpr,
+             SUB: tl.constexpr):
     """Raw chunk of rows n (BN,) of one expert's (N, Kd) matrix (q_e: int32 view at the expert's first byte),
-    columns [k0, k0 + NBLK*BLOCKSIZE): packed 32-bit words (BLOCKSIZE/8, NBLK, BN) int32, TRANSPOSED (word
-    column first: the compiler gives each thread 4 consecutive words of one row, one 16 B load, and the lookups
-    and the k reduction stay in that layout) and the block absmax (NBLK, BN) fp32; rows where mask (BN,) is
-    False read as 0. Word c of a block holds elements 8c..8c+7 (see _w4_codes8)."""
-    BSW: tl.constexpr = BLOCKSIZE // 8
+    columns [k0, k0 + NBLK*SUB), SUB = min(BLOCKSIZE, 128) elements per sub-block (one absmax each: SUB divides
+    BLOCKSIZE): packed 32-bit words (SUB/8, NBLK, BN) int32, TRANSPOSED (word column first: the compiler gives
+    each thread 4 consecutive words of one row, one 16 B load, and the lookups and the k reduction stay in that
+    layout) and the sub-blocks' absmax (NBLK, BN) fp32; rows where mask (BN,) is False read as 0. Word c of a
+    sub-block holds its elements 8c..8c+7 (see _w4_codes8)."""
+    BSW: tl.constexpr = SUB // 8
     j = tl.arange(0, NBLK)
     c = tl.arange(0, BSW)
     rows = n.to(tl.int64)[None, None, :] * (Kd // 8)
     w = tl.load(q_e + rows + k0 // 8 + j[None, :, None] * BSW + c[:, None, None], mask=mask[None, None, :],
                 other=0)
-    blk = n[None, :] * (Kd // BLOCKSIZE) + k0 // BLOCKSIZE + j[:, None]  # (NBLK, BN)
+    blk = n[None, :] * (Kd // BLOCKSIZE) + (k0 + j[:, None] * SUB) // BLOCKSIZE  # (NBLK, BN)
     am = _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, blk, mask[None, :], NB, NB2, NESTED)
     return w, am
 
@@ -455,16 +458,16 @@ def _w4_codes8(w, tbl, code_ptr, LOOKUP: tl.constexpr):
 
 
 @triton.jit
-def _rowdot(cs, am, src_ptr, k0, NBLK: tl.constexpr, BLOCKSIZE: tl.constexpr):
+def _rowdot(cs, am, src_ptr, k0, NBLK: tl.constexpr, SUB: tl.constexpr):
     """(BN,) fp32: Σ_k code[k, n] * absmax[k // BLOCKSIZE, n] * src[k0 + k] over the chunk (cs: the 8 code
-    tensors of _w4_codes8, am from _w4_load; src_ptr at the activation row). The activations are loaded as one
-    (BLOCKSIZE/8, NBLK, 8) tile (contiguous: vector loads, one per thread at BLOCKSIZE=64, NBLK=2) and split
-    by position within the word."""
+    tensors of _w4_codes8, am from _w4_load, one per sub-block of SUB elements; src_ptr at the activation row).
+    The activations are loaded as one (SUB/8, NBLK, 8) tile (contiguous: vector loads, one per thread at
+    SUB=64, NBLK=2) and split by position within the word."""
     j = tl.arange(0, NBLK)
-    c = tl.arange(0, BLOCKSIZE // 8)
+    c = tl.arange(0, SUB // 8)
     p = tl.arange(0, 8)
-    xt = tl.load(src_ptr + k0 + j[None, :, None] * BLOCKSIZE + 8 * c[:, None, None] + p[None, None, :])
-    xt = tl.reshape(xt.to(tl.float32), (BLOCKSIZE // 8, NBLK, 2, 2, 2))  # [c, j, p >> 2, (p >> 1) & 1, p & 1]
+    xt = tl.load(src_ptr + k0 + j[None, :, None] * SUB + 8 * c[:, None, None] + p[None, None, :])
+    xt = tl.reshape(xt.to(tl.float32), (SUB // 8, NBLK, 2, 2, 2))  # [c, j, p >> 2, (p >> 1) & 1, p & 1]
     xe, xo = tl.split(xt)  # p even / odd
     xee, xeo = tl.split(xe)
     xoe, xoo = tl.split(xo)
@@ -516,26 +519,27 @@ def w4_gate_up_gemv_kernel(
     q_e = (q_ptr + e64 * I * H).to(tl.pointer_type(tl.int32))  # the expert's 2I*H/2 bytes as words
     acc_g = tl.zeros((ROWS, BN), dtype=tl.float32)
     acc_u = tl.zeros((ROWS, BN), dtype=tl.float32)
-    BK: tl.constexpr = NBLK * BLOCKSIZE
+    SUB: tl.constexpr = 128 if BLOCKSIZE > 128 else BLOCKSIZE  # elements per absmax lookup (a block or part)
+    BK: tl.constexpr = NBLK * SUB
     # register double buffer: the next chunk's bytes are in flight while this chunk is computed
     bg, ag = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask_n, 0, NB, NB2, H,
-                      BLOCKSIZE, NESTED, NBLK)
+                      BLOCKSIZE, NESTED, NBLK, SUB)
     bu, au = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n + I, mask_n, 0, NB, NB2, H,
-                      BLOCKSIZE, NESTED, NBLK)
+                      BLOCKSIZE, NESTED, NBLK, SUB)
     tbl = _w4_lane_table(code_ptr, bg, LOOKUP)
     for k0 in range(0, H, BK):
         more = mask_n & (k0 + BK < H)
         bg2, ag2 = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, more, k0 + BK, NB, NB2,
-                            H, BLOCKSIZE, NESTED, NBLK)
+                            H, BLOCKSIZE, NESTED, NBLK, SUB)
         bu2, au2 = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n + I, more, k0 + BK, NB,
-                            NB2, H, BLOCKSIZE, NESTED, NBLK)
+                            NB2, H, BLOCKSIZE, NESTED, NBLK, SUB)
         cg = _w4_codes8(bg, tbl, code_ptr, LOOKUP)
         cu = _w4_codes8(bu, tbl, code_ptr, LOOKUP)
         for m in tl.static_range(ROWS):
             if start + m < end:
                 tok = (tl.load(slots_ptr + start + m) // TOPK).to(tl.int64)
-                acc_g = _acc_row(acc_g, _rowdot(cg, ag, x_ptr + tok * H, k0, NBLK, BLOCKSIZE), m, ROWS)
-                acc_u = _acc_row(acc_u, _rowdot(cu, au, x_ptr + tok * H, k0, NBLK, BLOCKSIZE), m, ROWS)
+                acc_g = _acc_row(acc_g, _rowdot(cg, ag, x_ptr + tok * H, k0, NBLK, SUB), m, ROWS)
+                acc_u = _acc_row(acc_u, _rowdot(cu, au, x_ptr + tok * H, k0, NBLK, SUB), m, ROWS)
         bg, ag, bu, au = bg2, ag2, bu2, au2
     rows_m = start + tl.arange(0, ROWS)
     _store_act(out_ptr, acc_g, acc_u, rows_m, rows_m < end, n, mask_n, I, ACT)
@@ -567,18 +571,19 @@ def w4_down_gemv_kernel(
     q_e = (q_ptr + e64 * H * (I // 2)).to(tl.pointer_type(tl.int32))  # the expert's H*I/2 bytes as words
     acc = tl.zeros((ROWS, BN), dtype=tl.float32)
     KC: tl.constexpr = I // KSPLIT
-    BK: tl.constexpr = NBLK * BLOCKSIZE
+    SUB: tl.constexpr = 128 if BLOCKSIZE > 128 else BLOCKSIZE  # elements per absmax lookup (a block or part)
+    BK: tl.constexpr = NBLK * SUB
     b, am = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask_n, ks * KC, NB, NB2, I,
-                     BLOCKSIZE, NESTED, NBLK)
+                     BLOCKSIZE, NESTED, NBLK, SUB)
     tbl = _w4_lane_table(code_ptr, b, LOOKUP)
     for kc in range(0, KC, BK):
         k0 = ks * KC + kc
         b2, am2 = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask_n & (kc + BK < KC),
-                           k0 + BK, NB, NB2, I, BLOCKSIZE, NESTED, NBLK)
+                           k0 + BK, NB, NB2, I, BLOCKSIZE, NESTED, NBLK, SUB)
         cw = _w4_codes8(b, tbl, code_ptr, LOOKUP)
         for m in tl.static_range(ROWS):
             if start + m < end:
-                acc = _acc_row(acc, _rowdot(cw, am, a_ptr + (start + m).to(tl.int64) * I, k0, NBLK, BLOCKSIZE), m,
+                acc = _acc_row(acc, _rowdot(cw, am, a_ptr + (start + m).to(tl.int64) * I, k0, NBLK, SUB), m,
                                ROWS)
         b, am = b2, am2
     rows_m = start + tl.arange(0, ROWS)
@@ -747,18 +752,20 @@ def pick_decode_config(T: int, S: int, E: int, bits: int, blocksize: int, Kd: in
     ROWS = next power of two >= T, at most GEMV_ROWS (an expert owns at most T rows: one row tile per active
     expert up to T = 8; at 8 < T <= 16 an expert with more than 8 rows gets two tiles, so its weights are read
     twice, rather than a 16-row unrolled loop that spills).
-    4-bit: one warp per program, chunks of BK = NBLK*BLOCKSIZE = 128 elements (64 packed bytes per row) when
-    Kd allows; BN = 8 gate + 8 up rows (gate_up) or 16 rows (down; 8 at ROWS=8): a 1 KB tile per chunk, 32 B
-    per thread.
+    4-bit: one warp per program, chunks of BK = NBLK*SUB = 128 elements (64 packed bytes per row) when Kd
+    allows, SUB = min(BLOCKSIZE, 128) (the kernels' sub-block: a block of 32 or 64, or a 128-element part of a
+    larger block, so that a blocksize of 256-4096 keeps the same tile); BN = 8 gate + 8 up rows (gate_up) or
+    16 rows (down; 8 at ROWS=8): a 1 KB tile per chunk, 32 B per thread.
     int8: BK = 128 bytes per row, BN = 8 rows, one warp: a 1 KB tile, 32 B per thread.
     KSPLIT (down only): the smallest power of two <= 8 dividing Kd into whole chunks that gives
     cdiv(N, BN) * min(E, S) * KSPLIT >= GEMV_TARGET_PROGRAMS (Mixtral at T=1: 4)."""
     rows = _pow2_at_least(min(T, GEMV_ROWS))
     if bits == 4:
-        nblk = max(1, 128 // blocksize)
-        while nblk > 1 and Kd % (nblk * blocksize):
+        sub = min(blocksize, 128)  # the kernels' SUB
+        nblk = 128 // sub
+        while nblk > 1 and Kd % (nblk * sub):
             nblk //= 2
-        bk = nblk * blocksize
+        bk = nblk * sub
         bn = 8 if proj == "gate_up" or rows >= 8 else 16  # down at ROWS=8, BN=16: 168 registers and a spill
         cfg = {"ROWS": rows, "BN": bn, "NBLK": nblk, "num_warps": 1, "num_stages": 1}
     else:
@@ -850,9 +857,13 @@ def _gemv_specs(dt: str, H: int, I: int) -> list[AotSpec]:
     specs = []
     for T in GEMV_AOT_TOKENS:
         S = T * K
-        # 4-bit: the default lookup at every T and nesting, the other one (H3MOE_W4_LOOKUP) at T=1
-        variants = _w4_variants("gemv")[:2] + [("int8", None, None)] + (_w4_variants("gemv")[2:] if T == 1 else [])
-        for fmt, nested, lookup in variants:
+        # 4-bit (blocksize 64): the default lookup at every T and nesting; at T=1 also the other lookup
+        # (H3MOE_W4_LOOKUP) and blocksize 256 (SUB = 128 < BLOCKSIZE: two absmax lookups per block)
+        default = W4_DEFAULT_LOOKUP["gemv"]
+        variants = [(f, n, lk, 64) for f, n, lk in _w4_variants("gemv")[:2]] + [("int8", None, None, 0)]
+        if T == 1:
+            variants += [(f, n, lk, 64) for f, n, lk in _w4_variants("gemv")[2:]] + [("nf4+bs256", False, default, 256)]
+        for fmt, nested, lookup, bs in variants:
             for proj in ("gate_up", "down"):
                 Kd, N = (H, I) if proj == "gate_up" else (I, H)
                 if nested is None:
@@ -863,17 +874,16 @@ def _gemv_specs(dt: str, H: int, I: int) -> list[AotSpec]:
                     ints = {}
                     kind = "w8"
                 else:
-                    cfg = pick_decode_config(T, S, E, 4, 64, Kd, N, proj)
+                    cfg = pick_decode_config(T, S, E, 4, bs, Kd, N, proj)
                     ptrs = {**_W4_ARGS, "absmax_ptr": "*u8" if nested else "*fp32"}
-                    tiles = {"BLOCKSIZE": 64, "NESTED": nested, "ROWS": cfg["ROWS"], "BN": cfg["BN"],
+                    tiles = {"BLOCKSIZE": bs, "NESTED": nested, "ROWS": cfg["ROWS"], "BN": cfg["BN"],
                              "NBLK": cfg["NBLK"], "LOOKUP": W4_LOOKUP_IDS[lookup]}
                     fn = w4_gate_up_gemv_kernel if proj == "gate_up" else w4_down_gemv_kernel
                     ints = {"NB": "i32", "NB2": "i32"}
                     kind = "w4"
                 if proj == "gate_up":
                     sig = {"x_ptr": xp, **ptrs, "out_ptr": xp, **ints}
-                    ce = {**SHAPE, "EP": 8, "TOPK": K, **({"BLOCKSIZE": 64, "NESTED": nested} if kind == "w4" else {}),
-                          "ACT": 0, **tiles}
+                    ce = {**SHAPE, "EP": 8, "TOPK": K, "ACT": 0, **tiles}
                 else:
                     sig = {"a_ptr": xp, **ptrs, "w_ptr": "*fp32", "out_ptr": "*fp32", **ints, "TK": "i32"}
                     ce = {**SHAPE, "EP": 8, **tiles, "KSPLIT": cfg["KSPLIT"]}
