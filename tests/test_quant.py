@@ -283,6 +283,29 @@ def test_gemv_reads_a_misaligned_packed_view():
     assert torch.equal(got, want)
 
 
+def test_auto_falls_back_for_layouts_the_kernels_cannot_read(monkeypatch):
+    """Blocks that span rows (blocksize 128 over rows of 64): backend="auto" where Triton would run dequantizes
+    per expert instead, with one warning; backend="triton" says why it cannot."""
+    E, H, I, T, K = 3, 64, 128, 2, 2
+    w_gu, w_dn = _weights(E, H, I, torch.float32)
+    gu, dn = hb.quantize_weight(w_gu, "nf4", 128), hb.quantize_weight(w_dn, "nf4", 128)
+    x = torch.randn(T, H)
+    r = route(torch.randn(T, E), K)
+    want = oq.quant_moe(x, gu.packed, dn.packed, r, backend="torch")
+    monkeypatch.setattr(oq._backend, "resolve", lambda backend, device, op: "triton")  # as on a GPU
+    monkeypatch.setattr(oq, "_WARNED", set())
+    with pytest.warns(UserWarning, match="row length 64"):
+        got = oq.quant_moe(x, gu.packed, dn.packed, r)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        oq.quant_moe(x, gu.packed, dn.packed, r)
+    with pytest.raises(ValueError, match="row length 64"):
+        oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
+
+
 def test_w4_lookup_choice(monkeypatch):
     """The 4-bit kernels' nibble lookup: the interpreter always takes the table loads (it cannot run the PTX
     shuffle); on a GPU the GEMV decode kernels shuffle and the tl.dot kernels load unless H3MOE_W4_LOOKUP

@@ -13,6 +13,7 @@ bnb Linear4bit / Linear8bitLt experts, save / load). Nothing here needs bitsandb
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -343,14 +344,25 @@ def _(a, q, scale, sorted_slots, offsets, weights):
     return a.new_empty(weights.shape[0], q.shape[1])
 
 
-def _check_triton_layout(p: Packed, name: str) -> None:
+def _triton_layout_problem(p: Packed, name: str) -> str | None:
+    """Why the Triton kernels cannot read p (None when they can)."""
     E, N, Kd = p.shape
     if p.bits == 4:
         if p.blocksize < 32 or Kd % p.blocksize:
-            raise ValueError(f"{name}: the triton kernels need blocksize >= 32 dividing the row length {Kd} "
-                             f"(a block inside one row); got blocksize {p.blocksize}")
+            return (f"{name}: the triton kernels need blocksize >= 32 dividing the row length {Kd} (a block inside "
+                    f"one row); got blocksize {p.blocksize}")
     elif Kd % 32:
-        raise ValueError(f"{name}: the int8 triton kernels need the row length {Kd} to be a multiple of 32")
+        return f"{name}: the int8 triton kernels need the row length {Kd} to be a multiple of 32"
+    return None
+
+
+def _check_triton_layout(p: Packed, name: str) -> None:
+    why = _triton_layout_problem(p, name)
+    if why:
+        raise ValueError(why)
+
+
+_WARNED: set = set()
 
 
 def _quant_moe_triton(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing, activation: str) -> torch.Tensor:
@@ -408,6 +420,13 @@ def quant_moe(
         raise ValueError(f"quant_moe: shapes x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, down "
                          f"{tuple(down.shape)} do not fit (T, H), (E, 2I, H), (E, H, I)")
     be = _backend.resolve(backend, x.device, "quant_moe")
+    if be == "triton" and backend == "auto":  # a layout the kernels cannot read: the per-expert fallback, said once
+        why = _triton_layout_problem(gate_up, "gate_up") or _triton_layout_problem(down, "down")
+        if why:
+            if why not in _WARNED:
+                _WARNED.add(why)
+                warnings.warn(f"h3moe.quant_moe: {why}; dequantizing one expert at a time instead (slow)")
+            be = "torch"
     routing = as_routing(routing, E, "triton" if be == "triton" else "torch")
     _validate.routing(routing.weights, routing.ids, x.shape[0], E)
     if be == "triton":
