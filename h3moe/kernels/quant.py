@@ -22,8 +22,9 @@ Packed layouts (bitsandbytes' own, quantized per expert so expert e's blocks sta
 
 E, H and I are constexpr: one compile per model shape, the loop bounds are static (Triton 3.6's
 interpreter cannot run `range` over a runtime scalar with numpy 2.x), the index products fold.
-Limits: BLOCKSIZE divides Kd (a block lies inside one row) and BK divides BLOCKSIZE (one absmax per row per
-K step); Kd % BK == 0 (no K masks). The even/odd split: a 4-bit K step of BK elements is two dots of BK/2,
+Limits: BLOCKSIZE >= 32 divides Kd (a block lies inside one row; h3moe.quant_moe(backend="auto") sends other
+layouts to the per-expert torch path) and BK divides BLOCKSIZE (one absmax per row per K step); Kd % BK == 0
+(no K masks). The even/odd split: a 4-bit K step of BK elements is two dots of BK/2,
 one over the high nibbles (even k, activations loaded with stride 2) and one over the low nibbles (odd k),
 so no in-register interleave is needed.
 
