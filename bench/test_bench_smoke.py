@@ -251,3 +251,21 @@ def test_latest_record_picks_the_newest_of_the_same_gpu(tmp_path):
     assert latest_record("H100", exclude=tmp_path / "new.json", directory=tmp_path).name == "h100-2026-11-27.json"
     assert latest_record("H200", directory=tmp_path).name == "h200-2026-11-28.json"
     assert latest_record("A100", directory=tmp_path) is None
+
+
+def test_lookup_variant_rows_set_and_restore_the_variable(monkeypatch):
+    """h3moe:triton-load / -shfl run quant_moe with H3MOE_W4_LOOKUP set for the call only (captured into the
+    '+graph' row's graph at capture time), and name the lookup the default does not take at that T."""
+    import os
+
+    from bench import impls
+
+    seen = []
+    monkeypatch.setenv("H3MOE_W4_LOOKUP", "shfl")
+    out = impls._with_env("H3MOE_W4_LOOKUP", "load", lambda v: seen.append(os.environ["H3MOE_W4_LOOKUP"]) or v, 7)
+    assert out == (7,) and seen == ["load"] and os.environ["H3MOE_W4_LOOKUP"] == "shfl"
+    monkeypatch.delenv("H3MOE_W4_LOOKUP")
+    with pytest.raises(ZeroDivisionError):
+        impls._with_env("H3MOE_W4_LOOKUP", "load", lambda: 1 / 0)
+    assert "H3MOE_W4_LOOKUP" not in os.environ
+    assert impls._default_w4_lookup(1) == "shfl" and impls._default_w4_lookup(128) == "load"
