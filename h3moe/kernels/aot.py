@@ -116,10 +116,31 @@ def sass_histogram(cubin: bytes) -> dict:
         text = subprocess.run(
             [os.path.join(_bin_dir(), "nvdisasm"), "-c", path], capture_output=True, text=True, check=True
         ).stdout
+    op_re = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)")
     ops = collections.Counter()
-    for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)", text):
+    for m in op_re.finditer(text):
         ops[m.group(1)] += 1
-    return {op: ops.get(op, 0) for op in SASS_OPS} | {"total": sum(ops.values())}
+    return {op: ops.get(op, 0) for op in SASS_OPS} | {"total": sum(ops.values()), "loop": _main_loop(text, op_re)}
+
+
+def _main_loop(text: str, op_re) -> int:
+    """Instructions in the kernel's longest loop body: from a label to the last predicated branch back to it
+    (the K loop of a GEMM or GEMV; 0 when there is no loop). Divergence slow paths (BRA.DIV targets) that ptxas
+    places inside the loop's address range are counted too: an upper bound on one iteration's instructions."""
+    import re
+
+    lines = text.splitlines()
+    labels = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"^\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = i
+    best = (0, 0)
+    for i, line in enumerate(lines):
+        m = re.search(r"@!?P\d+\s+BRA\s+`\((\.L_x_\d+)\)", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i and i - labels[m.group(1)] > best[1] - best[0]:
+            best = (labels[m.group(1)], i)
+    return sum(1 for line in lines[best[0]:best[1] + 1] if op_re.search(line)) if best[1] else 0
 
 
 def compile_spec(spec: AotSpec, arch: int, sass: bool = False) -> dict:
@@ -215,7 +236,7 @@ def compile_all(
 def format_table(rows: list[dict], sass: bool = False) -> str:
     cols = ["kernel", "arch", "regs", "shared", "stack", "spills", "tensor_core", "compile_s"]
     if sass:
-        cols += list(SASS_OPS)
+        cols += list(SASS_OPS) + ["loop"]
     lines = []
     for r in rows:
         if "error" in r:
@@ -224,7 +245,7 @@ def format_table(rows: list[dict], sass: bool = False) -> str:
         tc = "wgmma" if r["wgmma"] else ("mma" if r["mma"] else "-")
         line = [r["kernel"], f"sm_{r['arch']}", r["reg"], r["shared"], r["stack"], r["spills"], tc, r["compile_s"]]
         if sass:
-            line += [r["sass"][op] for op in SASS_OPS]
+            line += [r["sass"][op] for op in SASS_OPS] + [r["sass"]["loop"]]
         lines.append([str(x) for x in line])
     widths = [max([len(c)] + [len(l[i]) for l in lines if i < len(l)]) for i, c in enumerate(cols)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
