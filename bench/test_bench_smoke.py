@@ -162,7 +162,7 @@ def test_profile_experts_dry_run(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, os.path.join(root, "scripts", "profile_experts.py"), "--dry-run",
                            "--models", "tiny", "--tokens", "4", "--candidates", "--torch-profile", "tiny",
-                           "--forms", "saved,recompute,lowp", "--quant", "nf4,int8", "--quant-tokens", "1",
+                           "--forms", "saved,recompute,lowp", "--quant", "nf4,int8", "--quant-tokens", "2",
                            "--out", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -176,9 +176,11 @@ def test_profile_experts_dry_run(tmp_path):
         assert all(r["ms"] > 0 for r in run["rows"])
         assert set(run["candidates"]) == (roles if i == 0 else set())  # candidates: the first form only
     assert set(res["torch_profiles"][0]["tables"]) == {"h3moe:torch", "torch:grouped_mm"}
-    # the quantized decode: nf4 with both lookups, int8 once; every kernel of the call timed, bytes counted
-    assert [(q["format"], q["lookup"].split()[0]) for q in res["quant"]] == [("nf4", "shfl"), ("nf4", "load"),
-                                                                             ("int8", "default")]
+    # the quantized decode: nf4 with both lookups, int8 once, each by the GEMV and the tl.dot kernels (1 < T <=
+    # GEMV_MAX_T); every kernel of the call timed, bytes counted
+    got = [(q["format"], q["path"], q["lookup"].split()[0]) for q in res["quant"]]
+    assert got == [("nf4", "gemv", "shfl"), ("nf4", "gemv", "load"), ("nf4", "dot", "shfl"), ("nf4", "dot", "load"),
+                   ("int8", "gemv", "default"), ("int8", "dot", "default")]
     for q in res["quant"]:
         assert all(q["ms"][k] > 0 for k in ("total", "gate_up", "down", "combine")), q["ms"]
         assert 0 < q["bytes"]["down"] and abs(q["bytes"]["gate_up"] / q["bytes"]["down"] - 2) < 0.1  # 2I*H, H*I

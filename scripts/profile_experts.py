@@ -241,11 +241,13 @@ def _packed_bytes(p, experts: int, rows: int) -> int:
     return int(experts * rows * Kd * per_weight)
 
 
-def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict) -> dict:
+def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: str = "gemv") -> dict:
     """One quant_moe call (format fmt, T tokens, 4-bit lookup forced by H3MOE_W4_LOOKUP unless None) timed kernel
     by kernel: gate_up, down (its kernel alone) and combine, each bracketed by CUDA events, median of reps calls
-    with fresh routing. weights caches the quantized experts per (model, fmt)."""
+    with fresh routing. path "gemv": the kernels quant_moe picks (GEMV at T <= GEMV_MAX_T); "dot": the tl.dot
+    kernels at any T (GEMV_MAX_T set to 0 for the call). weights caches the quantized experts per (model, fmt)."""
     from h3moe.integrations import bitsandbytes as hb
+    from h3moe.kernels import quant as kq
     from h3moe.ops import quant as oq
 
     cuda = torch.cuda.is_available()
@@ -289,6 +291,9 @@ def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict) -> dic
     old_env = os.environ.get("H3MOE_W4_LOOKUP")
     if lookup:
         os.environ["H3MOE_W4_LOOKUP"] = lookup
+    gemv_max_t = kq.GEMV_MAX_T
+    if path == "dot":
+        kq.GEMV_MAX_T = 0
     try:
         for n, label in names.items():
             setattr(oq, n, timed(label, saved[n]))
@@ -310,6 +315,7 @@ def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict) -> dic
             for k, v in t.items():
                 per.setdefault(k, []).append(v)
     finally:
+        kq.GEMV_MAX_T = gemv_max_t
         for n in names:
             setattr(oq, n, saved[n])
         if lookup:
@@ -323,7 +329,8 @@ def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict) -> dic
     nbytes = {"gate_up": _packed_bytes(gu, n_exp, 2 * I), "down": _packed_bytes(dn, n_exp, H)}
     if not cuda and lookup:
         lookup += " (interpreter: load)"
-    return {"model": m.name, "tokens": T, "format": fmt, "lookup": lookup or "default", "experts_touched": n_exp,
+    return {"model": m.name, "tokens": T, "format": fmt, "path": path, "lookup": lookup or "default",
+            "experts_touched": n_exp,
             "ms": ms, "bytes": nbytes,
             "gbps": {k: nbytes[k] / (ms[k] * 1e-3) / 1e9 if ms[k] > 0 else None for k in nbytes}}
 
@@ -354,12 +361,12 @@ def markdown(res: dict) -> str:
     if res.get("quant"):
         copy = res["copy_GBps"]
         out += [f"## Quantized decode, kernel by kernel (copy {copy:.0f} GB/s measured)", "",
-                "| model | T | format | lookup | experts | total ms | gate_up ms | GB/s | % copy | down ms | GB/s | "
-                "% copy | combine ms | other ms |",
-                "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| model | T | format | kernels | lookup | experts | total ms | gate_up ms | GB/s | % copy | down ms | "
+                "GB/s | % copy | combine ms | other ms |",
+                "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for q in res["quant"]:
             ms, bw = q["ms"], q["gbps"]
-            cells = [q["model"], str(q["tokens"]), q["format"], q["lookup"], str(q["experts_touched"]),
+            cells = [q["model"], str(q["tokens"]), q["format"], q["path"], q["lookup"], str(q["experts_touched"]),
                      f"{ms['total']:.4f}"]
             for k in ("gate_up", "down"):
                 cells += [f"{ms[k]:.4f}", f"{bw[k]:.0f}" if bw[k] else "—",
@@ -447,12 +454,18 @@ def main(argv=None) -> int:
         for name in a.models.split(","):
             for fmt in qfmts:
                 for T in (int(t) for t in a.quant_tokens.split(",")):
-                    for lookup in ((None,) if fmt == "int8" else ("shfl", "load")):
-                        if time.time() - t0 > a.budget_s:
-                            print(f"budget: skipping the quantized profile of {name} {fmt} T={T}")
-                            continue
-                        res["quant"].append(quant_profile(models[name], fmt, T, lookup, cache))
-                        (out / "profile_experts.json").write_text(json.dumps(res, indent=1))
+                    # at 1 < T <= GEMV_MAX_T the tl.dot kernels too: the GEMV's cost grows with the rows per
+                    # expert (one FFMA per weight per row), tensor cores' does not
+                    from h3moe.kernels.quant import GEMV_MAX_T
+
+                    paths = ("gemv", "dot") if 1 < T <= GEMV_MAX_T else ("gemv",)
+                    for path in paths:
+                        for lookup in ((None,) if fmt == "int8" else ("shfl", "load")):
+                            if time.time() - t0 > a.budget_s:
+                                print(f"budget: skipping the quantized profile of {name} {fmt} T={T} {path}")
+                                continue
+                            res["quant"].append(quant_profile(models[name], fmt, T, lookup, cache, path))
+                            (out / "profile_experts.json").write_text(json.dumps(res, indent=1))
         cache.clear()
         if cuda:
             torch.cuda.empty_cache()
