@@ -84,6 +84,14 @@ Grid at T=1, Mixtral NF4 (pick_decode_config): gate_up BN=8 -> (14336/8, S//1 + 
 flight per SM with the double buffer (Little's law at 3 TB/s and ~1 µs: ~23 KB per SM).
 int8 (BN=8, one warp, 46-124 registers, no double buffer): ~2.8 instructions per weight (byte extract, LOP3 +
 FADD conversion, FFMA; no I2F, whose quarter rate would cap it near 3.7 TB/s), bandwidth-bound.
+Rows: every sorted row of a tile costs ~145 more instructions per 1 KB chunk (64 FFMA for its 64 weights per
+thread, ~80 to load, convert and split its activations): `--sass` loop column, gate_up sm_90: 306 (ROWS=1),
+450 (2), 736 (4), 1309 (8 rows used). So the GEMV stays near the bandwidth ridge only with 1-2 rows per expert
+(T=1; many-expert shapes up to T=16). Mixtral at T=16 puts ~4 rows on each expert: ~740 per KB, ~23 per byte,
+issue-bound near 1.3 TB/s: NF4 ~0.6 ms against bf16's measured 0.95 ms, ~1.6x, short of the 2.5x target. The
+lever there is tensor cores, whose cost does not grow with the rows: the tl.dot kernels at BM=16 (with the
+shuffle lookup; Triton's pipeliner does not stage their loads then, so they need a hand-written prefetch) —
+`scripts/profile_experts.py --quant` times both paths at T=16 (`kernels` column) to say which to build on.
 Prediction for the next GPU session (bench `python -m bench --cases nf4,int8`, T=1, whole quant_moe call incl.
 the combine launch): Mixtral NF4 ~0.09-0.12 ms per layer call (66 µs of DRAM at 3 TB/s, ~83 µs at the
 shuffle ceiling above; measured before: 0.91 ms with the tl.dot decode tiles), H³Fusion NF4 ~0.07-0.09 ms,
