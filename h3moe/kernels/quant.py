@@ -45,8 +45,8 @@ with the K slots in one pass (deterministic, no atomics). Numerics: fp32 codes (
 table) times activations, the absmax applied to each block's fp32 sum, fp32 accumulation; the tl.dot path
 below rounds the weights (code * absmax) to the activation dtype first: both equal dequantize + reference
 within bf16/fp16 rounding. LOOKUP "load" (H3MOE_W4_LOOKUP=load, and always under the interpreter, which
-cannot run PTX) loads the code from the 16-entry fp32 table instead: same values, same order, bit-identical
-outputs (GPU test), ~55% more instructions (64-bit address arithmetic per weight).
+cannot run PTX) loads the code from the 16-entry fp32 table instead: same values, same order, equal outputs
+up to the compiler's instruction order (GPU test), ~55% more instructions (64-bit address math per weight).
 
 Why a shuffle (compile tier, sm_90, bf16, T=1, per 1 KB chunk per warp = 32 B per thread): the first GEMV
 version looked up each packed BYTE in a 256-entry int64 table of code pairs (2 KB in global memory) — one
