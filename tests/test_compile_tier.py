@@ -127,3 +127,33 @@ def test_kernel_report_script():
     assert len(body) == 1 and body[0][0] == "route_scatter[E=8,K=2]" and body[0][1] == "sm_90"
     row = dict(zip(header, body[0]))
     assert int(row["regs"]) > 0 and row["LDL"] == "0" and row["STL"] == "0" and int(row["STG"]) > 0
+    assert row["loop"].isdigit()  # the longest loop body's instructions (0: no loop)
+
+
+def test_main_loop_count_reads_the_longest_backward_branch():
+    """kernel_report's `loop` column: instructions from a label to the last predicated branch back to it (the
+    K loop); an unpredicated BRA.DIV (divergence slow path) or a forward branch does not open a loop."""
+    import re
+
+    from h3moe.kernels.aot import _main_loop
+
+    def ins(addr, text):
+        return f"        /*{addr:04x}*/                   {text} ;"
+
+    sass = "\n".join([
+        ins(0x00, "S2R R0, SR_TID.X"),
+        ".L_x_1:",
+        ins(0x10, "LDG.E.128 R4, desc[UR4][R2.64]"),
+        ins(0x20, "BRA.DIV UR4, `(.L_x_9)"),
+        ".L_x_2:",
+        ins(0x30, "FFMA R8, R4, R5, R8"),
+        ins(0x40, "@P1 BRA `(.L_x_2)"),  # an inner loop: 2 instructions
+        ins(0x50, "SHFL.IDX PT, R9, R8, R7, 0x1f"),
+        ins(0x60, "@!P0 BRA `(.L_x_1)"),  # the outer loop: 6 instructions
+        ins(0x70, "@P2 BRA `(.L_x_3)"),  # forward
+        ".L_x_3:",
+        ins(0x80, "EXIT"),
+    ])
+    op_re = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)")
+    assert _main_loop(sass, op_re) == 6
+    assert _main_loop("\n".join([ins(0, "EXIT")]), op_re) == 0
