@@ -111,24 +111,43 @@ class _Recorder:
         self.events.append((role, repr(cfg), m0, _Mark(self.cuda)))
 
 
+def _device() -> tuple[bool, torch.device, torch.dtype]:
+    """(cuda, device, dtype) of the profile: bf16 on the GPU, fp32 in the CPU dry run."""
+    cuda = torch.cuda.is_available()
+    return cuda, torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+
+
+def _weights(m, g: torch.Generator, dt: torch.dtype, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random experts of model shape m: w_gate_up (E, 2I, H), w_down (E, H, I) in dt, drawn from g."""
+    E, H, I = m.E, m.H, m.I
+    wgu = (torch.randn(E, 2 * I, H, device=g.device, generator=g) / H**0.5).to(dt).requires_grad_(grad)
+    wd = (torch.randn(E, H, I, device=g.device, generator=g) / I**0.5).to(dt).requires_grad_(grad)
+    return wgu, wd
+
+
+def _experts_inputs(m, T: int, seed: int):
+    """Fresh random fwd+bwd inputs of model shape m at T tokens: x, w_gate_up, w_down (leaves needing grad),
+    router logits (T, E) fp32 and dy (T, H)."""
+    _, dev, dt = _device()
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(T, m.H, device=dev, generator=g).to(dt).requires_grad_()
+    wgu, wd = _weights(m, g, dt, grad=True)
+    logits = torch.randn(T, m.E, device=dev, generator=g)
+    dy = torch.randn(T, m.H, device=dev, generator=g).to(dt)
+    return x, wgu, wd, logits, dy
+
+
 def profile_one(m, T: int, recompute: bool, candidates: bool, reps: int = 3) -> dict:
     from h3moe.ops import triton_experts as te
     from h3moe.ops.routing import Routing, sort_by_expert
 
-    cuda = torch.cuda.is_available()
-    dev = torch.device("cuda" if cuda else "cpu")
-    dt = torch.bfloat16 if cuda else torch.float32
+    cuda = _device()[0]
     H, I, E, K = m.H, m.I, m.E, m.K
     S = T * K
-    g = torch.Generator(device=dev).manual_seed(T * 1000 + E)
-    x = torch.randn(T, H, device=dev, generator=g).to(dt).requires_grad_()
-    wgu = (torch.randn(E, 2 * I, H, device=dev, generator=g) / H**0.5).to(dt).requires_grad_()
-    wd = (torch.randn(E, H, I, device=dev, generator=g) / I**0.5).to(dt).requires_grad_()
-    logits = torch.randn(T, E, device=dev, generator=g)
+    x, wgu, wd, logits, dy = _experts_inputs(m, T, T * 1000 + E)
     w, ids = torch.topk(torch.softmax(logits, -1), K, dim=-1)
     w = w.requires_grad_()
     routing = Routing(w, ids, *sort_by_expert(ids, E))
-    dy = torch.randn(T, H, device=dev, generator=g).to(dt)
 
     def step():
         for t in (x, wgu, wd, w):
@@ -178,21 +197,13 @@ def torch_profile(m, T: int, top: int = 12) -> dict:
     import h3moe
     from bench.impls import torch_grouped_mm_experts
 
-    cuda = torch.cuda.is_available()
-    dev = torch.device("cuda" if cuda else "cpu")
-    dt = torch.bfloat16 if cuda else torch.float32
-    H, I, E, K = m.H, m.I, m.E, m.K
-    g = torch.Generator(device=dev).manual_seed(T + E)
-    x = torch.randn(T, H, device=dev, generator=g).to(dt).requires_grad_()
-    wgu = (torch.randn(E, 2 * I, H, device=dev, generator=g) / H**0.5).to(dt).requires_grad_()
-    wd = (torch.randn(E, H, I, device=dev, generator=g) / I**0.5).to(dt).requires_grad_()
-    logits = torch.randn(T, E, device=dev, generator=g)
-    routing = h3moe.route(logits, K, backend="torch")
+    cuda = _device()[0]
+    x, wgu, wd, logits, dy = _experts_inputs(m, T, T + m.E)
+    routing = h3moe.route(logits, m.K, backend="torch")
     w = routing.weights.detach().requires_grad_()
     import dataclasses
 
     routing = dataclasses.replace(routing, weights=w)
-    dy = torch.randn(T, H, device=dev, generator=g).to(dt)
     fns = {"h3moe:torch": lambda: h3moe.moe(x, wgu, wd, routing, backend="torch"),
            "torch:grouped_mm": lambda: torch_grouped_mm_experts(x, wgu, wd, w, routing.ids)}
     out = {}
@@ -250,21 +261,14 @@ def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: 
     from h3moe.kernels import quant as kq
     from h3moe.ops import quant as oq
 
-    cuda = torch.cuda.is_available()
-    dev = torch.device("cuda" if cuda else "cpu")
-    dt = torch.bfloat16 if cuda else torch.float32
+    cuda, dev, dt = _device()
     H, I, E, K = m.H, m.I, m.E, m.K
     key = (m.name, fmt)
     if key not in weights:
         weights.clear()  # one model's experts at a time
-        g = torch.Generator(device=dev).manual_seed(E * 7 + H)
-        w_gu = (torch.randn(E, 2 * I, H, device=dev, generator=g) / H**0.5).to(dt)
-        gu = hb.quantize_weight(w_gu, fmt, 64).packed
-        del w_gu
-        w_dn = (torch.randn(E, H, I, device=dev, generator=g) / I**0.5).to(dt)
-        dn = hb.quantize_weight(w_dn, fmt, 64).packed
-        del w_dn
-        weights[key] = (gu, dn)
+        w_gu, w_dn = _weights(m, torch.Generator(device=dev).manual_seed(E * 7 + H), dt)
+        weights[key] = (hb.quantize_weight(w_gu, fmt, 64).packed, hb.quantize_weight(w_dn, fmt, 64).packed)
+        del w_gu, w_dn
     gu, dn = weights[key]
     g = torch.Generator(device=dev).manual_seed(T * 31 + E)
     reps, sets = (20, 4) if cuda else (2, 1)  # the dry run: the interpreter takes seconds per call

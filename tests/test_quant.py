@@ -39,6 +39,13 @@ def _weights(E, H, I, dtype, device="cpu"):
     return w_gu, w_dn
 
 
+def _quantized(E, H, I, quant_type, blocksize, nested=False, dtype=torch.float32, device="cpu"):
+    """(gate_up, down) QuantizedWeight of fresh random experts (_weights), quantized alike."""
+    w_gu, w_dn = _weights(E, H, I, dtype, device)
+    return (hb.quantize_weight(w_gu, quant_type, blocksize, nested),
+            hb.quantize_weight(w_dn, quant_type, blocksize, nested))
+
+
 # ------------------------------------------------------------------------------------------ layouts vs bnb
 
 
@@ -135,9 +142,7 @@ CASES = [
 @pytest.mark.parametrize("quant_type,nested", FORMATS)
 @pytest.mark.parametrize("T,H,I,E,K", CASES)
 def test_torch_fallback_equals_reference(quant_type, nested, T, H, I, E, K):
-    w_gu, w_dn = _weights(E, H, I, torch.float32)
-    gu = hb.quantize_weight(w_gu, quant_type, 32, nested)
-    dn = hb.quantize_weight(w_dn, quant_type, 32, nested)
+    gu, dn = _quantized(E, H, I, quant_type, 32, nested)
     x = torch.randn(T, H)
     r = route(torch.randn(T, E), K)
     y = oq.quant_moe(x, gu.packed, dn.packed, r, backend="torch")
@@ -173,9 +178,8 @@ def test_triton_interpreter_equals_reference(monkeypatch, quant_type, nested, T,
         pytest.skip("the GPU tier covers this")
     _poison(monkeypatch)
     dtype = torch.float16 if quant_type == "nf4" else torch.float32  # interpreter: no bf16 tl.dot
-    w_gu, w_dn = _weights(E, H, I, dtype)
     bs = 32 if quant_type == "fp4" or I % 64 else 64
-    gu, dn = hb.quantize_weight(w_gu, quant_type, bs, nested), hb.quantize_weight(w_dn, quant_type, bs, nested)
+    gu, dn = _quantized(E, H, I, quant_type, bs, nested, dtype=dtype)
     x = torch.randn(T, H).to(dtype)
     r = route(torch.randn(T, E), K)
     y = oq.quant_moe(x, gu.packed, dn.packed, r, activation=act, backend="triton")
@@ -225,8 +229,7 @@ def test_triton_gemv_decode_equals_reference(monkeypatch, quant_type, nested, T,
     monkeypatch.setattr(kq, "pick_decode_config", pick)
     # fp16 and fp32 activations alternate over the cases (fp16 for NF4 / FP4 on odd T, int8 on even T)
     dtype = torch.float16 if (T % 2 == 1) == (quant_type != "int8") else torch.float32
-    w_gu, w_dn = _weights(E, H, I, dtype)
-    gu, dn = hb.quantize_weight(w_gu, quant_type, bs, nested), hb.quantize_weight(w_dn, quant_type, bs, nested)
+    gu, dn = _quantized(E, H, I, quant_type, bs, nested, dtype=dtype)
     x = torch.randn(T, H).to(dtype)
     logits = torch.randn(T, E)
     logits[:, 0] = -1e4  # an expert with no token
@@ -269,8 +272,7 @@ def test_gemv_reads_a_misaligned_packed_view():
     if HAS_CUDA:
         pytest.skip("the GPU tier covers the kernels")
     E, H, I, T, K = 3, 64, 64, 1, 2
-    w_gu, w_dn = _weights(E, H, I, torch.float32)
-    gu, dn = hb.quantize_weight(w_gu, "nf4", 64), hb.quantize_weight(w_dn, "nf4", 64)
+    gu, dn = _quantized(E, H, I, "nf4", 64)
     x = torch.randn(T, H)
     r = route(torch.randn(T, E), K)
     want = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
@@ -287,8 +289,7 @@ def test_auto_falls_back_for_layouts_the_kernels_cannot_read(monkeypatch):
     """Blocks that span rows (blocksize 128 over rows of 64): backend="auto" where Triton would run dequantizes
     per expert instead, with one warning; backend="triton" says why it cannot."""
     E, H, I, T, K = 3, 64, 128, 2, 2
-    w_gu, w_dn = _weights(E, H, I, torch.float32)
-    gu, dn = hb.quantize_weight(w_gu, "nf4", 128), hb.quantize_weight(w_dn, "nf4", 128)
+    gu, dn = _quantized(E, H, I, "nf4", 128)
     x = torch.randn(T, H)
     r = route(torch.randn(T, E), K)
     want = oq.quant_moe(x, gu.packed, dn.packed, r, backend="torch")
@@ -574,9 +575,7 @@ def test_gpu_kernels_equal_dequantize_reference(monkeypatch, quant_type, nested,
     if T == 512 and (quant_type, nested) in (("fp4", False), ("nf4", True)):
         I = 1792  # prefill of every format at full size is slow to check; keep two at full size
     dev = "cuda"
-    w_gu, w_dn = _weights(E, H, I, dtype, dev)
-    gu, dn = hb.quantize_weight(w_gu, quant_type, 64, nested), hb.quantize_weight(w_dn, quant_type, 64, nested)
-    del w_gu, w_dn
+    gu, dn = _quantized(E, H, I, quant_type, 64, nested, dtype=dtype, device=dev)
     x = torch.randn(T, H, device=dev).to(dtype)
     r = route(torch.randn(T, E, device=dev), K)
     _poison(monkeypatch)
@@ -598,8 +597,7 @@ def test_gpu_w4_lookups_agree(monkeypatch, quant_type, nested, T, E, K):
     from h3moe.kernels import quant as kq
 
     H, I = 1024, 1536
-    w_gu, w_dn = _weights(E, H, I, torch.bfloat16, "cuda")
-    gu, dn = hb.quantize_weight(w_gu, quant_type, 64, nested), hb.quantize_weight(w_dn, quant_type, 64, nested)
+    gu, dn = _quantized(E, H, I, quant_type, 64, nested, dtype=torch.bfloat16, device="cuda")
     x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
     r = route(torch.randn(T, E, device="cuda"), K)
     _poison(monkeypatch)
@@ -623,8 +621,7 @@ def test_gpu_quantizer_runs_without_bitsandbytes():
     """Quantize on the GPU with the pure-torch quantizer (no bitsandbytes there), run the NF4 decode path
     (T=1, K=2) and check it against dequantize + reference. Its speed is the benchmark driver's business."""
     E, H, I, K = 8, 4096, 3584, 2
-    w_gu, w_dn = _weights(E, H, I, torch.bfloat16, "cuda")
-    gu, dn = hb.quantize_weight(w_gu, "nf4", 64), hb.quantize_weight(w_dn, "nf4", 64)
+    gu, dn = _quantized(E, H, I, "nf4", 64, dtype=torch.bfloat16, device="cuda")
     assert gu.qweight.is_cuda and gu.qweight.shape == (E, 2 * I * H // 2)
     x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
     r = route(torch.randn(1, E, device="cuda"), K)

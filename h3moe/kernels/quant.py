@@ -456,10 +456,10 @@ def _w4_code(w, S: tl.constexpr, tbl, code_ptr, LOOKUP: tl.constexpr):
 
 @triton.jit
 def _w4_codes8(w, tbl, code_ptr, LOOKUP: tl.constexpr):
-    """Codes of the 8 elements of every packed word w (BLOCKSIZE/8, NBLK, BN), in element order 8c+0..8c+7.
+    """Codes of the 8 elements of every packed word w (SUB/8, NBLK, BN), in element order 8c+0..8c+7.
     Word c (little-endian) holds packed bytes 4c..4c+3; byte i holds element 2i in its HIGH nibble (bits
-    8i+4..8i+7) and element 2i+1 in its low nibble (bits 8i..8i+3). The value is code * block absmax, which the
-    GEMV applies once per block, after the block's sum."""
+    8i+4..8i+7) and element 2i+1 in its low nibble (bits 8i..8i+3). The value is code * absmax, which the
+    GEMV applies once per sub-block, after the sub-block's sum."""
     return (_w4_code(w, 4, tbl, code_ptr, LOOKUP), _w4_code(w, 0, tbl, code_ptr, LOOKUP),
             _w4_code(w, 12, tbl, code_ptr, LOOKUP), _w4_code(w, 8, tbl, code_ptr, LOOKUP),
             _w4_code(w, 20, tbl, code_ptr, LOOKUP), _w4_code(w, 16, tbl, code_ptr, LOOKUP),

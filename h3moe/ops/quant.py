@@ -344,30 +344,26 @@ def _(a, q, scale, sorted_slots, offsets, weights):
     return a.new_empty(weights.shape[0], q.shape[1])
 
 
-def _triton_layout_problem(p: Packed, name: str) -> str | None:
-    """Why the Triton kernels cannot read p (None when they can)."""
-    E, N, Kd = p.shape
-    if p.bits == 4:
-        if p.blocksize < 32 or Kd % p.blocksize:
-            return (f"{name}: the triton kernels need blocksize >= 32 dividing the row length {Kd} (a block inside "
-                    f"one row); got blocksize {p.blocksize}")
-    elif Kd % 32:
-        return f"{name}: the int8 triton kernels need the row length {Kd} to be a multiple of 32"
+def _triton_layout_problem(gu: Packed, dn: Packed) -> str | None:
+    """Why the Triton kernels cannot read these experts (None when they can)."""
+    for name, p in (("gate_up", gu), ("down", dn)):
+        Kd = p.shape[2]
+        if p.bits == 4:
+            if p.blocksize < 32 or Kd % p.blocksize:
+                return (f"{name}: the triton kernels need blocksize >= 32 dividing the row length {Kd} (a block "
+                        f"inside one row); got blocksize {p.blocksize}")
+        elif Kd % 32:
+            return f"{name}: the int8 triton kernels need the row length {Kd} to be a multiple of 32"
     return None
-
-
-def _check_triton_layout(p: Packed, name: str) -> None:
-    why = _triton_layout_problem(p, name)
-    if why:
-        raise ValueError(why)
 
 
 _WARNED: set = set()
 
 
 def _quant_moe_triton(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing, activation: str) -> torch.Tensor:
-    _check_triton_layout(gu, "gate_up")
-    _check_triton_layout(dn, "down")
+    why = _triton_layout_problem(gu, dn)
+    if why:
+        raise ValueError(why)
     T, H = x.shape
     K = routing.top_k
     I = dn.shape[2]
@@ -421,7 +417,7 @@ def quant_moe(
                          f"{tuple(down.shape)} do not fit (T, H), (E, 2I, H), (E, H, I)")
     be = _backend.resolve(backend, x.device, "quant_moe")
     if be == "triton" and backend == "auto":  # a layout the kernels cannot read: the per-expert fallback, said once
-        why = _triton_layout_problem(gate_up, "gate_up") or _triton_layout_problem(down, "down")
+        why = _triton_layout_problem(gate_up, down)
         if why:
             if why not in _WARNED:
                 _WARNED.add(why)
