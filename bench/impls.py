@@ -10,8 +10,10 @@ T <= 16, on CUDA) add '<name>+graph' for h3moe and torch:grouped_mm: the same ca
 (the kernels' time without Python's launch overhead, as a serving engine runs decode). fwdbwd adds
 h3moe:triton-recompute, the Triton backward that recomputes gate/up instead of reading the saved
 pre-activation (H3MOE_RECOMPUTE=1: less memory, more FLOPs). nf4 adds the 4-bit kernels with their other nibble
-lookup (H3MOE_W4_LOOKUP): h3moe:triton-load at T <= 16 (the GEMV kernels, whose default is the warp shuffle),
-h3moe:triton-shfl above (the tl.dot kernels, whose default is the table load).
+lookup (H3MOE_W4_LOOKUP): h3moe:triton-load up to 64 tokens (the GEMV and tensor-core decode kernels, whose
+default is the warp shuffle), h3moe:triton-shfl above (the tl.dot kernels, whose default is the table load);
+and at decode (T <= 16) the other decode kernel (H3MOE_W4_DECODE): h3moe:triton-tc at T=1 (the tensor-core
+kernels where the GEMV is the default), h3moe:triton-gemv at 2-16 tokens.
 Baselines:
     hf:eager       transformers' MixtralExperts.forward: the per-expert Python loop (the loop the H3Fusion
                    authors wrote), bf16 index_add accumulation.
@@ -55,8 +57,9 @@ CANDIDATES = {
     "route": _H3 + ["torch:eager"], "fwd": _H3 + _HF + _GRAPH + ["torch:grouped_mm+graph"],
     "fwdbwd": _H3 + ["h3moe:triton-recompute"] + _HF, "layer": _H3 + _HF,
     "gating": _H3 + ["torch:eager"],
-    "nf4": _H3 + ["h3moe:triton-load", "h3moe:triton-shfl", "bnb:dequant+mm"] + _GRAPH
-    + ["h3moe:triton-load+graph"],
+    "nf4": _H3 + ["h3moe:triton-load", "h3moe:triton-shfl", "h3moe:triton-tc", "h3moe:triton-gemv",
+                  "bnb:dequant+mm"] + _GRAPH
+    + ["h3moe:triton-load+graph", "h3moe:triton-tc+graph", "h3moe:triton-gemv+graph"],
     "int8": _H3 + ["bnb:dequant+mm"] + _GRAPH,
 }
 
@@ -522,6 +525,13 @@ def _default_w4_lookup(T: int) -> str:
     return default_w4_lookup(T)
 
 
+def _default_w4_decode(T: int) -> str | None:
+    """The 4-bit decode kernel a bf16 call over T <= 16 tokens runs ("gemv" / "tc"; None above 16)."""
+    from h3moe.kernels.quant import GEMV_MAX_T, w4_kernel
+
+    return w4_kernel(T, True) if T <= GEMV_MAX_T else None
+
+
 def _with_env(var: str, value: str, fn, *args, **kwargs):
     """fn(*args, **kwargs) with os.environ[var] = value, as a 1-tuple of its output (a few µs of Python: compare
     the '+graph' rows, where the launch was captured with the variable set)."""
@@ -565,6 +575,13 @@ def _quant_impls(c: Case, device, interpreter):
                 impls.append(Impl(f"h3moe:triton-{other}", lambda s, other=other: _with_env(
                     "H3MOE_W4_LOOKUP", other, quant_moe, s["x"], s["q"], s["routing"], backend="triton"),
                     prepare, dequantized, ref_key="h3moe"))
+                # the other decode kernel at this T (GEMV / tensor cores), decode only
+                kind = _default_w4_decode(c.T)
+                if kind is not None:
+                    other = "gemv" if kind == "tc" else "tc"
+                    impls.append(Impl(f"h3moe:triton-{other}", lambda s, other=other: _with_env(
+                        "H3MOE_W4_DECODE", other, quant_moe, s["x"], s["q"], s["routing"], backend="triton"),
+                        prepare, dequantized, ref_key="h3moe"))
     except Skip as e:
         skipped.append(("h3moe:*", str(e)))
     try:

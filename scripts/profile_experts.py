@@ -252,16 +252,19 @@ def _packed_bytes(p, experts: int, rows: int) -> int:
     return int(experts * rows * Kd * per_weight)
 
 
-def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: str = "gemv") -> dict:
+def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: str | None = None) -> dict:
     """One quant_moe call (format fmt, T tokens, 4-bit lookup forced by H3MOE_W4_LOOKUP unless None) timed kernel
     by kernel: gate_up, down (its kernel alone) and combine, each bracketed by CUDA events, median of reps calls
-    with fresh routing. path "gemv": the kernels quant_moe picks (GEMV at T <= GEMV_MAX_T); "dot": the tl.dot
-    kernels at any T (GEMV_MAX_T set to 0 for the call). weights caches the quantized experts per (model, fmt)."""
+    with fresh routing. path None: the kernels quant_moe picks; "tc" / "gemv": the 4-bit decode kernel forced
+    (H3MOE_W4_DECODE); "dot": the tl.dot kernels at any T (GEMV_MAX_T and TC_MAX_T set to 0 for the call).
+    weights caches the quantized experts per (model, fmt)."""
     from h3moe.integrations import bitsandbytes as hb
     from h3moe.kernels import quant as kq
     from h3moe.ops import quant as oq
 
     cuda, dev, dt = _device()
+    if not cuda:
+        dt = torch.float16  # the dry run: fp16 reaches the tensor-core kernels (the interpreter's bf16 dot is wrong)
     H, I, E, K = m.H, m.I, m.E, m.K
     key = (m.name, fmt)
     if key not in weights:
@@ -292,12 +295,17 @@ def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: 
     names = {"_w4_gate_up_impl": "gate_up", "_w8_gate_up_impl": "gate_up", "_w4_down_impl": "down+combine",
              "_w8_down_impl": "down+combine", "combine": "combine"}
     saved = {n: getattr(oq, n) for n in names}
-    old_env = os.environ.get("H3MOE_W4_LOOKUP")
+    old_env = {v: os.environ.get(v) for v in ("H3MOE_W4_LOOKUP", "H3MOE_W4_DECODE")}
     if lookup:
         os.environ["H3MOE_W4_LOOKUP"] = lookup
-    gemv_max_t = kq.GEMV_MAX_T
+    if path in ("tc", "gemv"):
+        os.environ["H3MOE_W4_DECODE"] = path
+    limits = kq.GEMV_MAX_T, kq.TC_MAX_T
     if path == "dot":
-        kq.GEMV_MAX_T = 0
+        kq.GEMV_MAX_T = kq.TC_MAX_T = 0
+    # name what runs (a forced path the call cannot take, e.g. tc with fp32 activations, is not claimed)
+    path = kq.w4_kernel(T, dt in (torch.float16, torch.bfloat16)) if fmt != "int8" else (
+        "gemv" if T <= kq.GEMV_MAX_T else "dot")
     try:
         for n, label in names.items():
             setattr(oq, n, timed(label, saved[n]))
@@ -319,14 +327,14 @@ def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: 
             for k, v in t.items():
                 per.setdefault(k, []).append(v)
     finally:
-        kq.GEMV_MAX_T = gemv_max_t
+        kq.GEMV_MAX_T, kq.TC_MAX_T = limits
         for n in names:
             setattr(oq, n, saved[n])
-        if lookup:
-            if old_env is None:
-                del os.environ["H3MOE_W4_LOOKUP"]
+        for v, old in old_env.items():
+            if old is None:
+                os.environ.pop(v, None)
             else:
-                os.environ["H3MOE_W4_LOOKUP"] = old_env
+                os.environ[v] = old
     ms = {k: sorted(v)[len(v) // 2] for k, v in per.items()}
     touched = [int(torch.unique(r.ids).numel()) for _, r in inputs]
     n_exp = sorted(touched)[len(touched) // 2]
@@ -458,18 +466,20 @@ def main(argv=None) -> int:
         for name in a.models.split(","):
             for fmt in qfmts:
                 for T in (int(t) for t in a.quant_tokens.split(",")):
-                    # at 1 < T <= GEMV_MAX_T the tl.dot kernels too: the GEMV's cost grows with the rows per
-                    # expert (one FFMA per weight per row), tensor cores' does not
+                    # 4-bit decode: the kernels quant_moe picks with both lookups, then the other decode
+                    # kernel (GEMV / tensor cores: the GEMV's cost grows with the rows per expert, one FFMA per
+                    # weight per row; the tensor cores' does not) with the shuffle
                     from h3moe.kernels.quant import GEMV_MAX_T
 
-                    paths = ("gemv", "dot") if 1 < T <= GEMV_MAX_T else ("gemv",)
-                    for path in paths:
-                        for lookup in ((None,) if fmt == "int8" else ("shfl", "load")):
-                            if time.time() - t0 > a.budget_s:
-                                print(f"budget: skipping the quantized profile of {name} {fmt} T={T} {path}")
-                                continue
-                            res["quant"].append(quant_profile(models[name], fmt, T, lookup, cache, path))
-                            (out / "profile_experts.json").write_text(json.dumps(res, indent=1))
+                    runs = [(None, lk) for lk in ((None,) if fmt == "int8" else ("shfl", "load"))]
+                    if fmt != "int8" and T <= GEMV_MAX_T:
+                        runs += [("gemv" if T > 1 else "tc", "shfl")]
+                    for path, lookup in runs:
+                        if time.time() - t0 > a.budget_s:
+                            print(f"budget: skipping the quantized profile of {name} {fmt} T={T} {path}")
+                            continue
+                        res["quant"].append(quant_profile(models[name], fmt, T, lookup, cache, path))
+                        (out / "profile_experts.json").write_text(json.dumps(res, indent=1))
         cache.clear()
         if cuda:
             torch.cuda.empty_cache()

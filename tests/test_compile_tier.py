@@ -131,8 +131,8 @@ def test_kernel_report_script():
 
 
 def test_main_loop_count_reads_the_longest_backward_branch():
-    """kernel_report's `loop` column: instructions from a label to the last predicated branch back to it (the
-    K loop); an unpredicated BRA.DIV (divergence slow path) or a forward branch does not open a loop."""
+    """kernel_report's `loop` column: instructions from a label to the last branch back to it (the K loop),
+    predicated or not; a BRA.DIV (divergence slow path), a forward branch or the trap after EXIT opens none."""
     import re
 
     from h3moe.kernels.aot import _main_loop
@@ -157,3 +157,17 @@ def test_main_loop_count_reads_the_longest_backward_branch():
     op_re = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)")
     assert _main_loop(sass, op_re) == 6
     assert _main_loop("\n".join([ins(0, "EXIT")]), op_re) == 0
+    # sm_80's form: the exit test at the top, an unconditional branch back; the trap after EXIT is no loop
+    top = "\n".join([
+        ".L_x_1:",
+        ins(0x00, "ISETP.GE.AND P0, PT, R2, 0x1000, PT"),
+        ins(0x10, "@P0 BRA `(.L_x_0)"),
+        ins(0x20, "FFMA R8, R4, R5, R8"),
+        ins(0x30, "BRA `(.L_x_1)"),
+        ".L_x_0:",
+        ins(0x40, "EXIT"),
+        ".L_x_2:",
+        ins(0x50, "BRA `(.L_x_2)"),
+    ])
+    assert _main_loop(top, op_re) == 4
+    assert _main_loop("\n".join([ins(0, "EXIT"), ".L_x_2:", ins(0x10, "BRA `(.L_x_2)")]), op_re) == 0

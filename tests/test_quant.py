@@ -174,8 +174,13 @@ needs_triton = pytest.mark.skipif(
     (20, 64, 64, 4, 2, "silu"),  # T > GEMV_MAX_T, S = 40 <= 64: the BM=16 tl.dot decode tiles
 ])
 def test_triton_interpreter_equals_reference(monkeypatch, quant_type, nested, T, H, I, E, K, act):
+    """The tl.dot kernels (and the GEMV at T=1, 9) against dequantize + reference: the tensor-core decode
+    kernels are off here (TC_MAX_T = 0; test_triton_tc_decode_equals_reference covers them)."""
     if HAS_CUDA:
         pytest.skip("the GPU tier covers this")
+    from h3moe.kernels import quant as kq
+
+    monkeypatch.setattr(kq, "TC_MAX_T", 0)
     _poison(monkeypatch)
     dtype = torch.float16 if quant_type == "nf4" else torch.float32  # interpreter: no bf16 tl.dot
     bs = 32 if quant_type == "fp4" or I % 64 else 64
@@ -210,11 +215,13 @@ GEMV_CASES = [
 @pytest.mark.parametrize("quant_type,nested", FORMATS)
 @pytest.mark.parametrize("T,H,I,E,K,bs,bn", GEMV_CASES)
 def test_triton_gemv_decode_equals_reference(monkeypatch, quant_type, nested, T, H, I, E, K, bs, bn):
-    """The GEMV decode kernels (T <= GEMV_MAX_T) against dequantize + reference, poisoned outputs."""
+    """The GEMV decode kernels (T <= GEMV_MAX_T; the tensor-core decode kernels off) against dequantize +
+    reference, poisoned outputs."""
     if HAS_CUDA:
         pytest.skip("the GPU tier covers this")
     from h3moe.kernels import quant as kq
 
+    monkeypatch.setattr(kq, "TC_MAX_T", 0)
     _poison(monkeypatch)
     picked = []
     real_pick = kq.pick_decode_config
@@ -248,6 +255,73 @@ def test_triton_gemv_decode_equals_reference(monkeypatch, quant_type, nested, T,
         eager = _ref(x, gu, dn, r).double()
         bound = 2 * (eager - want).abs().max() + 1e-3
         assert (y.double() - want).abs().max() <= bound
+
+
+TC_CASES = [
+    # (T, H, I, E, K, blocksize, hot): hot routes ~all tokens to expert 1 (its rows exceed one BM tile);
+    # expert 0 never gets a token
+    (2, 128, 256, 4, 2, 64, False),  # T=2: BM=16 mostly padding; down split over I (KSPLIT=2)
+    (16, 64, 96, 5, 1, 32, False),  # blocksize 32: 4-word K steps; I=96: gate_up rows masked (BN=64); prime E
+    (40, 128, 128, 3, 2, 128, False),  # S=80 over 3 experts: BM=64, half-width tiles; two K steps per block
+    (24, 64, 128, 8, 2, 64, True),  # S=48, BM=16, expert 1 holds ~24 rows: two row tiles of one expert
+    (3, 256, 256, 9, 8, 256, False),  # K=8 of 8 routable experts; blocksize 256 > SUB=64: 4 steps per block
+]
+
+
+@pytest.mark.interpreter
+@needs_triton
+@pytest.mark.parametrize("quant_type,nested", [f for f in FORMATS if f[0] != "int8"])
+@pytest.mark.parametrize("T,H,I,E,K,bs,hot", TC_CASES)
+def test_triton_tc_decode_equals_reference(monkeypatch, quant_type, nested, T, H, I, E, K, bs, hot):
+    """The tensor-core decode kernels (fp16 / bf16 activations, TC_MIN_T <= T <= TC_MAX_T) against dequantize
+    + reference, poisoned outputs (the interpreter runs the table-load lookup and fp16: its bf16 tl.dot is
+    wrong; the GPU tier runs bf16 and the shuffle)."""
+    if HAS_CUDA:
+        pytest.skip("the GPU tier covers this")
+    from h3moe.kernels import quant as kq
+
+    _poison(monkeypatch)
+    picked = []
+    real_pick = kq.pick_tc_config
+
+    def pick(*a):
+        picked.append(a[-1])
+        return real_pick(*a)
+
+    monkeypatch.setattr(kq, "pick_tc_config", pick)
+    dtype = torch.float16
+    gu, dn = _quantized(E, H, I, quant_type, bs, nested, dtype=dtype)
+    x = torch.randn(T, H).to(dtype)
+    logits = torch.randn(T, E)
+    logits[:, 0] = -1e4  # an expert with no token
+    if hot:
+        logits[:, 1] += 1e3
+    r = route(logits, K)
+    assert r.counts[0] == 0 and (not hot or r.counts[1] > 16)
+    assert kq.w4_kernel(T, half=True) == "tc" and kq.w4_kernel(T, half=False) != "tc"
+    y = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
+    assert set(picked) == {"gate_up", "down"}  # the tensor-core kernels ran
+    assert not torch.isnan(y).any() and y.dtype == dtype
+    want = ref.experts_ref(x.double(), gu.dequantize(dtype=dtype).double(), dn.dequantize(dtype=dtype).double(),
+                           r.weights.double(), r.ids)
+    eager = _ref(x, gu, dn, r).double()
+    bound = 2 * (eager - want).abs().max() + 1e-3
+    assert (y.double() - want).abs().max() <= bound
+
+
+def test_pick_tc_config():
+    from h3moe.kernels import quant as kq
+
+    # Mixtral at T=16, K=2: one 16-row tile per expert; 64 gate + 64 up rows; down split 4 ways
+    c = kq.pick_tc_config(16, 32, 8, 64, 4096, 14336, "gate_up")
+    assert (c["BM"], c["BN"], c["SUB"], c["KSPLIT"], c["num_warps"]) == (16, 64, 64, 1, 4)
+    c = kq.pick_tc_config(16, 32, 8, 64, 14336, 4096, "down")
+    assert (c["BM"], c["BN"], c["KSPLIT"]) == (16, 128, 4)  # 32 * 8 * 4 = 1024 programs
+    assert kq.pick_tc_config(64, 128, 8, 64, 4096, 14336, "gate_up")["BM"] == 32  # ~16 rows per expert
+    c = kq.pick_tc_config(64, 128, 3, 32, 4096, 11008, "gate_up")  # H3Fusion: ~43 rows per expert
+    assert (c["BM"], c["BN"], c["SUB"]) == (64, 32, 32)
+    assert kq.pick_tc_config(64, 512, 128, 64, 2048, 768, "gate_up")["BM"] == 16  # Qwen3: ~4 rows per expert
+    assert kq.pick_tc_config(2, 4, 8, 4096, 14336, 4096, "down")["SUB"] == 64  # K steps inside a 4096 block
 
 
 def test_pick_decode_config():
@@ -309,18 +383,33 @@ def test_auto_falls_back_for_layouts_the_kernels_cannot_read(monkeypatch):
 
 def test_w4_lookup_choice(monkeypatch):
     """The 4-bit kernels' nibble lookup: the interpreter always takes the table loads (it cannot run the PTX
-    shuffle); on a GPU the GEMV decode kernels shuffle and the tl.dot kernels load unless H3MOE_W4_LOOKUP
-    forces one; a typo fails loudly instead of silently timing the other."""
+    shuffle); on a GPU the decode kernels (GEMV, tensor-core) shuffle and the tl.dot kernels load unless
+    H3MOE_W4_LOOKUP forces one; which kernels a call runs (w4_kernel, H3MOE_W4_DECODE); a typo fails loudly
+    instead of silently timing the other."""
     from h3moe.kernels import quant as kq
 
     monkeypatch.delenv("H3MOE_W4_LOOKUP", raising=False)
-    assert kq.w4_lookup("gemv", interpret=True) == kq.w4_lookup("dot", interpret=True) == "load"
-    assert kq.w4_lookup("gemv", interpret=False) == "shfl" and kq.w4_lookup("dot", interpret=False) == "load"
-    assert kq.default_w4_lookup(1) == kq.default_w4_lookup(kq.GEMV_MAX_T) == "shfl"
-    assert kq.default_w4_lookup(kq.GEMV_MAX_T + 1) == "load"
+    monkeypatch.delenv("H3MOE_W4_DECODE", raising=False)
+    assert kq.w4_lookup("gemv", interpret=True) == kq.w4_lookup("tc", interpret=True) == "load"
+    assert kq.w4_lookup("dot", interpret=True) == "load"
+    assert kq.w4_lookup("gemv", interpret=False) == kq.w4_lookup("tc", interpret=False) == "shfl"
+    assert kq.w4_lookup("dot", interpret=False) == "load"
+    # which kernels: GEMV at T=1, tensor cores at 2-64 tokens (fp16 / bf16), tl.dot above; fp32: GEMV to 16
+    assert [kq.w4_kernel(T, True) for T in (1, 2, 16, 64, 65)] == ["gemv", "tc", "tc", "tc", "dot"]
+    assert [kq.w4_kernel(T, False) for T in (1, 16, 17)] == ["gemv", "gemv", "dot"]
+    assert kq.default_w4_lookup(1) == kq.default_w4_lookup(kq.TC_MAX_T) == "shfl"
+    assert kq.default_w4_lookup(kq.TC_MAX_T + 1) == "load"
     for mode in ("load", "shfl"):
         monkeypatch.setenv("H3MOE_W4_LOOKUP", mode)
         assert kq.w4_lookup("gemv", interpret=False) == kq.w4_lookup("dot", interpret=False) == mode
+        assert kq.w4_lookup("tc", interpret=False) == mode
+    monkeypatch.setenv("H3MOE_W4_DECODE", "tc")  # T=1 to the tensor cores too; fp32 and T > TC_MAX_T cannot
+    assert [kq.w4_kernel(T, True) for T in (1, 16, 65)] == ["tc", "tc", "dot"] and kq.w4_kernel(1, False) == "gemv"
+    monkeypatch.setenv("H3MOE_W4_DECODE", "gemv")  # the GEMV up to GEMV_MAX_T, tl.dot above
+    assert [kq.w4_kernel(T, True) for T in (1, 16, 17)] == ["gemv", "gemv", "dot"]
+    monkeypatch.setenv("H3MOE_W4_DECODE", "tensor")
+    with pytest.raises(ValueError, match="H3MOE_W4_DECODE"):
+        kq.w4_kernel(2, True)
     monkeypatch.setenv("H3MOE_W4_LOOKUP", "shuffle")
     with pytest.raises(ValueError, match="H3MOE_W4_LOOKUP"):
         kq.w4_lookup("gemv", interpret=False)
@@ -504,9 +593,10 @@ def test_package_import_does_not_import_bitsandbytes():
 
 @pytest.mark.compile
 def test_decode_kernel_compiles_without_spills():
-    """Two specs here (the compile tier compiles them all): the NF4 nested GEMV decode gate_up kernel (T=1) and
-    the table-load variant of the down kernel, for sm_90: no spills, no shared-memory staging beyond a small
-    scratch, 16-byte weight loads, and the lookup each one asks for (warp shuffles / table loads)."""
+    """Three specs here (the compile tier compiles them all): the NF4 nested GEMV decode gate_up kernel (T=1),
+    the table-load variant of the GEMV down kernel, and the tensor-core decode gate_up kernel (T=16), for sm_90:
+    no spills, 16-byte weight loads, the lookup each one asks for (warp shuffles / table loads), no shared-memory
+    staging beyond a small scratch in the GEMV, wgmma in the tensor-core kernel."""
     pytest.importorskip("triton")
     code = r"""
 import os, subprocess, tempfile, triton
@@ -514,13 +604,13 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from h3moe.kernels.quant import aot_specs
 specs = aot_specs()
-assert len({s.name for s in specs}) == len(specs) == 88
-def build(prefix):
+assert len({s.name for s in specs}) == len(specs) == 116
+def build(prefix, max_shared=2048):
     s = next(s for s in specs if s.name.startswith(prefix))
     attrs = {(s.fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in s.divisible}
     k = triton.compile(ASTSource(fn=s.fn, signature=s.signature, constexprs=s.constexprs, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": s.num_warps, "num_stages": s.num_stages})
-    assert k.metadata.shared <= 2048, k.metadata.shared
+    assert k.metadata.shared <= max_shared, k.metadata.shared
     assert "ld.global.v4.b32" in k.asm["ptx"] or "ld.global.v4.u32" in k.asm["ptx"], "no 16-byte weight loads"
     f = tempfile.NamedTemporaryFile(suffix=".cubin", delete=False); f.write(k.asm["cubin"]); f.close()
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
@@ -534,6 +624,11 @@ assert "ld.global.b64" not in ptx and "ld.global.u64" not in ptx, "a 64-bit tabl
 # the table-load alternative: no shuffle lookups (Triton's own layout moves use a few shfl.idx)
 ptx = build("quant_w4_down_gemv[bf16,nf4+load,T=1,")
 assert ptx.count("shfl.sync.idx.b32") < 16, ptx.count("shfl.sync.idx.b32")
+# the tensor-core decode kernel (T=16): wgmma, one shuffle per weight (128 rows x 64 codes per step over 128
+# threads: 64 per thread), the activations staged by the pipeliner (cp.async), the A tile's round trip: < 32 KB
+ptx = build("quant_w4_gate_up_tc[bf16,nf4,T=16,", max_shared=32768)
+assert "wgmma.mma_async" in ptx and ptx.count("shfl.sync.idx.b32") >= 64, ptx.count("shfl.sync.idx.b32")
+assert "cp.async" in ptx and "ld.global.b64" not in ptx
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -569,7 +664,7 @@ GPU_CASES = [(qt, nested, torch.bfloat16) for qt, nested in FORMATS] + [("nf4", 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant_type,nested,dtype", GPU_CASES)
-@pytest.mark.parametrize("T", [1, 16, 512])  # decode (1 and 16 tokens, S <= 64) and prefill (S = 1024)
+@pytest.mark.parametrize("T", [1, 16, 64, 512])  # GEMV (1), tensor-core decode (16, 64), prefill (S = 1024)
 def test_gpu_kernels_equal_dequantize_reference(monkeypatch, quant_type, nested, dtype, T):
     E, H, I, K = 8, 4096, 14336, 2  # Mixtral-8x7B
     if T == 512 and (quant_type, nested) in (("fp4", False), ("nf4", True)):
@@ -588,12 +683,13 @@ def test_gpu_kernels_equal_dequantize_reference(monkeypatch, quant_type, nested,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant_type,nested", [("nf4", False), ("fp4", True)])
-@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (3, 8, 2), (16, 8, 2), (1, 64, 8), (5, 64, 8), (20, 8, 2), (40, 8, 2)])
+@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (3, 8, 2), (16, 8, 2), (1, 64, 8), (5, 64, 8), (40, 3, 2),
+                                   (80, 8, 2)])
 def test_gpu_w4_lookups_agree(monkeypatch, quant_type, nested, T, E, K):
     """The 4-bit kernels' two nibble lookups (warp shuffle; 16-entry table loads, the interpreter's path) read
-    the same fp32 codes: the GEMV kernels (T <= 16) and the tl.dot kernels (T = 20: BM=16 tiles, 40: BM=64) give
-    the same outputs up to instruction order, both equal to dequantize + reference. Only the GPU runs the
-    shuffle (PTX); every other line is interpreter-tested."""
+    the same fp32 codes: the GEMV kernels (T = 1), the tensor-core decode kernels (T = 3-40; 40 over 3 experts:
+    BM=64) and the tl.dot kernels (T = 80) give the same outputs up to instruction order, both equal to
+    dequantize + reference. Only the GPU runs the shuffle (PTX); every other line is interpreter-tested."""
     from h3moe.kernels import quant as kq
 
     H, I = 1024, 1536
@@ -609,11 +705,36 @@ def test_gpu_w4_lookups_agree(monkeypatch, quant_type, nested, T, E, K):
     # the same codes: equal up to the compiler's instruction order (a bf16 ulp); a wrong code is O(1) off
     scale = ys["load"].float().abs().max().item()
     torch.testing.assert_close(ys["shfl"].float(), ys["load"].float(), rtol=0, atol=1e-2 * scale)
-    if T <= kq.GEMV_MAX_T:  # the GEMV kernels: the same arithmetic in the same order, nearly all elements equal
+    if kq.w4_kernel(T, True) != "dot":  # GEMV / tensor-core decode: the same arithmetic, nearly all equal
         assert (ys["shfl"] == ys["load"]).float().mean().item() > 0.99
     want, eager = _ref_fp32_and_eager(x, gu, dn, r)
     err, eager_err = (ys["shfl"].float() - want).abs().max(), (eager - want).abs().max()
     assert err <= 2 * eager_err + 1e-3 * want.abs().max(), (err, eager_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,E,K", [(2, 8, 2), (16, 8, 2), (16, 128, 8), (64, 3, 2)])
+def test_gpu_tc_decode_equals_gemv_and_dot(monkeypatch, dtype, T, E, K):
+    """The tensor-core decode kernels against the kernels they replace at 2-64 tokens (GEMV up to 16 tokens,
+    tl.dot above: TC_MAX_T = 0) and against dequantize + reference, at Mixtral / Qwen3-like widths."""
+    from h3moe.kernels import quant as kq
+
+    H, I = (4096, 3584) if E <= 8 else (2048, 768)
+    gu, dn = _quantized(E, H, I, "nf4", 64, True, dtype=dtype, device="cuda")
+    x = torch.randn(T, H, device="cuda").to(dtype)
+    r = route(torch.randn(T, E, device="cuda"), K)
+    _poison(monkeypatch)
+    assert kq.w4_kernel(T, True) == "tc"
+    y_tc = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
+    monkeypatch.setattr(kq, "TC_MAX_T", 0)
+    y_old = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
+    want, eager = _ref_fp32_and_eager(x, gu, dn, r)
+    eager_err = (eager - want).abs().max()
+    for y in (y_tc, y_old):
+        assert not torch.isnan(y).any()
+        err = (y.float() - want).abs().max()
+        assert err <= 2 * eager_err + 1e-3 * want.abs().max(), (err, eager_err)
 
 
 @pytest.mark.gpu

@@ -124,9 +124,11 @@ def sass_histogram(cubin: bytes) -> dict:
 
 
 def _main_loop(text: str, op_re) -> int:
-    """Instructions in the kernel's longest loop body: from a label to the last predicated branch back to it
-    (the K loop of a GEMM or GEMV; 0 when there is no loop). Divergence slow paths (BRA.DIV targets) that ptxas
-    places inside the loop's address range are counted too: an upper bound on one iteration's instructions."""
+    """Instructions in the kernel's longest loop body: from a label to the last branch back to it, predicated
+    (sm_90 ptxas tests at the bottom) or not (sm_80 often tests at the top and jumps back unconditionally): the K
+    loop of a GEMM or GEMV; 0 when there is none (the one-instruction `BRA` to itself after EXIT is not a loop).
+    Divergence slow paths (BRA.DIV targets) that ptxas places inside the loop's address range are counted too:
+    an upper bound on one iteration's instructions."""
     import re
 
     lines = text.splitlines()
@@ -137,8 +139,8 @@ def _main_loop(text: str, op_re) -> int:
             labels[m.group(1)] = i
     best = (0, 0)
     for i, line in enumerate(lines):
-        m = re.search(r"@!?P\d+\s+BRA\s+`\((\.L_x_\d+)\)", line)
-        if m and m.group(1) in labels and labels[m.group(1)] < i and i - labels[m.group(1)] > best[1] - best[0]:
+        m = re.search(r"(?:@!?P\d+\s+)?\bBRA\s+`\((\.L_x_\d+)\)", line)
+        if m and m.group(1) in labels and i - labels[m.group(1)] > max(1, best[1] - best[0]):
             best = (labels[m.group(1)], i)
     return sum(1 for line in lines[best[0]:best[1] + 1] if op_re.search(line)) if best[1] else 0
 

@@ -28,10 +28,10 @@ layouts to the per-expert torch path) and BK divides BLOCKSIZE (one absmax per r
 one over the high nibbles (even k, activations loaded with stride 2) and one over the low nibbles (odd k),
 so no in-register interleave is needed.
 
-Decode, T <= GEMV_MAX_T = 16 tokens: GEMV kernels (w4_gate_up_gemv_kernel, w4_down_gemv_kernel,
-w8_gate_up_gemv_kernel, w8_down_gemv_kernel; no tl.dot; shared memory only to broadcast the activation tile,
-<= 256 B). A program owns one row tile
-(ROWS <= 8 sorted rows of one expert), BN output rows and, for down, one of KSPLIT slices of I. Per chunk of
+Decode, T <= GEMV_MAX_T = 16 tokens (4-bit: T=1 and fp32 activations; int8: all): GEMV kernels
+(w4_gate_up_gemv_kernel, w4_down_gemv_kernel, w8_gate_up_gemv_kernel, w8_down_gemv_kernel; no tl.dot; shared
+memory only to broadcast the activation tile, <= 256 B). A program owns one row tile (ROWS <= 8 sorted rows of
+one expert), BN output rows and, for down, one of KSPLIT slices of I. Per chunk of
 128 columns it issues one 16-byte load per thread per tile (a row of the packed matrix is contiguous; the
 tile is laid out word-column first so the compiler keeps those 4 words in one thread) and looks up each
 nibble's fp32 code by a warp shuffle (LOOKUP "shfl": lane l holds code[l % 16] in one register; shfl.sync.idx
@@ -60,11 +60,16 @@ that is ~10 B/clk/SM of packed weights: ~2.4 TB/s on an H100 (132 SMs, 1.755 GHz
 3.0 TB/s copy, the issue rate (308 / 4 per clock = 77 clk per KB, 13 B/clk/SM) just above. Registers 127-168,
 0-256 B of shared memory, no spills, sm_80 and sm_90 (scripts/kernel_report.py --module h3moe.kernels.quant
 --filter gemv --sass).
-Prefill and 17+ tokens: the tl.dot kernels above (BM=16 row tiles for S <= 64, BM=64 beyond). Their default
-lookup is the table load (the code gathers and activations staged in shared memory by Triton's pipeliner,
-95-100 KB at 4 stages: 1-2 programs per SM); with H3MOE_W4_LOOKUP=shfl the pipeliner stages neither (it does
-not follow loads through inline assembly: 6-30 KB of shared memory, loads waited on in the loop). Which wins
-is measured by the bench (h3moe:triton-shfl rows at T > 16), not guessed.
+Tensor-core decode, fp16 / bf16 activations at 2 <= T <= 64 tokens (TC_MIN_T, TC_MAX_T; w4_kernel picks):
+w4_gate_up_tc_kernel, w4_down_tc_kernel (section below): the same words and shuffles as the GEMV, the codes
+joined back into element order and fed to the tensor cores with swapped operands (acc = W · xᵀ: weight rows as
+wgmma's M=64, the expert's 16-64 rows as N), the block absmax applied to each K step's fp32 product. Their
+cost per KB of weights does not grow with the rows (the GEMV's does, below).
+Prefill (T > TC_MAX_T; fp32 activations above GEMV_MAX_T): the tl.dot kernels above (BM=16 row tiles for
+S <= 64, BM=64 beyond). Their default lookup is the table load (the code gathers and activations staged in
+shared memory by Triton's pipeliner, 95-100 KB at 4 stages: 1-2 programs per SM); with H3MOE_W4_LOOKUP=shfl the
+pipeliner stages neither (it does not follow loads through inline assembly: 6-30 KB of shared memory, loads
+waited on in the loop). Which wins is measured by the bench (h3moe:triton-shfl rows at T > 64), not guessed.
 
 Bytes moved per token at decode (K active experts per token, each read once when T*K rows hit distinct
 experts; shared experts are read once for all their rows):
@@ -84,22 +89,24 @@ Grid at T=1, Mixtral NF4 (pick_decode_config): gate_up BN=8 -> (14336/8, S//1 + 
 flight per SM with the double buffer (Little's law at 3 TB/s and ~1 µs: ~23 KB per SM).
 int8 (BN=8, one warp, 46-124 registers, no double buffer): ~2.8 instructions per weight (byte extract, LOP3 +
 FADD conversion, FFMA; no I2F, whose quarter rate would cap it near 3.7 TB/s), bandwidth-bound.
-Rows: every sorted row of a tile costs ~145 more instructions per 1 KB chunk (64 FFMA for its 64 weights per
-thread, ~80 to load, convert and split its activations): `--sass` loop column, gate_up sm_90: 306 (ROWS=1),
-450 (2), 736 (4), 1309 (8 rows used). So the GEMV stays near the bandwidth ridge only with 1-2 rows per expert
-(T=1; many-expert shapes up to T=16). Mixtral at T=16 puts ~4 rows on each expert: ~740 per KB, ~23 per byte,
-issue-bound near 1.3 TB/s: NF4 ~0.6 ms against bf16's measured 0.95 ms, ~1.6x, short of the 2.5x target. The
-lever there is tensor cores, whose cost does not grow with the rows: the tl.dot kernels at BM=16 (with the
-shuffle lookup; Triton's pipeliner does not stage their loads then, so they need a hand-written prefetch) —
-`scripts/profile_experts.py --quant` times both paths at T=16 (`kernels` column) to say which to build on.
-Prediction for the next GPU session (bench `python -m bench --cases nf4,int8`, T=1, whole quant_moe call incl.
-the combine launch): Mixtral NF4 ~0.09-0.12 ms per layer call (66 µs of DRAM at 3 TB/s, ~83 µs at the
+Rows: every sorted row of a GEMV tile costs ~145 more instructions per 1 KB chunk (64 FFMA for its 64 weights
+per thread, ~80 to load, convert and split its activations): `--sass` loop column, gate_up sm_90: 306
+(ROWS=1), 450 (2), 736 (4), 1309 (8 rows used). Mixtral at T=16 puts ~4 rows on each expert: ~740 per KB,
+issue-bound near 1.3 TB/s, NF4 ~0.6 ms against bf16's measured 0.95 ms (~1.6x, short of the 2.5x target).
+Hence the tensor-core decode kernels from 2 tokens on: ~268 instructions per KB per warp whatever the rows
+(sm_90, BM=16; 281 at BM=32), an issue ceiling near 15 B/clk/SM (~3.5 TB/s on an H100) and the shuffles' near
+16 B/clk/SM, both above DRAM. The GEMV keeps T=1 (306 per KB, but one-warp programs, no shared-memory round
+trip, no barriers; the bench's h3moe:triton-tc row at T=1 and h3moe:triton-gemv rows at T=2-16 time the other
+kernel, H3MOE_W4_DECODE=tc|gemv forces one).
+Prediction for the next GPU session (bench `python -m bench --cases nf4,int8`, whole quant_moe call incl. the
+combine launch): T=1 Mixtral NF4 ~0.09-0.12 ms per layer call (66 µs of DRAM at 3 TB/s, ~83 µs at the
 shuffle ceiling above; measured before: 0.91 ms with the tl.dot decode tiles), H³Fusion NF4 ~0.07-0.09 ms,
-OLMoE / Qwen3 NF4 ~0.03-0.04 ms (launch-bound); int8 Mixtral ~0.13-0.15 ms. The bench also times
-h3moe:triton-load (the table-load lookup) to check the shuffle's gain. If NF4 stays above ~0.1 ms with the
-memory pipe busy (nsight: MIO throttle), the next lever takes the lookups off the memory pipe: fp16 codes
-held in 8 registers and picked with PRMT byte permutes, 4 nibbles at a time (~3 integer instructions per
-nibble, codes rounded to fp16). A byte-pair table in shared memory would not help: 32 random 8-byte lookups
+OLMoE / Qwen3 NF4 ~0.03-0.04 ms (launch-bound); T=16 Mixtral NF4 (all 8 experts, 792 MB) ~0.30-0.40 ms
+against bf16's 0.95 ms (2.4-3.2x); int8 Mixtral T=1 ~0.13-0.15 ms. If NF4 stays above these with the memory
+pipe busy (nsight: MIO throttle), the next lever takes the lookups off the memory pipe: fp16 codes held in 8
+registers and picked with PRMT byte permutes, 4 nibbles at a time (~3 integer instructions per nibble, codes
+rounded to fp16). A byte-pair table in shared memory would not help: 32 random 8-byte lookups into 2 KB
+conflict ~3-4 ways per half warp.
 into 2 KB conflict ~3-4 ways per half warp.
 """
 from __future__ import annotations
@@ -686,6 +693,134 @@ def w8_down_gemv_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Tensor-core decode kernels (fp16 / bf16 activations, TC_MIN_T <= T <= TC_MAX_T): the GEMV's cost grows by
+# ~145 instructions per 1 KB chunk with every row an expert serves; a tensor core's does not. Swapped operands
+# (acc = W · xᵀ): the dequantized weight tile is the MMA's A operand (M = weight rows: wgmma's M=64 per warp
+# group), the program's BM sorted rows (tokens) its N (16-64; wgmma takes N in steps of 8). One K step is one
+# absmax sub-block of SUB = min(BLOCKSIZE, 64) elements (SUB/8 words per row): the codes go into the dot in
+# the activation dtype and the block's absmax multiplies the step's (rows, BM) fp32 product (one FFMA per
+# SUB/BM weights, not one per weight). Words come in as int32 (register double buffer by hand: Triton's
+# pipeliner stages no load whose consumer is inline assembly) and each nibble's code by one shuffle (LOOKUP 0)
+# or one table load (LOOKUP 1); the 8 code tensors of a word are joined back into element order
+# (_w4_codes_tile), so the activations load contiguous. gate_up stacks its BN gate rows and BN up rows into
+# one (2BN, SUB) A tile: one dot per step.
+# Numerics: code rounded to the activation dtype, times the absmax in fp32 after the block's dot (bitsandbytes
+# rounds code * absmax once): equal to dequantize + reference within a bf16 / fp16 ulp per weight.
+# Compile tier (sm_90, bf16, BN=64, SUB=64, 4 warps): ~268 SASS instructions per 1 KB of packed weights
+# per warp (64 SHFL + 56 SHF + 32 F2FP for the codes, ~16 FFMA for the absmax, one STS/LDSM round trip of the
+# A tile, 8 HGMMA), whatever the rows: the GEMV needs 306 (1 row), 450 (2), 736 (4), 1309 (8).
+
+@triton.jit
+def _w4_codes_tile(w, tbl, code_ptr, dtype: tl.constexpr, LOOKUP: tl.constexpr):
+    """(R, 8*W) codes in dtype of packed words w (R, W) int32, in element order: column 8c + p is element p of
+    word c (_w4_codes8's order: byte p // 2, high nibble for even p). Each join appends a dimension of 2 after
+    the previous ones, so pairing positions 4 apart first, then 2, then 1 gives [r, c, p2, p1, p0] with
+    p = 4*p2 + 2*p1 + p0: flattened, element order (the joined dimensions live in one thread's registers)."""
+    cs = _w4_codes8(w, tbl, code_ptr, LOOKUP)
+    j = tl.join(tl.join(tl.join(cs[0].to(dtype), cs[4].to(dtype)), tl.join(cs[2].to(dtype), cs[6].to(dtype))),
+                tl.join(tl.join(cs[1].to(dtype), cs[5].to(dtype)), tl.join(cs[3].to(dtype), cs[7].to(dtype))))
+    return tl.reshape(j, (w.shape[0], 8 * w.shape[1]))
+
+
+@triton.jit
+def w4_gate_up_tc_kernel(
+    x_ptr,  # (T, H) fp16/bf16 tokens
+    q_ptr,  # (E, 2I*H/2) uint8 packed gate_up (4-byte aligned: read as int32 words)
+    absmax_ptr,  # (E, NB) fp32, or uint8 when NESTED
+    absmax2_ptr,  # (E, NB2) fp32 (NESTED only)
+    code2_ptr,  # (256,) fp32 (NESTED only)
+    offset_ptr,  # (E,) fp32 (NESTED only)
+    code_ptr,  # (16,) fp32 NF4 / FP4 table
+    slots_ptr,  # (S,) int32 sorted_slots
+    offsets_ptr,  # (E+1,) int32
+    out_ptr,  # (S, I) x's dtype: act(gate)*up per sorted row
+    NB, NB2,  # i32
+    E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
+    TOPK: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ACT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, LOOKUP: tl.constexpr,
+):
+    e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, BM, BN, I, True)  # n: gate rows, up: n + I
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+    rows_m = start + tl.arange(0, BM)  # (BM,) sorted rows
+    mask_m = rows_m < end
+    tok = (tl.load(slots_ptr + rows_m, mask=mask_m, other=0) // TOPK).to(tl.int64)
+    q_e = (q_ptr + e64 * I * H).to(tl.pointer_type(tl.int32))  # the expert's 2I*H/2 bytes as words
+    SUB: tl.constexpr = 64 if BLOCKSIZE > 64 else BLOCKSIZE  # K step: one absmax (sub-)block
+    r = tl.arange(0, 2 * BN)
+    nr = tl.program_id(0) * BN + r % BN  # (2BN,) gate rows n, then the same up rows
+    mask_r = nr < I
+    row = nr + (r // BN) * I  # (2BN,) row of the (2I, H) matrix
+    pw = q_e + row.to(tl.int64)[:, None] * (H // 8) + tl.arange(0, SUB // 8)[None, :]  # (2BN, SUB/8)
+    xp = x_ptr + tok[None, :] * H + tl.arange(0, SUB)[:, None]  # (SUB, BM): xᵀ
+    acc = tl.zeros((2 * BN, BM), dtype=tl.float32)
+    w = tl.load(pw, mask=mask_r[:, None], other=0)
+    tbl = _w4_lane_table(code_ptr, w, LOOKUP)
+    for k0 in range(0, H, SUB):
+        w2 = tl.load(pw + (k0 + SUB) // 8, mask=mask_r[:, None] & (k0 + SUB < H), other=0)  # next step's words
+        am = _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, row * (H // BLOCKSIZE) + k0 // BLOCKSIZE,
+                      mask_r, NB, NB2, NESTED)  # (2BN,)
+        xt = tl.load(xp + k0, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
+        acc += tl.dot(_w4_codes_tile(w, tbl, code_ptr, dtype, LOOKUP), xt) * am[:, None]
+        w = w2
+    acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (2, BN, BM)), (1, 2, 0)))  # (BN, BM) each
+    a = _act(acc_g, ACT) * acc_u
+    op = out_ptr + rows_m[None, :].to(tl.int64) * I + n[:, None]
+    tl.store(op, a.to(out_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_n[:, None])
+
+
+@triton.jit
+def w4_down_tc_kernel(
+    a_ptr,  # (S, I) fp16/bf16 sorted rows
+    q_ptr,  # (E, H*I/2) uint8 packed down (4-byte aligned)
+    absmax_ptr,  # (E, NB) fp32, or uint8 when NESTED
+    absmax2_ptr,  # (E, NB2) fp32 (NESTED only)
+    code2_ptr,  # (256,) fp32 (NESTED only)
+    offset_ptr,  # (E,) fp32 (NESTED only)
+    code_ptr,  # (16,) fp32 NF4 / FP4 table
+    slots_ptr,  # (S,) int32 sorted_slots
+    offsets_ptr,  # (E+1,) int32
+    w_ptr,  # (T*K,) fp32 routing weight per flat slot
+    out_ptr,  # (KSPLIT, T*K, H) fp32: weight * (split ks's part of down(a)) per slot, slot order
+    NB, NB2, TK,  # i32; TK = T*K slots
+    E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, KSPLIT: tl.constexpr, LOOKUP: tl.constexpr,
+):
+    ks = tl.program_id(2)
+    e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, BM, BN, H, True)
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    dtype = a_ptr.dtype.element_ty
+    rows_m = start + tl.arange(0, BM)
+    mask_m = rows_m < end
+    q_e = (q_ptr + e64 * H * (I // 2)).to(tl.pointer_type(tl.int32))  # the expert's H*I/2 bytes as words
+    SUB: tl.constexpr = 64 if BLOCKSIZE > 64 else BLOCKSIZE
+    KC: tl.constexpr = I // KSPLIT  # this split's columns [ks*KC, (ks+1)*KC)
+    k_lo = ks * KC
+    pw = q_e + n.to(tl.int64)[:, None] * (I // 8) + tl.arange(0, SUB // 8)[None, :]  # (BN, SUB/8)
+    ap = a_ptr + rows_m[None, :].to(tl.int64) * I + tl.arange(0, SUB)[:, None]  # (SUB, BM): aᵀ
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    w = tl.load(pw + k_lo // 8, mask=mask_n[:, None], other=0)
+    tbl = _w4_lane_table(code_ptr, w, LOOKUP)
+    for kc in range(0, KC, SUB):
+        k0 = k_lo + kc
+        w2 = tl.load(pw + (k0 + SUB) // 8, mask=mask_n[:, None] & (kc + SUB < KC), other=0)
+        am = _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n * (I // BLOCKSIZE) + k0 // BLOCKSIZE,
+                      mask_n, NB, NB2, NESTED)  # (BN,)
+        at = tl.load(ap + k0, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
+        acc += tl.dot(_w4_codes_tile(w, tbl, code_ptr, dtype, LOOKUP), at) * am[:, None]
+        w = w2
+    slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)  # (BM,)
+    rw = tl.load(w_ptr + slot, mask=mask_m, other=0.0)  # (BM,)
+    op = out_ptr + (ks * TK + slot[None, :]) * H + n[:, None]
+    tl.store(op, acc * rw[None, :], mask=mask_m[None, :] & mask_n[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Configurations. No autotuning: a config is picked from S = T*K and the layer shape, so the compile tier
 # sees every variant (pick_decode_config below for the GEMV kernels, T <= 16). tl.dot "decode" (S <= 64 with
 # T > 16 tokens): BM=16 (the smallest tl.dot M), one row tile per active expert, every
@@ -724,11 +859,11 @@ GEMV_MAX_T = min(16, int(os.environ.get("H3MOE_QUANT_GEMV_MAX_T", "16")))
 #: with the shuffle it stages neither, so the loop waits on its loads: which is faster is for a GPU to say, the
 #: bench times both). H3MOE_W4_LOOKUP=shfl|load forces one lookup on every 4-bit kernel.
 W4_LOOKUP_IDS = {"shfl": 0, "load": 1}
-W4_DEFAULT_LOOKUP = {"gemv": "shfl", "dot": "load"}
+W4_DEFAULT_LOOKUP = {"gemv": "shfl", "tc": "shfl", "dot": "load"}
 
 
 def w4_lookup(kernel: str, interpret: bool) -> str:
-    """The lookup in effect for kernel "gemv" or "dot": "load" under the interpreter, else H3MOE_W4_LOOKUP if
+    """The lookup in effect for kernel "gemv", "tc" or "dot": "load" under the interpreter, else H3MOE_W4_LOOKUP if
     set, else W4_DEFAULT_LOOKUP[kernel]."""
     if interpret:
         return "load"
@@ -738,9 +873,62 @@ def w4_lookup(kernel: str, interpret: bool) -> str:
     return mode
 
 
-def default_w4_lookup(T: int) -> str:
-    """The lookup a 4-bit quant_moe call over T tokens runs by default (GEMV at T <= GEMV_MAX_T)."""
-    return W4_DEFAULT_LOOKUP["gemv" if T <= GEMV_MAX_T else "dot"]
+def default_w4_lookup(T: int, half: bool = True) -> str:
+    """The lookup a 4-bit quant_moe call over T tokens runs by default (w4_kernel picks the kernel kind)."""
+    return W4_DEFAULT_LOOKUP[w4_kernel(T, half)]
+
+
+#: The tensor-core decode kernels (w4_gate_up_tc_kernel, w4_down_tc_kernel) serve fp16 / bf16 activations at
+#: TC_MIN_T <= T <= TC_MAX_T tokens. T=1 stays on the GEMV (one row per expert: 306 instructions per KB against
+#: the tensor-core kernel's ~268, but no shared-memory round trip and one-warp programs; the bench's
+#: h3moe:triton-tc rows time the other kernel at T=1 and h3moe:triton-gemv at T=16 so a GPU decides);
+#: above TC_MAX_T the tl.dot prefill kernels. H3MOE_QUANT_TC_MAX_T=0 turns them off (the GEMV up to GEMV_MAX_T,
+#: then the tl.dot kernels, as before); H3MOE_QUANT_TC_MIN_T=1 sends T=1 to them too.
+TC_MIN_T = int(os.environ.get("H3MOE_QUANT_TC_MIN_T", "2"))
+TC_MAX_T = int(os.environ.get("H3MOE_QUANT_TC_MAX_T", "64"))
+#: Active 4-warp programs the tensor-core decode aims for (4 per SM by registers on 132 SMs, two waves): the
+#: down projection is split over its reduction (I) until it reaches this many.
+TC_TARGET_PROGRAMS = 1024
+
+
+#: Values of H3MOE_W4_DECODE, read at every call (the bench's h3moe:triton-gemv / -tc rows set it around one
+#: call): "tc" sends every fp16 / bf16 call up to TC_MAX_T tokens to the tensor-core decode kernels (T=1
+#: included), "gemv" keeps the GEMV up to GEMV_MAX_T (then tl.dot); unset: TC_MIN_T decides.
+W4_DECODE_MODES = ("tc", "gemv")
+
+
+def w4_kernel(T: int, half: bool) -> str:
+    """Which 4-bit kernels a quant_moe call over T tokens runs: "tc" (tensor-core decode; half: fp16 / bf16
+    activations), "gemv" (T <= GEMV_MAX_T) or "dot" (the tl.dot kernels)."""
+    force = os.environ.get("H3MOE_W4_DECODE") or None
+    if force is not None and force not in W4_DECODE_MODES:
+        raise ValueError(f"H3MOE_W4_DECODE: expected one of {list(W4_DECODE_MODES)}, got {force!r}")
+    if half and T <= TC_MAX_T and (force == "tc" or (force is None and T >= TC_MIN_T)):
+        return "tc"
+    return "gemv" if T <= GEMV_MAX_T else "dot"
+
+
+def pick_tc_config(T: int, S: int, E: int, blocksize: int, Kd: int, N: int, proj: str) -> dict:
+    """Tensor-core decode tiles for T tokens, S = T*K sorted rows, reduction length Kd, output width N.
+
+    BM (tokens per row tile, the MMA's N): the power of two >= 1.5x the mean rows per active expert (S over
+    min(E, S)), at most T, within [16, 64]: an expert with more rows than BM gets another tile (its weights
+    read again). BN weight rows per program: gate_up BN gate + BN up rows (a 2BN-row A tile), down BN rows;
+    2BN = 128 (down BN = 128) up to BM = 32, half at BM = 64 (the (rows, BM) fp32 accumulator). KSPLIT (down):
+    the smallest power of two <= 8 dividing Kd into whole SUB-element steps with cdiv(N, BN) * min(E, S) *
+    KSPLIT >= TC_TARGET_PROGRAMS. 4 warps (one warp group), 3 stages of activation loads."""
+    mean = S / max(1, min(E, S))
+    bm = 16
+    while bm < 64 and bm < min(T, 1.5 * mean):
+        bm *= 2
+    bn = (64 if bm <= 32 else 32) if proj == "gate_up" else (128 if bm <= 32 else 64)
+    sub = min(blocksize, 64)
+    ks = 1
+    if proj == "down":
+        programs = -(-N // bn) * min(E, S)
+        while ks < 8 and programs * ks < TC_TARGET_PROGRAMS and Kd % (2 * ks * sub) == 0:
+            ks *= 2
+    return {"BM": bm, "BN": bn, "SUB": sub, "KSPLIT": ks, "num_warps": 4, "num_stages": 3}
 
 
 #: Rows of one expert a GEMV program serves (the row loop is unrolled).
@@ -801,7 +989,7 @@ _W8_ARGS = {"q_ptr": "*i8", "scale_ptr": "*fp32", "slots_ptr": "*i32", "offsets_
 
 
 def _w4_variants(kernel: str) -> list[tuple[str, bool, str]]:
-    """(name, nested, lookup) of the 4-bit specs the compile tier builds for kernel "gemv" or "dot": NF4 and
+    """(name, nested, lookup) of the 4-bit specs the compile tier builds for kernel "gemv", "tc" or "dot": NF4 and
     nested NF4 with the kernel's default lookup, NF4 with the other one."""
     default = W4_DEFAULT_LOOKUP[kernel]
     other = next(k for k in W4_LOOKUP_IDS if k != default)
@@ -851,6 +1039,51 @@ def aot_specs() -> list[AotSpec]:
                     fn=fn, signature=sig, constexprs=ce, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                     gemm=gemm))
         specs += _gemv_specs(dt, H, I)
+        specs += _tc_specs(dt, H, I)
+    return specs
+
+
+#: (T, E) of the calls whose tensor-core decode configs the compile tier builds at SHAPE's H, I, K=2:
+#: T=2 (BM=16, down KSPLIT=8), T=16 (BM=16, KSPLIT=4), T=64 (BM=32), and T=64 over 3 experts (BM=64, the
+#: half-width tiles).
+TC_AOT_CALLS = ((2, 8), (16, 8), (64, 8), (64, 3))
+
+
+def _tc_specs(dt: str, H: int, I: int) -> list[AotSpec]:
+    """The tensor-core decode kernels (TC_MIN_T <= T <= TC_MAX_T) for activation dtype dt: NF4 with the
+    default lookup at every TC_AOT_CALLS config; at T=16 also nested NF4, the other lookup and blocksize 32
+    (SUB=32: a 4-word K step)."""
+    K = 2
+    xp = "*" + dt
+    specs = []
+    for T, E in TC_AOT_CALLS:
+        variants = [("nf4", False, W4_DEFAULT_LOOKUP["tc"], 64)]
+        if T == 16:
+            variants += [(f, n, lk, 64) for f, n, lk in _w4_variants("tc")[1:]] + [
+                ("nf4+bs32", False, W4_DEFAULT_LOOKUP["tc"], 32)]
+        for fmt, nested, lookup, bs in variants:
+            ptrs = {**_W4_ARGS, "absmax_ptr": "*u8" if nested else "*fp32"}
+            for proj in ("gate_up", "down"):
+                Kd, N = (H, I) if proj == "gate_up" else (I, H)
+                cfg = pick_tc_config(T, T * K, E, bs, Kd, N, proj)
+                tiles = {"BLOCKSIZE": bs, "NESTED": nested, "BM": cfg["BM"], "BN": cfg["BN"],
+                         "LOOKUP": W4_LOOKUP_IDS[lookup]}
+                if proj == "gate_up":
+                    fn = w4_gate_up_tc_kernel
+                    sig = {"x_ptr": xp, **ptrs, "out_ptr": xp, "NB": "i32", "NB2": "i32"}
+                    ce = {**SHAPE, "EP": 8, "TOPK": K, "ACT": 0, **tiles}
+                    tile = f"BM={cfg['BM']},BN={cfg['BN']}"
+                else:
+                    fn = w4_down_tc_kernel
+                    sig = {"a_ptr": xp, **ptrs, "w_ptr": "*fp32", "out_ptr": "*fp32", "NB": "i32", "NB2": "i32",
+                           "TK": "i32"}
+                    ce = {**SHAPE, "EP": 8, **tiles, "KSPLIT": cfg["KSPLIT"]}
+                    tile = f"BM={cfg['BM']},BN={cfg['BN']},KSPLIT={cfg['KSPLIT']}"
+                sig.update({k: "constexpr" for k in ce})
+                specs.append(AotSpec(
+                    name=f"quant_w4_{proj}_tc[{dt},{fmt},T={T},E={E},{tile},w{cfg['num_warps']}]", fn=fn,
+                    signature=sig, constexprs=ce, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                    gemm=True, divisible=tuple(k for k in sig if k.endswith("_ptr"))))
     return specs
 
 

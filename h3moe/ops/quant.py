@@ -1,12 +1,13 @@
 """h3moe.quant_moe: SwiGLU experts whose fused weights are bitsandbytes-packed (NF4 / FP4 / int8).
 
 Backends: triton (h3moe/kernels/quant.py: dequantize in registers inside the grouped GEMM, never to global
-memory; T <= 16 tokens run the GEMV decode kernels, the down projection split over I into fp32 partials;
-more tokens run the tl.dot kernels; the down ops end with h3moe/ops/combine.py, which sums the partials and
-each token's K slots into y in one pass), torch (the CPU / fallback path: dequantize ONE expert at a time
-with `dequantize`, which equals bitsandbytes' dequantize_4bit / int8_vectorwise_dequant, then that expert's
-rows; a per-expert loop with a host sync, fine for a fallback). Inference only (no autograd through packed
-weights).
+memory; kernels/quant.py's w4_kernel picks the 4-bit kernels per call: fp16 / bf16 activations over 2-64
+tokens the tensor-core decode kernels, one token (and fp32 up to 16) the GEMV decode kernels, more tokens the
+tl.dot kernels; int8: GEMV up to 16 tokens, then tl.dot; the decode down kernels split I into fp32 partials and
+end with h3moe/ops/combine.py, which sums the partials and each token's K slots into y in one pass), torch (the
+CPU / fallback path: dequantize ONE expert at a time with `dequantize`, which equals bitsandbytes'
+dequantize_4bit / int8_vectorwise_dequant, then that expert's rows; a per-expert loop with a host sync, fine
+for a fallback). Inference only (no autograd through packed weights).
 
 `Packed` is the layout both backends read; h3moe.integrations.bitsandbytes builds it (quantize, take over
 bnb Linear4bit / Linear8bitLt experts, save / load). Nothing here needs bitsandbytes.
@@ -137,8 +138,11 @@ def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _lookup(kernel: str) -> int:
-    """The LOOKUP constexpr of the 4-bit kernels of kind "gemv" or "dot" (kernels/quant.py: w4_lookup)."""
+    """The LOOKUP constexpr of the 4-bit kernels of kind "gemv", "tc" or "dot" (kernels/quant.py: w4_lookup)."""
     from ..kernels import quant as kq
 
     return kq.W4_LOOKUP_IDS[kq.w4_lookup(kernel, _backend.interpreter_enabled())]
@@ -180,7 +184,19 @@ def _w4_gate_up_impl(
     if S == 0:
         return out
     nested = absmax2 is not None
-    if T <= kq.GEMV_MAX_T:  # decode: GEMV kernel, every active expert's weights streamed once
+    kind = kq.w4_kernel(T, x.dtype in _HALF)
+    if kind == "tc":  # decode, 2+ tokens: tensor cores, every active expert's weights streamed once per row tile
+        cfg = kq.pick_tc_config(T, S, E, blocksize, H, I, "gate_up")
+        grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
+        kq.w4_gate_up_tc_kernel[grid](
+            x, _words(q), absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
+            code, sorted_slots, offsets, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E,
+            EP=_pow2(E), H=H, I=I, TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation],
+            BM=cfg["BM"], BN=cfg["BN"], LOOKUP=_lookup("tc"), num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+        return out
+    if kind == "gemv":  # decode: GEMV kernel, every active expert's weights streamed once
         cfg = kq.pick_decode_config(T, S, E, 4, blocksize, H, I, "gate_up")
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["ROWS"]))
         kq.w4_gate_up_gemv_kernel[grid](
@@ -226,7 +242,20 @@ def _w4_down_impl(
     T, K = _tokens(weights)
     TK = T * K
     nested = absmax2 is not None
-    if S and T <= kq.GEMV_MAX_T:  # decode: GEMV kernel, split over I into KSPLIT partial sums
+    kind = kq.w4_kernel(T, a.dtype in _HALF)
+    if S and kind == "tc":  # decode, 2+ tokens: tensor cores, split over I into KSPLIT partial sums
+        cfg = kq.pick_tc_config(T, S, E, blocksize, I, H, "down")
+        ks = cfg["KSPLIT"]
+        part = _empty(ks, TK, H, dtype=torch.float32, device=a.device)
+        grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]), ks)
+        kq.w4_down_tc_kernel[grid](
+            a, _words(q), absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
+            code, sorted_slots, offsets, weights, part, absmax.shape[1], absmax2.shape[1] if nested else 0, TK, E=E,
+            EP=_pow2(E), H=H, I=I, BLOCKSIZE=blocksize, NESTED=nested, BM=cfg["BM"], BN=cfg["BN"], KSPLIT=ks,
+            LOOKUP=_lookup("tc"), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        return combine(part, T, K, a.dtype)
+    if S and kind == "gemv":  # decode: GEMV kernel, split over I into KSPLIT partial sums
         cfg = kq.pick_decode_config(T, S, E, 4, blocksize, I, H, "down")
         ks = cfg["KSPLIT"]
         part = _empty(ks, TK, H, dtype=torch.float32, device=a.device)
