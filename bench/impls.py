@@ -12,8 +12,8 @@ h3moe:triton-recompute, the Triton backward that recomputes gate/up instead of r
 pre-activation (H3MOE_RECOMPUTE=1: less memory, more FLOPs). nf4 adds the 4-bit kernels with their other nibble
 lookup (H3MOE_W4_LOOKUP): h3moe:triton-load up to 64 tokens (the GEMV and tensor-core decode kernels, whose
 default is the warp shuffle), h3moe:triton-shfl above (the tl.dot kernels, whose default is the table load);
-and at decode (T <= 16) the other decode kernel (H3MOE_W4_DECODE): h3moe:triton-tc at T=1 (the tensor-core
-kernels where the GEMV is the default), h3moe:triton-gemv at 2-16 tokens.
+nf4 and int8 add at decode (T <= 16) the other decode kernel (H3MOE_QUANT_DECODE): h3moe:triton-tc at T=1 (the
+tensor-core kernels where the GEMV is the default), h3moe:triton-gemv at 2-16 tokens.
 Baselines:
     hf:eager       transformers' MixtralExperts.forward: the per-expert Python loop (the loop the H3Fusion
                    authors wrote), bf16 index_add accumulation.
@@ -60,7 +60,8 @@ CANDIDATES = {
     "nf4": _H3 + ["h3moe:triton-load", "h3moe:triton-shfl", "h3moe:triton-tc", "h3moe:triton-gemv",
                   "bnb:dequant+mm"] + _GRAPH
     + ["h3moe:triton-load+graph", "h3moe:triton-tc+graph", "h3moe:triton-gemv+graph"],
-    "int8": _H3 + ["bnb:dequant+mm"] + _GRAPH,
+    "int8": _H3 + ["h3moe:triton-tc", "h3moe:triton-gemv", "bnb:dequant+mm"] + _GRAPH
+    + ["h3moe:triton-tc+graph", "h3moe:triton-gemv+graph"],
 }
 
 #: Above this many bytes of gathered weights hf:batched_mm is skipped (it would not fit, or thrash).
@@ -525,11 +526,11 @@ def _default_w4_lookup(T: int) -> str:
     return default_w4_lookup(T)
 
 
-def _default_w4_decode(T: int) -> str | None:
-    """The 4-bit decode kernel a bf16 call over T <= 16 tokens runs ("gemv" / "tc"; None above 16)."""
-    from h3moe.kernels.quant import GEMV_MAX_T, w4_kernel
+def _default_decode_kernel(T: int) -> str | None:
+    """The decode kernel a bf16 quantized call over T <= 16 tokens runs ("gemv" / "tc"; None above 16)."""
+    from h3moe.kernels.quant import GEMV_MAX_T, quant_kernel
 
-    return w4_kernel(T, True) if T <= GEMV_MAX_T else None
+    return quant_kernel(T, True) if T <= GEMV_MAX_T else None
 
 
 def _with_env(var: str, value: str, fn, *args, **kwargs):
@@ -575,12 +576,13 @@ def _quant_impls(c: Case, device, interpreter):
                 impls.append(Impl(f"h3moe:triton-{other}", lambda s, other=other: _with_env(
                     "H3MOE_W4_LOOKUP", other, quant_moe, s["x"], s["q"], s["routing"], backend="triton"),
                     prepare, dequantized, ref_key="h3moe"))
-                # the other decode kernel at this T (GEMV / tensor cores), decode only
-                kind = _default_w4_decode(c.T)
+            if b == "triton" and device.type == "cuda":
+                # the other decode kernel at this T (GEMV / tensor cores), decode only, 4-bit and int8
+                kind = _default_decode_kernel(c.T)
                 if kind is not None:
                     other = "gemv" if kind == "tc" else "tc"
                     impls.append(Impl(f"h3moe:triton-{other}", lambda s, other=other: _with_env(
-                        "H3MOE_W4_DECODE", other, quant_moe, s["x"], s["q"], s["routing"], backend="triton"),
+                        "H3MOE_QUANT_DECODE", other, quant_moe, s["x"], s["q"], s["routing"], backend="triton"),
                         prepare, dequantized, ref_key="h3moe"))
     except Skip as e:
         skipped.append(("h3moe:*", str(e)))

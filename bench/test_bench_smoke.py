@@ -177,9 +177,10 @@ def test_profile_experts_dry_run(tmp_path):
         assert set(run["candidates"]) == (roles if i == 0 else set())  # candidates: the first form only
     assert set(res["torch_profiles"][0]["tables"]) == {"h3moe:torch", "torch:grouped_mm"}
     # the quantized decode (T=2): nf4 by its default kernels (tensor cores) with both lookups, then by the other
-    # decode kernel (GEMV); int8 once; every kernel of the call timed, bytes counted
+    # decode kernel (GEMV); int8 by both; every kernel of the call timed, bytes counted
     got = [(q["format"], q["path"], q["lookup"].split()[0]) for q in res["quant"]]
-    assert got == [("nf4", "tc", "shfl"), ("nf4", "tc", "load"), ("nf4", "gemv", "shfl"), ("int8", "gemv", "default")]
+    assert got == [("nf4", "tc", "shfl"), ("nf4", "tc", "load"), ("nf4", "gemv", "shfl"), ("int8", "tc", "default"),
+                   ("int8", "gemv", "default")]
     for q in res["quant"]:
         assert all(q["ms"][k] > 0 for k in ("total", "gate_up", "down", "combine")), q["ms"]
         assert 0 < q["bytes"]["down"] and abs(q["bytes"]["gate_up"] / q["bytes"]["down"] - 2) < 0.1  # 2I*H, H*I
@@ -271,9 +272,9 @@ def test_lookup_variant_rows_set_and_restore_the_variable(monkeypatch):
     assert "H3MOE_W4_LOOKUP" not in os.environ
     assert impls._default_w4_lookup(1) == "shfl" and impls._default_w4_lookup(128) == "load"
     # the decode-kernel variants: the tensor-core kernels at T=1, the GEMV at 2-16 tokens, none above
-    assert [impls._default_w4_decode(T) for T in (1, 2, 16, 17)] == ["gemv", "tc", "tc", None]
-    monkeypatch.setenv("H3MOE_W4_DECODE", "tc")
-    assert impls._default_w4_decode(1) == "tc"
-    monkeypatch.setenv("H3MOE_W4_DECODE", "typo")
-    with pytest.raises(ValueError, match="H3MOE_W4_DECODE"):
-        impls._default_w4_decode(1)
+    assert [impls._default_decode_kernel(T) for T in (1, 2, 16, 17)] == ["gemv", "tc", "tc", None]
+    monkeypatch.setenv("H3MOE_QUANT_DECODE", "tc")
+    assert impls._default_decode_kernel(1) == "tc"
+    monkeypatch.setenv("H3MOE_QUANT_DECODE", "typo")
+    with pytest.raises(ValueError, match="H3MOE_QUANT_DECODE"):
+        impls._default_decode_kernel(1)

@@ -256,7 +256,7 @@ def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: 
     """One quant_moe call (format fmt, T tokens, 4-bit lookup forced by H3MOE_W4_LOOKUP unless None) timed kernel
     by kernel: gate_up, down (its kernel alone) and combine, each bracketed by CUDA events, median of reps calls
     with fresh routing. path None: the kernels quant_moe picks; "tc" / "gemv": the 4-bit decode kernel forced
-    (H3MOE_W4_DECODE); "dot": the tl.dot kernels at any T (GEMV_MAX_T and TC_MAX_T set to 0 for the call).
+    (H3MOE_QUANT_DECODE); "dot": the tl.dot kernels at any T (GEMV_MAX_T and TC_MAX_T set to 0 for the call).
     weights caches the quantized experts per (model, fmt)."""
     from h3moe.integrations import bitsandbytes as hb
     from h3moe.kernels import quant as kq
@@ -295,17 +295,16 @@ def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: 
     names = {"_w4_gate_up_impl": "gate_up", "_w8_gate_up_impl": "gate_up", "_w4_down_impl": "down+combine",
              "_w8_down_impl": "down+combine", "combine": "combine"}
     saved = {n: getattr(oq, n) for n in names}
-    old_env = {v: os.environ.get(v) for v in ("H3MOE_W4_LOOKUP", "H3MOE_W4_DECODE")}
+    old_env = {v: os.environ.get(v) for v in ("H3MOE_W4_LOOKUP", "H3MOE_QUANT_DECODE")}
     if lookup:
         os.environ["H3MOE_W4_LOOKUP"] = lookup
     if path in ("tc", "gemv"):
-        os.environ["H3MOE_W4_DECODE"] = path
+        os.environ["H3MOE_QUANT_DECODE"] = path
     limits = kq.GEMV_MAX_T, kq.TC_MAX_T
     if path == "dot":
         kq.GEMV_MAX_T = kq.TC_MAX_T = 0
     # name what runs (a forced path the call cannot take, e.g. tc with fp32 activations, is not claimed)
-    path = kq.w4_kernel(T, dt in (torch.float16, torch.bfloat16)) if fmt != "int8" else (
-        "gemv" if T <= kq.GEMV_MAX_T else "dot")
+    path = kq.quant_kernel(T, dt in (torch.float16, torch.bfloat16))
     try:
         for n, label in names.items():
             setattr(oq, n, timed(label, saved[n]))
@@ -466,14 +465,14 @@ def main(argv=None) -> int:
         for name in a.models.split(","):
             for fmt in qfmts:
                 for T in (int(t) for t in a.quant_tokens.split(",")):
-                    # 4-bit decode: the kernels quant_moe picks with both lookups, then the other decode
+                    # decode: the kernels quant_moe picks (4-bit: with both lookups), then the other decode
                     # kernel (GEMV / tensor cores: the GEMV's cost grows with the rows per expert, one FFMA per
-                    # weight per row; the tensor cores' does not) with the shuffle
+                    # weight per row; the tensor cores' does not; 4-bit: with the shuffle)
                     from h3moe.kernels.quant import GEMV_MAX_T
 
                     runs = [(None, lk) for lk in ((None,) if fmt == "int8" else ("shfl", "load"))]
-                    if fmt != "int8" and T <= GEMV_MAX_T:
-                        runs += [("gemv" if T > 1 else "tc", "shfl")]
+                    if T <= GEMV_MAX_T:
+                        runs += [("gemv" if T > 1 else "tc", None if fmt == "int8" else "shfl")]
                     for path, lookup in runs:
                         if time.time() - t0 > a.budget_s:
                             print(f"budget: skipping the quantized profile of {name} {fmt} T={T} {path}")

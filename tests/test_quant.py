@@ -270,12 +270,13 @@ TC_CASES = [
 
 @pytest.mark.interpreter
 @needs_triton
-@pytest.mark.parametrize("quant_type,nested", [f for f in FORMATS if f[0] != "int8"])
+@pytest.mark.parametrize("quant_type,nested", FORMATS)
 @pytest.mark.parametrize("T,H,I,E,K,bs,hot", TC_CASES)
 def test_triton_tc_decode_equals_reference(monkeypatch, quant_type, nested, T, H, I, E, K, bs, hot):
     """The tensor-core decode kernels (fp16 / bf16 activations, TC_MIN_T <= T <= TC_MAX_T) against dequantize
-    + reference, poisoned outputs (the interpreter runs the table-load lookup and fp16: its bf16 tl.dot is
-    wrong; the GPU tier runs bf16 and the shuffle)."""
+    + reference, 4-bit and int8 (int8 ignores the blocksize; I=96 takes 32-element K steps), poisoned outputs
+    (the interpreter runs the table-load lookup and fp16: its bf16 tl.dot is wrong; the GPU tier runs bf16 and
+    the shuffle)."""
     if HAS_CUDA:
         pytest.skip("the GPU tier covers this")
     from h3moe.kernels import quant as kq
@@ -298,7 +299,7 @@ def test_triton_tc_decode_equals_reference(monkeypatch, quant_type, nested, T, H
         logits[:, 1] += 1e3
     r = route(logits, K)
     assert r.counts[0] == 0 and (not hot or r.counts[1] > 16)
-    assert kq.w4_kernel(T, half=True) == "tc" and kq.w4_kernel(T, half=False) != "tc"
+    assert kq.quant_kernel(T, half=True) == "tc" and kq.quant_kernel(T, half=False) != "tc"
     y = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
     assert set(picked) == {"gate_up", "down"}  # the tensor-core kernels ran
     assert not torch.isnan(y).any() and y.dtype == dtype
@@ -313,15 +314,18 @@ def test_pick_tc_config():
     from h3moe.kernels import quant as kq
 
     # Mixtral at T=16, K=2: one 16-row tile per expert; 64 gate + 64 up rows; down split 4 ways
-    c = kq.pick_tc_config(16, 32, 8, 64, 4096, 14336, "gate_up")
+    c = kq.pick_tc_config(16, 32, 8, 4, 64, 4096, 14336, "gate_up")
     assert (c["BM"], c["BN"], c["SUB"], c["KSPLIT"], c["num_warps"]) == (16, 64, 64, 1, 4)
-    c = kq.pick_tc_config(16, 32, 8, 64, 14336, 4096, "down")
+    c = kq.pick_tc_config(16, 32, 8, 4, 64, 14336, 4096, "down")
     assert (c["BM"], c["BN"], c["KSPLIT"]) == (16, 128, 4)  # 32 * 8 * 4 = 1024 programs
-    assert kq.pick_tc_config(64, 128, 8, 64, 4096, 14336, "gate_up")["BM"] == 32  # ~16 rows per expert
-    c = kq.pick_tc_config(64, 128, 3, 32, 4096, 11008, "gate_up")  # H3Fusion: ~43 rows per expert
+    assert kq.pick_tc_config(64, 128, 8, 4, 64, 4096, 14336, "gate_up")["BM"] == 32  # ~16 rows per expert
+    c = kq.pick_tc_config(64, 128, 3, 4, 32, 4096, 11008, "gate_up")  # H3Fusion: ~43 rows per expert
     assert (c["BM"], c["BN"], c["SUB"]) == (64, 32, 32)
-    assert kq.pick_tc_config(64, 512, 128, 64, 2048, 768, "gate_up")["BM"] == 16  # Qwen3: ~4 rows per expert
-    assert kq.pick_tc_config(2, 4, 8, 4096, 14336, 4096, "down")["SUB"] == 64  # K steps inside a 4096 block
+    assert kq.pick_tc_config(64, 512, 128, 4, 64, 2048, 768, "gate_up")["BM"] == 16  # Qwen3: ~4 rows per expert
+    assert kq.pick_tc_config(2, 4, 8, 4, 4096, 14336, 4096, "down")["SUB"] == 64  # K steps inside a 4096 block
+    # int8: 64-byte K steps where the row length allows, else 32
+    assert kq.pick_tc_config(16, 32, 8, 8, 0, 4096, 14336, "gate_up")["SUB"] == 64
+    assert kq.pick_tc_config(16, 32, 8, 8, 0, 96, 64, "down")["SUB"] == 32
 
 
 def test_pick_decode_config():
@@ -384,32 +388,32 @@ def test_auto_falls_back_for_layouts_the_kernels_cannot_read(monkeypatch):
 def test_w4_lookup_choice(monkeypatch):
     """The 4-bit kernels' nibble lookup: the interpreter always takes the table loads (it cannot run the PTX
     shuffle); on a GPU the decode kernels (GEMV, tensor-core) shuffle and the tl.dot kernels load unless
-    H3MOE_W4_LOOKUP forces one; which kernels a call runs (w4_kernel, H3MOE_W4_DECODE); a typo fails loudly
+    H3MOE_W4_LOOKUP forces one; which kernels a call runs (quant_kernel, H3MOE_QUANT_DECODE); a typo fails loudly
     instead of silently timing the other."""
     from h3moe.kernels import quant as kq
 
     monkeypatch.delenv("H3MOE_W4_LOOKUP", raising=False)
-    monkeypatch.delenv("H3MOE_W4_DECODE", raising=False)
+    monkeypatch.delenv("H3MOE_QUANT_DECODE", raising=False)
     assert kq.w4_lookup("gemv", interpret=True) == kq.w4_lookup("tc", interpret=True) == "load"
     assert kq.w4_lookup("dot", interpret=True) == "load"
     assert kq.w4_lookup("gemv", interpret=False) == kq.w4_lookup("tc", interpret=False) == "shfl"
     assert kq.w4_lookup("dot", interpret=False) == "load"
     # which kernels: GEMV at T=1, tensor cores at 2-64 tokens (fp16 / bf16), tl.dot above; fp32: GEMV to 16
-    assert [kq.w4_kernel(T, True) for T in (1, 2, 16, 64, 65)] == ["gemv", "tc", "tc", "tc", "dot"]
-    assert [kq.w4_kernel(T, False) for T in (1, 16, 17)] == ["gemv", "gemv", "dot"]
+    assert [kq.quant_kernel(T, True) for T in (1, 2, 16, 64, 65)] == ["gemv", "tc", "tc", "tc", "dot"]
+    assert [kq.quant_kernel(T, False) for T in (1, 16, 17)] == ["gemv", "gemv", "dot"]
     assert kq.default_w4_lookup(1) == kq.default_w4_lookup(kq.TC_MAX_T) == "shfl"
     assert kq.default_w4_lookup(kq.TC_MAX_T + 1) == "load"
     for mode in ("load", "shfl"):
         monkeypatch.setenv("H3MOE_W4_LOOKUP", mode)
         assert kq.w4_lookup("gemv", interpret=False) == kq.w4_lookup("dot", interpret=False) == mode
         assert kq.w4_lookup("tc", interpret=False) == mode
-    monkeypatch.setenv("H3MOE_W4_DECODE", "tc")  # T=1 to the tensor cores too; fp32 and T > TC_MAX_T cannot
-    assert [kq.w4_kernel(T, True) for T in (1, 16, 65)] == ["tc", "tc", "dot"] and kq.w4_kernel(1, False) == "gemv"
-    monkeypatch.setenv("H3MOE_W4_DECODE", "gemv")  # the GEMV up to GEMV_MAX_T, tl.dot above
-    assert [kq.w4_kernel(T, True) for T in (1, 16, 17)] == ["gemv", "gemv", "dot"]
-    monkeypatch.setenv("H3MOE_W4_DECODE", "tensor")
-    with pytest.raises(ValueError, match="H3MOE_W4_DECODE"):
-        kq.w4_kernel(2, True)
+    monkeypatch.setenv("H3MOE_QUANT_DECODE", "tc")  # T=1 to the tensor cores too; fp32 and T > TC_MAX_T cannot
+    assert [kq.quant_kernel(T, True) for T in (1, 16, 65)] == ["tc", "tc", "dot"] and kq.quant_kernel(1, False) == "gemv"
+    monkeypatch.setenv("H3MOE_QUANT_DECODE", "gemv")  # the GEMV up to GEMV_MAX_T, tl.dot above
+    assert [kq.quant_kernel(T, True) for T in (1, 16, 17)] == ["gemv", "gemv", "dot"]
+    monkeypatch.setenv("H3MOE_QUANT_DECODE", "tensor")
+    with pytest.raises(ValueError, match="H3MOE_QUANT_DECODE"):
+        kq.quant_kernel(2, True)
     monkeypatch.setenv("H3MOE_W4_LOOKUP", "shuffle")
     with pytest.raises(ValueError, match="H3MOE_W4_LOOKUP"):
         kq.w4_lookup("gemv", interpret=False)
@@ -604,7 +608,7 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from h3moe.kernels.quant import aot_specs
 specs = aot_specs()
-assert len({s.name for s in specs}) == len(specs) == 116
+assert len({s.name for s in specs}) == len(specs) == 132
 def build(prefix, max_shared=2048):
     s = next(s for s in specs if s.name.startswith(prefix))
     attrs = {(s.fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in s.divisible}
@@ -705,7 +709,7 @@ def test_gpu_w4_lookups_agree(monkeypatch, quant_type, nested, T, E, K):
     # the same codes: equal up to the compiler's instruction order (a bf16 ulp); a wrong code is O(1) off
     scale = ys["load"].float().abs().max().item()
     torch.testing.assert_close(ys["shfl"].float(), ys["load"].float(), rtol=0, atol=1e-2 * scale)
-    if kq.w4_kernel(T, True) != "dot":  # GEMV / tensor-core decode: the same arithmetic, nearly all equal
+    if kq.quant_kernel(T, True) != "dot":  # GEMV / tensor-core decode: the same arithmetic, nearly all equal
         assert (ys["shfl"] == ys["load"]).float().mean().item() > 0.99
     want, eager = _ref_fp32_and_eager(x, gu, dn, r)
     err, eager_err = (ys["shfl"].float() - want).abs().max(), (eager - want).abs().max()
@@ -713,19 +717,21 @@ def test_gpu_w4_lookups_agree(monkeypatch, quant_type, nested, T, E, K):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant_type,dtype", [("nf4", torch.bfloat16), ("nf4", torch.float16),
+                                              ("int8", torch.bfloat16)])
 @pytest.mark.parametrize("T,E,K", [(2, 8, 2), (16, 8, 2), (16, 128, 8), (64, 3, 2)])
-def test_gpu_tc_decode_equals_gemv_and_dot(monkeypatch, dtype, T, E, K):
+def test_gpu_tc_decode_equals_gemv_and_dot(monkeypatch, quant_type, dtype, T, E, K):
     """The tensor-core decode kernels against the kernels they replace at 2-64 tokens (GEMV up to 16 tokens,
-    tl.dot above: TC_MAX_T = 0) and against dequantize + reference, at Mixtral / Qwen3-like widths."""
+    tl.dot above: TC_MAX_T = 0) and against dequantize + reference, at Mixtral / Qwen3-like widths (nested
+    NF4, int8)."""
     from h3moe.kernels import quant as kq
 
     H, I = (4096, 3584) if E <= 8 else (2048, 768)
-    gu, dn = _quantized(E, H, I, "nf4", 64, True, dtype=dtype, device="cuda")
+    gu, dn = _quantized(E, H, I, quant_type, 64, quant_type == "nf4", dtype=dtype, device="cuda")
     x = torch.randn(T, H, device="cuda").to(dtype)
     r = route(torch.randn(T, E, device="cuda"), K)
     _poison(monkeypatch)
-    assert kq.w4_kernel(T, True) == "tc"
+    assert kq.quant_kernel(T, True) == "tc"
     y_tc = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
     monkeypatch.setattr(kq, "TC_MAX_T", 0)
     y_old = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")

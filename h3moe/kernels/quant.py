@@ -28,7 +28,7 @@ layouts to the per-expert torch path) and BK divides BLOCKSIZE (one absmax per r
 one over the high nibbles (even k, activations loaded with stride 2) and one over the low nibbles (odd k),
 so no in-register interleave is needed.
 
-Decode, T <= GEMV_MAX_T = 16 tokens (4-bit: T=1 and fp32 activations; int8: all): GEMV kernels
+Decode, T <= GEMV_MAX_T = 16 tokens (by default T=1, and fp32 activations up to 16): GEMV kernels
 (w4_gate_up_gemv_kernel, w4_down_gemv_kernel, w8_gate_up_gemv_kernel, w8_down_gemv_kernel; no tl.dot; shared
 memory only to broadcast the activation tile, <= 256 B). A program owns one row tile (ROWS <= 8 sorted rows of
 one expert), BN output rows and, for down, one of KSPLIT slices of I. Per chunk of
@@ -60,11 +60,12 @@ that is ~10 B/clk/SM of packed weights: ~2.4 TB/s on an H100 (132 SMs, 1.755 GHz
 3.0 TB/s copy, the issue rate (308 / 4 per clock = 77 clk per KB, 13 B/clk/SM) just above. Registers 127-168,
 0-256 B of shared memory, no spills, sm_80 and sm_90 (scripts/kernel_report.py --module h3moe.kernels.quant
 --filter gemv --sass).
-Tensor-core decode, fp16 / bf16 activations at 2 <= T <= 64 tokens (TC_MIN_T, TC_MAX_T; w4_kernel picks):
-w4_gate_up_tc_kernel, w4_down_tc_kernel (section below): the same words and shuffles as the GEMV, the codes
-joined back into element order and fed to the tensor cores with swapped operands (acc = W · xᵀ: weight rows as
-wgmma's M=64, the expert's 16-64 rows as N), the block absmax applied to each K step's fp32 product. Their
-cost per KB of weights does not grow with the rows (the GEMV's does, below).
+Tensor-core decode, fp16 / bf16 activations at 2 <= T <= 64 tokens (TC_MIN_T, TC_MAX_T; quant_kernel picks):
+w4_gate_up_tc_kernel, w4_down_tc_kernel, and int8's w8_*_tc_kernel (section below): the same words and
+shuffles as the GEMV, the codes joined back into element order and fed to the tensor cores with swapped
+operands (acc = W · xᵀ: weight rows as wgmma's M=64, the expert's 16-64 rows as N), the block absmax applied
+to each K step's fp32 product. Their cost per KB of weights does not grow with the rows (the GEMV's does,
+below).
 Prefill (T > TC_MAX_T; fp32 activations above GEMV_MAX_T): the tl.dot kernels above (BM=16 row tiles for
 S <= 64, BM=64 beyond). Their default lookup is the table load (the code gathers and activations staged in
 shared memory by Triton's pipeliner, 95-100 KB at 4 stages: 1-2 programs per SM); with H3MOE_W4_LOOKUP=shfl the
@@ -94,10 +95,10 @@ per thread, ~80 to load, convert and split its activations): `--sass` loop colum
 (ROWS=1), 450 (2), 736 (4), 1309 (8 rows used). Mixtral at T=16 puts ~4 rows on each expert: ~740 per KB,
 issue-bound near 1.3 TB/s, NF4 ~0.6 ms against bf16's measured 0.95 ms (~1.6x, short of the 2.5x target).
 Hence the tensor-core decode kernels from 2 tokens on: ~268 instructions per KB per warp whatever the rows
-(sm_90, BM=16; 281 at BM=32), an issue ceiling near 15 B/clk/SM (~3.5 TB/s on an H100) and the shuffles' near
-16 B/clk/SM, both above DRAM. The GEMV keeps T=1 (306 per KB, but one-warp programs, no shared-memory round
+(sm_90, BM=16; 281 at BM=32), an issue ceiling near 15 B/clk/SM (~3.5 TB/s on an H100); the memory pipe
+(64 shuffles + ~25 shared / global accesses per KB) near 11.5 B/clk/SM (~2.7 TB/s), about DRAM's. The GEMV keeps T=1 (306 per KB, but one-warp programs, no shared-memory round
 trip, no barriers; the bench's h3moe:triton-tc row at T=1 and h3moe:triton-gemv rows at T=2-16 time the other
-kernel, H3MOE_W4_DECODE=tc|gemv forces one).
+kernel, H3MOE_QUANT_DECODE=tc|gemv forces one).
 Prediction for the next GPU session (bench `python -m bench --cases nf4,int8`, whole quant_moe call incl. the
 combine launch): T=1 Mixtral NF4 ~0.09-0.12 ms per layer call (66 µs of DRAM at 3 TB/s, ~83 µs at the
 shuffle ceiling above; measured before: 0.91 ms with the tl.dot decode tiles), H³Fusion NF4 ~0.07-0.09 ms,
@@ -709,6 +710,10 @@ def w8_down_gemv_kernel(
 # Compile tier (sm_90, bf16, BN=64, SUB=64, 4 warps): ~268 SASS instructions per 1 KB of packed weights
 # per warp (64 SHFL + 56 SHF + 32 F2FP for the codes, ~16 FFMA for the absmax, one STS/LDSM round trip of the
 # A tile, 8 HGMMA), whatever the rows: the GEMV needs 306 (1 row), 450 (2), 736 (4), 1309 (8).
+# int8 (w8_gate_up_tc_kernel, w8_down_tc_kernel): the same tiles over int8 rows read as words (4 bytes each),
+# each byte to fp32 without I2F (_w8_chunk's trick), exact in fp16 / bf16, the row scale in the epilogue (the
+# dots chain in the accumulator): ~186 instructions per KB per warp (GEMV: 181 at 1 row, 253 at 2, 398 at 4,
+# 687 at 8).
 
 @triton.jit
 def _w4_codes_tile(w, tbl, code_ptr, dtype: tl.constexpr, LOOKUP: tl.constexpr):
@@ -820,6 +825,103 @@ def w4_down_tc_kernel(
     tl.store(op, acc * rw[None, :], mask=mask_m[None, :] & mask_n[:, None])
 
 
+@triton.jit
+def _w8_codes_tile(w, dtype: tl.constexpr):
+    """(R, 4*W) int8 values in dtype (exact: |q| <= 128) of words w (R, W) int32 (byte i of word c = element
+    4c + i), in element order: each byte to fp32 without I2F (_w8_chunk's trick), joined positions 2 apart
+    first, then 1 ([r, c, p1, p0], p = 2*p1 + p0)."""
+    wf = w ^ -2139062144  # 0x80808080: every byte b to b + 128 (unsigned)
+    v0 = ((wf & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
+    v1 = (((wf >> 8) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
+    v2 = (((wf >> 16) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
+    v3 = (((wf >> 24) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
+    j = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), (w.shape[0], 4 * w.shape[1]))
+    return (j - 8388736.0).to(dtype)
+
+
+@triton.jit
+def w8_gate_up_tc_kernel(
+    x_ptr,  # (T, H) fp16/bf16 tokens
+    q_ptr,  # (E, 2I, H) int8 (4-byte aligned: read as int32 words)
+    scale_ptr,  # (E, 2I) fp32 row absmax
+    slots_ptr,  # (S,) int32 sorted_slots
+    offsets_ptr,  # (E+1,) int32
+    out_ptr,  # (S, I) x's dtype: act(gate)*up per sorted row
+    E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
+    TOPK: tl.constexpr, ACT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr,
+):
+    e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, BM, BN, I, True)  # n: gate rows, up: n + I
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+    rows_m = start + tl.arange(0, BM)
+    mask_m = rows_m < end
+    tok = (tl.load(slots_ptr + rows_m, mask=mask_m, other=0) // TOPK).to(tl.int64)
+    q_e = (q_ptr + e64 * 2 * I * H).to(tl.pointer_type(tl.int32))  # the expert's (2I, H) bytes as words
+    r = tl.arange(0, 2 * BN)
+    nr = tl.program_id(0) * BN + r % BN  # (2BN,) gate rows n, then the same up rows
+    mask_r = nr < I
+    row = nr + (r // BN) * I
+    pw = q_e + row.to(tl.int64)[:, None] * (H // 4) + tl.arange(0, SUB // 4)[None, :]  # (2BN, SUB/4)
+    xp = x_ptr + tok[None, :] * H + tl.arange(0, SUB)[:, None]  # (SUB, BM): xᵀ
+    acc = tl.zeros((2 * BN, BM), dtype=tl.float32)
+    w = tl.load(pw, mask=mask_r[:, None], other=0)
+    for k0 in range(0, H, SUB):
+        w2 = tl.load(pw + (k0 + SUB) // 4, mask=mask_r[:, None] & (k0 + SUB < H), other=0)  # next step's words
+        xt = tl.load(xp + k0, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
+        acc = tl.dot(_w8_codes_tile(w, dtype), xt, acc)
+        w = w2
+    sc = tl.load(scale_ptr + e64 * 2 * I + row, mask=mask_r, other=0.0) * 7.874015718698502e-3  # (2BN,)
+    acc = acc * sc[:, None]
+    acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (2, BN, BM)), (1, 2, 0)))  # (BN, BM) each
+    a = _act(acc_g, ACT) * acc_u
+    op = out_ptr + rows_m[None, :].to(tl.int64) * I + n[:, None]
+    tl.store(op, a.to(out_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_n[:, None])
+
+
+@triton.jit
+def w8_down_tc_kernel(
+    a_ptr,  # (S, I) fp16/bf16 sorted rows
+    q_ptr,  # (E, H, I) int8 (4-byte aligned)
+    scale_ptr,  # (E, H) fp32
+    slots_ptr,  # (S,) int32
+    offsets_ptr,  # (E+1,) int32
+    w_ptr,  # (T*K,) fp32 routing weights
+    out_ptr,  # (KSPLIT, T*K, H) fp32 slot order
+    TK,  # i32 T*K
+    E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, KSPLIT: tl.constexpr,
+):
+    ks = tl.program_id(2)
+    e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, BM, BN, H, True)
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    dtype = a_ptr.dtype.element_ty
+    rows_m = start + tl.arange(0, BM)
+    mask_m = rows_m < end
+    q_e = (q_ptr + e64 * H * I).to(tl.pointer_type(tl.int32))
+    KC: tl.constexpr = I // KSPLIT
+    k_lo = ks * KC
+    pw = q_e + n.to(tl.int64)[:, None] * (I // 4) + tl.arange(0, SUB // 4)[None, :]  # (BN, SUB/4)
+    ap = a_ptr + rows_m[None, :].to(tl.int64) * I + tl.arange(0, SUB)[:, None]  # (SUB, BM): aᵀ
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    w = tl.load(pw + k_lo // 4, mask=mask_n[:, None], other=0)
+    for kc in range(0, KC, SUB):
+        k0 = k_lo + kc
+        w2 = tl.load(pw + (k0 + SUB) // 4, mask=mask_n[:, None] & (kc + SUB < KC), other=0)
+        at = tl.load(ap + k0, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
+        acc = tl.dot(_w8_codes_tile(w, dtype), at, acc)
+        w = w2
+    sc = tl.load(scale_ptr + e64 * H + n, mask=mask_n, other=0.0) * 7.874015718698502e-3  # (BN,)
+    slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)  # (BM,)
+    rw = tl.load(w_ptr + slot, mask=mask_m, other=0.0)  # (BM,)
+    op = out_ptr + (ks * TK + slot[None, :]) * H + n[:, None]
+    tl.store(op, acc * sc[:, None] * rw[None, :], mask=mask_m[None, :] & mask_n[:, None])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Configurations. No autotuning: a config is picked from S = T*K and the layer shape, so the compile tier
 # sees every variant (pick_decode_config below for the GEMV kernels, T <= 16). tl.dot "decode" (S <= 64 with
@@ -874,14 +976,15 @@ def w4_lookup(kernel: str, interpret: bool) -> str:
 
 
 def default_w4_lookup(T: int, half: bool = True) -> str:
-    """The lookup a 4-bit quant_moe call over T tokens runs by default (w4_kernel picks the kernel kind)."""
-    return W4_DEFAULT_LOOKUP[w4_kernel(T, half)]
+    """The lookup a 4-bit quant_moe call over T tokens runs by default (quant_kernel picks the kernel kind)."""
+    return W4_DEFAULT_LOOKUP[quant_kernel(T, half)]
 
 
-#: The tensor-core decode kernels (w4_gate_up_tc_kernel, w4_down_tc_kernel) serve fp16 / bf16 activations at
+#: The tensor-core decode kernels (w4_*_tc_kernel, w8_*_tc_kernel) serve fp16 / bf16 activations at
 #: TC_MIN_T <= T <= TC_MAX_T tokens. T=1 stays on the GEMV (one row per expert: 306 instructions per KB against
-#: the tensor-core kernel's ~268, but no shared-memory round trip and one-warp programs; the bench's
-#: h3moe:triton-tc rows time the other kernel at T=1 and h3moe:triton-gemv at T=16 so a GPU decides);
+#: the 4-bit tensor-core kernel's ~268, int8 181 against 186, but no shared-memory round trip and one-warp
+#: programs; the bench's h3moe:triton-tc rows time the other kernel at T=1 and h3moe:triton-gemv at T=16 so a
+#: GPU decides);
 #: above TC_MAX_T the tl.dot prefill kernels. H3MOE_QUANT_TC_MAX_T=0 turns them off (the GEMV up to GEMV_MAX_T,
 #: then the tl.dot kernels, as before); H3MOE_QUANT_TC_MIN_T=1 sends T=1 to them too.
 TC_MIN_T = int(os.environ.get("H3MOE_QUANT_TC_MIN_T", "2"))
@@ -891,30 +994,32 @@ TC_MAX_T = int(os.environ.get("H3MOE_QUANT_TC_MAX_T", "64"))
 TC_TARGET_PROGRAMS = 1024
 
 
-#: Values of H3MOE_W4_DECODE, read at every call (the bench's h3moe:triton-gemv / -tc rows set it around one
+#: Values of H3MOE_QUANT_DECODE, read at every call (the bench's h3moe:triton-gemv / -tc rows set it around one
 #: call): "tc" sends every fp16 / bf16 call up to TC_MAX_T tokens to the tensor-core decode kernels (T=1
 #: included), "gemv" keeps the GEMV up to GEMV_MAX_T (then tl.dot); unset: TC_MIN_T decides.
-W4_DECODE_MODES = ("tc", "gemv")
+QUANT_DECODE_MODES = ("tc", "gemv")
 
 
-def w4_kernel(T: int, half: bool) -> str:
-    """Which 4-bit kernels a quant_moe call over T tokens runs: "tc" (tensor-core decode; half: fp16 / bf16
-    activations), "gemv" (T <= GEMV_MAX_T) or "dot" (the tl.dot kernels)."""
-    force = os.environ.get("H3MOE_W4_DECODE") or None
-    if force is not None and force not in W4_DECODE_MODES:
-        raise ValueError(f"H3MOE_W4_DECODE: expected one of {list(W4_DECODE_MODES)}, got {force!r}")
+def quant_kernel(T: int, half: bool) -> str:
+    """Which kernels a quant_moe call over T tokens runs (4-bit and int8 alike): "tc" (tensor-core decode;
+    half: fp16 / bf16 activations), "gemv" (T <= GEMV_MAX_T) or "dot" (the tl.dot kernels)."""
+    force = os.environ.get("H3MOE_QUANT_DECODE") or None
+    if force is not None and force not in QUANT_DECODE_MODES:
+        raise ValueError(f"H3MOE_QUANT_DECODE: expected one of {list(QUANT_DECODE_MODES)}, got {force!r}")
     if half and T <= TC_MAX_T and (force == "tc" or (force is None and T >= TC_MIN_T)):
         return "tc"
     return "gemv" if T <= GEMV_MAX_T else "dot"
 
 
-def pick_tc_config(T: int, S: int, E: int, blocksize: int, Kd: int, N: int, proj: str) -> dict:
-    """Tensor-core decode tiles for T tokens, S = T*K sorted rows, reduction length Kd, output width N.
+def pick_tc_config(T: int, S: int, E: int, bits: int, blocksize: int, Kd: int, N: int, proj: str) -> dict:
+    """Tensor-core decode tiles for T tokens, S = T*K sorted rows, bits 4 or 8, reduction length Kd, output
+    width N, proj "gate_up" or "down".
 
     BM (tokens per row tile, the MMA's N): the power of two >= 1.5x the mean rows per active expert (S over
     min(E, S)), at most T, within [16, 64]: an expert with more rows than BM gets another tile (its weights
     read again). BN weight rows per program: gate_up BN gate + BN up rows (a 2BN-row A tile), down BN rows;
-    2BN = 128 (down BN = 128) up to BM = 32, half at BM = 64 (the (rows, BM) fp32 accumulator). KSPLIT (down):
+    2BN = 128 (down BN = 128) up to BM = 32, half at BM = 64 (the (rows, BM) fp32 accumulator). SUB, the K
+    step: 4-bit one absmax (sub-)block, min(BLOCKSIZE, 64); int8 64 where Kd allows, else 32. KSPLIT (down):
     the smallest power of two <= 8 dividing Kd into whole SUB-element steps with cdiv(N, BN) * min(E, S) *
     KSPLIT >= TC_TARGET_PROGRAMS. 4 warps (one warp group), 3 stages of activation loads."""
     mean = S / max(1, min(E, S))
@@ -922,7 +1027,7 @@ def pick_tc_config(T: int, S: int, E: int, blocksize: int, Kd: int, N: int, proj
     while bm < 64 and bm < min(T, 1.5 * mean):
         bm *= 2
     bn = (64 if bm <= 32 else 32) if proj == "gate_up" else (128 if bm <= 32 else 64)
-    sub = min(blocksize, 64)
+    sub = min(blocksize, 64) if bits == 4 else (64 if Kd % 64 == 0 else 32)
     ks = 1
     if proj == "down":
         programs = -(-N // bn) * min(E, S)
@@ -1051,8 +1156,8 @@ TC_AOT_CALLS = ((2, 8), (16, 8), (64, 8), (64, 3))
 
 def _tc_specs(dt: str, H: int, I: int) -> list[AotSpec]:
     """The tensor-core decode kernels (TC_MIN_T <= T <= TC_MAX_T) for activation dtype dt: NF4 with the
-    default lookup at every TC_AOT_CALLS config; at T=16 also nested NF4, the other lookup and blocksize 32
-    (SUB=32: a 4-word K step)."""
+    default lookup and int8 at every TC_AOT_CALLS config; at T=16 also nested NF4, the other lookup and
+    blocksize 32 (SUB=32: a 4-word K step)."""
     K = 2
     xp = "*" + dt
     specs = []
@@ -1061,27 +1166,33 @@ def _tc_specs(dt: str, H: int, I: int) -> list[AotSpec]:
         if T == 16:
             variants += [(f, n, lk, 64) for f, n, lk in _w4_variants("tc")[1:]] + [
                 ("nf4+bs32", False, W4_DEFAULT_LOOKUP["tc"], 32)]
+        variants += [("int8", None, None, 0)]
         for fmt, nested, lookup, bs in variants:
-            ptrs = {**_W4_ARGS, "absmax_ptr": "*u8" if nested else "*fp32"}
             for proj in ("gate_up", "down"):
                 Kd, N = (H, I) if proj == "gate_up" else (I, H)
-                cfg = pick_tc_config(T, T * K, E, bs, Kd, N, proj)
-                tiles = {"BLOCKSIZE": bs, "NESTED": nested, "BM": cfg["BM"], "BN": cfg["BN"],
-                         "LOOKUP": W4_LOOKUP_IDS[lookup]}
-                if proj == "gate_up":
-                    fn = w4_gate_up_tc_kernel
-                    sig = {"x_ptr": xp, **ptrs, "out_ptr": xp, "NB": "i32", "NB2": "i32"}
-                    ce = {**SHAPE, "EP": 8, "TOPK": K, "ACT": 0, **tiles}
-                    tile = f"BM={cfg['BM']},BN={cfg['BN']}"
+                if nested is None:
+                    cfg = pick_tc_config(T, T * K, E, 8, 0, Kd, N, proj)
+                    ptrs, ints, kind = dict(_W8_ARGS), {}, "w8"
+                    tiles = {"BM": cfg["BM"], "BN": cfg["BN"], "SUB": cfg["SUB"]}
+                    fn = w8_gate_up_tc_kernel if proj == "gate_up" else w8_down_tc_kernel
                 else:
-                    fn = w4_down_tc_kernel
-                    sig = {"a_ptr": xp, **ptrs, "w_ptr": "*fp32", "out_ptr": "*fp32", "NB": "i32", "NB2": "i32",
-                           "TK": "i32"}
+                    cfg = pick_tc_config(T, T * K, E, 4, bs, Kd, N, proj)
+                    ptrs = {**_W4_ARGS, "absmax_ptr": "*u8" if nested else "*fp32"}
+                    ints, kind = {"NB": "i32", "NB2": "i32"}, "w4"
+                    tiles = {"BLOCKSIZE": bs, "NESTED": nested, "BM": cfg["BM"], "BN": cfg["BN"],
+                             "LOOKUP": W4_LOOKUP_IDS[lookup]}
+                    fn = w4_gate_up_tc_kernel if proj == "gate_up" else w4_down_tc_kernel
+                if proj == "gate_up":
+                    sig = {"x_ptr": xp, **ptrs, "out_ptr": xp, **ints}
+                    ce = {**SHAPE, "EP": 8, "TOPK": K, "ACT": 0, **tiles}
+                    tile = f"BM={cfg['BM']},BN={cfg['BN']},SUB={cfg['SUB']}"
+                else:
+                    sig = {"a_ptr": xp, **ptrs, "w_ptr": "*fp32", "out_ptr": "*fp32", **ints, "TK": "i32"}
                     ce = {**SHAPE, "EP": 8, **tiles, "KSPLIT": cfg["KSPLIT"]}
-                    tile = f"BM={cfg['BM']},BN={cfg['BN']},KSPLIT={cfg['KSPLIT']}"
+                    tile = f"BM={cfg['BM']},BN={cfg['BN']},SUB={cfg['SUB']},KSPLIT={cfg['KSPLIT']}"
                 sig.update({k: "constexpr" for k in ce})
                 specs.append(AotSpec(
-                    name=f"quant_w4_{proj}_tc[{dt},{fmt},T={T},E={E},{tile},w{cfg['num_warps']}]", fn=fn,
+                    name=f"quant_{kind}_{proj}_tc[{dt},{fmt},T={T},E={E},{tile},w{cfg['num_warps']}]", fn=fn,
                     signature=sig, constexprs=ce, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                     gemm=True, divisible=tuple(k for k in sig if k.endswith("_ptr"))))
     return specs

@@ -1,13 +1,13 @@
 """h3moe.quant_moe: SwiGLU experts whose fused weights are bitsandbytes-packed (NF4 / FP4 / int8).
 
 Backends: triton (h3moe/kernels/quant.py: dequantize in registers inside the grouped GEMM, never to global
-memory; kernels/quant.py's w4_kernel picks the 4-bit kernels per call: fp16 / bf16 activations over 2-64
-tokens the tensor-core decode kernels, one token (and fp32 up to 16) the GEMV decode kernels, more tokens the
-tl.dot kernels; int8: GEMV up to 16 tokens, then tl.dot; the decode down kernels split I into fp32 partials and
-end with h3moe/ops/combine.py, which sums the partials and each token's K slots into y in one pass), torch (the
-CPU / fallback path: dequantize ONE expert at a time with `dequantize`, which equals bitsandbytes'
-dequantize_4bit / int8_vectorwise_dequant, then that expert's rows; a per-expert loop with a host sync, fine
-for a fallback). Inference only (no autograd through packed weights).
+memory; kernels/quant.py's quant_kernel picks the kernels per call, 4-bit and int8 alike: fp16 / bf16
+activations over 2-64 tokens the tensor-core decode kernels, one token (and fp32 up to 16) the GEMV decode
+kernels, more tokens the tl.dot kernels; the decode down kernels split I into fp32 partials and end with
+h3moe/ops/combine.py, which sums the partials and each token's K slots into y in one pass), torch (the CPU /
+fallback path: dequantize ONE expert at a time with `dequantize`, which equals bitsandbytes' dequantize_4bit /
+int8_vectorwise_dequant, then that expert's rows; a per-expert loop with a host sync, fine for a fallback).
+Inference only (no autograd through packed weights).
 
 `Packed` is the layout both backends read; h3moe.integrations.bitsandbytes builds it (quantize, take over
 bnb Linear4bit / Linear8bitLt experts, save / load). Nothing here needs bitsandbytes.
@@ -149,8 +149,8 @@ def _lookup(kernel: str) -> int:
 
 
 def _words(q: torch.Tensor) -> torch.Tensor:
-    """The packed bytes as the 4-bit GEMV kernels read them, 32-bit words: a copy when a view starts off a
-    4-byte boundary (a slice of a larger buffer), else q itself."""
+    """The packed bytes as the word-reading kernels read them (4-bit GEMV, tensor-core decode), 32-bit words: a
+    copy when a view starts off a 4-byte boundary (a slice of a larger buffer), else q itself."""
     return q if q.data_ptr() % 4 == 0 else q.clone()
 
 
@@ -184,9 +184,9 @@ def _w4_gate_up_impl(
     if S == 0:
         return out
     nested = absmax2 is not None
-    kind = kq.w4_kernel(T, x.dtype in _HALF)
+    kind = kq.quant_kernel(T, x.dtype in _HALF)
     if kind == "tc":  # decode, 2+ tokens: tensor cores, every active expert's weights streamed once per row tile
-        cfg = kq.pick_tc_config(T, S, E, blocksize, H, I, "gate_up")
+        cfg = kq.pick_tc_config(T, S, E, 4, blocksize, H, I, "gate_up")
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
         kq.w4_gate_up_tc_kernel[grid](
             x, _words(q), absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
@@ -242,9 +242,9 @@ def _w4_down_impl(
     T, K = _tokens(weights)
     TK = T * K
     nested = absmax2 is not None
-    kind = kq.w4_kernel(T, a.dtype in _HALF)
+    kind = kq.quant_kernel(T, a.dtype in _HALF)
     if S and kind == "tc":  # decode, 2+ tokens: tensor cores, split over I into KSPLIT partial sums
-        cfg = kq.pick_tc_config(T, S, E, blocksize, I, H, "down")
+        cfg = kq.pick_tc_config(T, S, E, 4, blocksize, I, H, "down")
         ks = cfg["KSPLIT"]
         part = _empty(ks, TK, H, dtype=torch.float32, device=a.device)
         grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]), ks)
@@ -304,7 +304,17 @@ def _w8_gate_up_impl(
     out = _empty(S, I, dtype=x.dtype, device=x.device)
     if S == 0:
         return out
-    if T <= kq.GEMV_MAX_T:
+    kind = kq.quant_kernel(T, x.dtype in _HALF)
+    if kind == "tc":
+        cfg = kq.pick_tc_config(T, S, E, 8, 0, H, I, "gate_up")
+        grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
+        kq.w8_gate_up_tc_kernel[grid](
+            x, _words(q), scale, sorted_slots, offsets, out, E=E, EP=_pow2(E), H=H, I=I, TOPK=top_k,
+            ACT=kq.ACT_IDS[activation], BM=cfg["BM"], BN=cfg["BN"], SUB=cfg["SUB"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+        return out
+    if kind == "gemv":
         cfg = kq.pick_decode_config(T, S, E, 8, 0, H, I, "gate_up")
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["ROWS"]))
         kq.w8_gate_up_gemv_kernel[grid](
@@ -341,7 +351,19 @@ def _w8_down_impl(
     H, E = q.shape[1], offsets.shape[0] - 1
     T, K = _tokens(weights)
     TK = T * K
-    if S and T <= kq.GEMV_MAX_T:
+    kind = kq.quant_kernel(T, a.dtype in _HALF)
+    if S and kind == "tc":
+        cfg = kq.pick_tc_config(T, S, E, 8, 0, I, H, "down")
+        ks = cfg["KSPLIT"]
+        part = _empty(ks, TK, H, dtype=torch.float32, device=a.device)
+        grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]), ks)
+        kq.w8_down_tc_kernel[grid](
+            a, _words(q), scale, sorted_slots, offsets, weights, part, TK, E=E, EP=_pow2(E), H=H, I=I,
+            BM=cfg["BM"], BN=cfg["BN"], SUB=cfg["SUB"], KSPLIT=ks, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+        return combine(part, T, K, a.dtype)
+    if S and kind == "gemv":
         cfg = kq.pick_decode_config(T, S, E, 8, 0, I, H, "down")
         ks = cfg["KSPLIT"]
         part = _empty(ks, TK, H, dtype=torch.float32, device=a.device)
