@@ -12,8 +12,9 @@ h3moe:triton-recompute, the Triton backward that recomputes gate/up instead of r
 pre-activation (H3MOE_RECOMPUTE=1: less memory, more FLOPs). nf4 adds the 4-bit kernels with their other nibble
 lookup (H3MOE_W4_LOOKUP): h3moe:triton-load up to 64 tokens (the GEMV and tensor-core decode kernels, whose
 default is the warp shuffle), h3moe:triton-shfl above (the tl.dot kernels, whose default is the table load);
-nf4 and int8 add at decode (T <= 16) the other decode kernel (H3MOE_QUANT_DECODE): h3moe:triton-tc at T=1 (the
-tensor-core kernels where the GEMV is the default), h3moe:triton-gemv at 2-16 tokens.
+nf4 and int8 add the kernels the default does not take at that T (H3MOE_QUANT_KERNEL): h3moe:triton-tc at
+T=1 (where the GEMV is the default) and above 64 tokens (where the tl.dot kernels are), h3moe:triton-gemv at
+2-16 tokens, h3moe:triton-dot at 17-64.
 Baselines:
     hf:eager       transformers' MixtralExperts.forward: the per-expert Python loop (the loop the H3Fusion
                    authors wrote), bf16 index_add accumulation.
@@ -58,9 +59,9 @@ CANDIDATES = {
     "fwdbwd": _H3 + ["h3moe:triton-recompute"] + _HF, "layer": _H3 + _HF,
     "gating": _H3 + ["torch:eager"],
     "nf4": _H3 + ["h3moe:triton-load", "h3moe:triton-shfl", "h3moe:triton-tc", "h3moe:triton-gemv",
-                  "bnb:dequant+mm"] + _GRAPH
+                  "h3moe:triton-dot", "bnb:dequant+mm"] + _GRAPH
     + ["h3moe:triton-load+graph", "h3moe:triton-tc+graph", "h3moe:triton-gemv+graph"],
-    "int8": _H3 + ["h3moe:triton-tc", "h3moe:triton-gemv", "bnb:dequant+mm"] + _GRAPH
+    "int8": _H3 + ["h3moe:triton-tc", "h3moe:triton-gemv", "h3moe:triton-dot", "bnb:dequant+mm"] + _GRAPH
     + ["h3moe:triton-tc+graph", "h3moe:triton-gemv+graph"],
 }
 
@@ -526,11 +527,14 @@ def _default_w4_lookup(T: int) -> str:
     return default_w4_lookup(T)
 
 
-def _default_decode_kernel(T: int) -> str | None:
-    """The decode kernel a bf16 quantized call over T <= 16 tokens runs ("gemv" / "tc"; None above 16)."""
+def _other_quant_kernel(T: int) -> str:
+    """The quantized kernels a bf16 call over T tokens does not take by default, to time beside them: "tc"
+    where the GEMV or the tl.dot kernels are the default, else the GEMV (T <= GEMV_MAX_T) or tl.dot."""
     from h3moe.kernels.quant import GEMV_MAX_T, quant_kernel
 
-    return quant_kernel(T, True) if T <= GEMV_MAX_T else None
+    if quant_kernel(T, True) != "tc":
+        return "tc"
+    return "gemv" if T <= GEMV_MAX_T else "dot"
 
 
 def _with_env(var: str, value: str, fn, *args, **kwargs):
@@ -577,13 +581,11 @@ def _quant_impls(c: Case, device, interpreter):
                     "H3MOE_W4_LOOKUP", other, quant_moe, s["x"], s["q"], s["routing"], backend="triton"),
                     prepare, dequantized, ref_key="h3moe"))
             if b == "triton" and device.type == "cuda":
-                # the other decode kernel at this T (GEMV / tensor cores), decode only, 4-bit and int8
-                kind = _default_decode_kernel(c.T)
-                if kind is not None:
-                    other = "gemv" if kind == "tc" else "tc"
-                    impls.append(Impl(f"h3moe:triton-{other}", lambda s, other=other: _with_env(
-                        "H3MOE_QUANT_DECODE", other, quant_moe, s["x"], s["q"], s["routing"], backend="triton"),
-                        prepare, dequantized, ref_key="h3moe"))
+                # the kernels the default does not take at this T (tensor cores / GEMV / tl.dot), 4-bit and int8
+                other = _other_quant_kernel(c.T)
+                impls.append(Impl(f"h3moe:triton-{other}", lambda s, other=other: _with_env(
+                    "H3MOE_QUANT_KERNEL", other, quant_moe, s["x"], s["q"], s["routing"], backend="triton"),
+                    prepare, dequantized, ref_key="h3moe"))
     except Skip as e:
         skipped.append(("h3moe:*", str(e)))
     try:

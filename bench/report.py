@@ -27,9 +27,9 @@ IMPL_ORDER = {
     # decode rows replayed from a CUDA graph (bench.impls._with_graphs)
     "h3moe:torch+graph": "torch+g", "h3moe:triton+graph": "triton+g", "h3moe:cuda+graph": "cuda+g",
     "torch:grouped_mm+graph": "t.gmm+g",
-    # quantized variants: the other nibble lookup (H3MOE_W4_LOOKUP), the other decode kernel (H3MOE_QUANT_DECODE)
+    # quantized variants: the other nibble lookup (H3MOE_W4_LOOKUP), the other kernels (H3MOE_QUANT_KERNEL)
     "h3moe:triton-load": "tr-load", "h3moe:triton-shfl": "tr-shfl", "h3moe:triton-tc": "tr-tc",
-    "h3moe:triton-gemv": "tr-gemv", "h3moe:triton-load+graph": "tr-load+g", "h3moe:triton-tc+graph": "tr-tc+g",
+    "h3moe:triton-gemv": "tr-gemv", "h3moe:triton-dot": "tr-dot", "h3moe:triton-load+graph": "tr-load+g", "h3moe:triton-tc+graph": "tr-tc+g",
     "h3moe:triton-gemv+graph": "tr-gemv+g",
 }
 CASE_ORDER = ("fwd", "fwdbwd", "layer", "nf4", "int8", "route", "gating")

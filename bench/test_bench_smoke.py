@@ -272,9 +272,8 @@ def test_lookup_variant_rows_set_and_restore_the_variable(monkeypatch):
     assert "H3MOE_W4_LOOKUP" not in os.environ
     assert impls._default_w4_lookup(1) == "shfl" and impls._default_w4_lookup(128) == "load"
     # the decode-kernel variants: the tensor-core kernels at T=1, the GEMV at 2-16 tokens, none above
-    assert [impls._default_decode_kernel(T) for T in (1, 2, 16, 17)] == ["gemv", "tc", "tc", None]
-    monkeypatch.setenv("H3MOE_QUANT_DECODE", "tc")
-    assert impls._default_decode_kernel(1) == "tc"
-    monkeypatch.setenv("H3MOE_QUANT_DECODE", "typo")
-    with pytest.raises(ValueError, match="H3MOE_QUANT_DECODE"):
-        impls._default_decode_kernel(1)
+    assert [impls._other_quant_kernel(T) for T in (1, 2, 16, 17, 64, 65)] == ["tc", "gemv", "gemv", "dot", "dot",
+                                                                              "tc"]
+    monkeypatch.setenv("H3MOE_QUANT_KERNEL", "typo")
+    with pytest.raises(ValueError, match="H3MOE_QUANT_KERNEL"):
+        impls._other_quant_kernel(1)

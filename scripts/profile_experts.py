@@ -256,7 +256,7 @@ def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: 
     """One quant_moe call (format fmt, T tokens, 4-bit lookup forced by H3MOE_W4_LOOKUP unless None) timed kernel
     by kernel: gate_up, down (its kernel alone) and combine, each bracketed by CUDA events, median of reps calls
     with fresh routing. path None: the kernels quant_moe picks; "tc" / "gemv": the 4-bit decode kernel forced
-    (H3MOE_QUANT_DECODE); "dot": the tl.dot kernels at any T (GEMV_MAX_T and TC_MAX_T set to 0 for the call).
+    (H3MOE_QUANT_KERNEL); "dot": the tl.dot kernels at any T.
     weights caches the quantized experts per (model, fmt)."""
     from h3moe.integrations import bitsandbytes as hb
     from h3moe.kernels import quant as kq
@@ -295,14 +295,11 @@ def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: 
     names = {"_w4_gate_up_impl": "gate_up", "_w8_gate_up_impl": "gate_up", "_w4_down_impl": "down+combine",
              "_w8_down_impl": "down+combine", "combine": "combine"}
     saved = {n: getattr(oq, n) for n in names}
-    old_env = {v: os.environ.get(v) for v in ("H3MOE_W4_LOOKUP", "H3MOE_QUANT_DECODE")}
+    old_env = {v: os.environ.get(v) for v in ("H3MOE_W4_LOOKUP", "H3MOE_QUANT_KERNEL")}
     if lookup:
         os.environ["H3MOE_W4_LOOKUP"] = lookup
-    if path in ("tc", "gemv"):
-        os.environ["H3MOE_QUANT_DECODE"] = path
-    limits = kq.GEMV_MAX_T, kq.TC_MAX_T
-    if path == "dot":
-        kq.GEMV_MAX_T = kq.TC_MAX_T = 0
+    if path is not None:
+        os.environ["H3MOE_QUANT_KERNEL"] = path
     # name what runs (a forced path the call cannot take, e.g. tc with fp32 activations, is not claimed)
     path = kq.quant_kernel(T, dt in (torch.float16, torch.bfloat16))
     try:
@@ -326,7 +323,6 @@ def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: 
             for k, v in t.items():
                 per.setdefault(k, []).append(v)
     finally:
-        kq.GEMV_MAX_T, kq.TC_MAX_T = limits
         for n in names:
             setattr(oq, n, saved[n])
         for v, old in old_env.items():

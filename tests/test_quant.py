@@ -265,6 +265,7 @@ TC_CASES = [
     (40, 128, 128, 3, 2, 128, False),  # S=80 over 3 experts: BM=64, half-width tiles; two K steps per block
     (24, 64, 128, 8, 2, 64, True),  # S=48, BM=16, expert 1 holds ~24 rows: two row tiles of one expert
     (3, 256, 256, 9, 8, 256, False),  # K=8 of 8 routable experts; blocksize 256 > SUB=64: 4 steps per block
+    (150, 64, 64, 3, 2, 64, False),  # T > TC_MAX_T forced (H3MOE_QUANT_KERNEL=tc): ~100 rows per expert, BM=64
 ]
 
 
@@ -299,6 +300,8 @@ def test_triton_tc_decode_equals_reference(monkeypatch, quant_type, nested, T, H
         logits[:, 1] += 1e3
     r = route(logits, K)
     assert r.counts[0] == 0 and (not hot or r.counts[1] > 16)
+    if T > kq.TC_MAX_T:
+        monkeypatch.setenv("H3MOE_QUANT_KERNEL", "tc")
     assert kq.quant_kernel(T, half=True) == "tc" and kq.quant_kernel(T, half=False) != "tc"
     y = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
     assert set(picked) == {"gate_up", "down"}  # the tensor-core kernels ran
@@ -388,12 +391,12 @@ def test_auto_falls_back_for_layouts_the_kernels_cannot_read(monkeypatch):
 def test_w4_lookup_choice(monkeypatch):
     """The 4-bit kernels' nibble lookup: the interpreter always takes the table loads (it cannot run the PTX
     shuffle); on a GPU the decode kernels (GEMV, tensor-core) shuffle and the tl.dot kernels load unless
-    H3MOE_W4_LOOKUP forces one; which kernels a call runs (quant_kernel, H3MOE_QUANT_DECODE); a typo fails loudly
+    H3MOE_W4_LOOKUP forces one; which kernels a call runs (quant_kernel, H3MOE_QUANT_KERNEL); a typo fails loudly
     instead of silently timing the other."""
     from h3moe.kernels import quant as kq
 
     monkeypatch.delenv("H3MOE_W4_LOOKUP", raising=False)
-    monkeypatch.delenv("H3MOE_QUANT_DECODE", raising=False)
+    monkeypatch.delenv("H3MOE_QUANT_KERNEL", raising=False)
     assert kq.w4_lookup("gemv", interpret=True) == kq.w4_lookup("tc", interpret=True) == "load"
     assert kq.w4_lookup("dot", interpret=True) == "load"
     assert kq.w4_lookup("gemv", interpret=False) == kq.w4_lookup("tc", interpret=False) == "shfl"
@@ -407,12 +410,15 @@ def test_w4_lookup_choice(monkeypatch):
         monkeypatch.setenv("H3MOE_W4_LOOKUP", mode)
         assert kq.w4_lookup("gemv", interpret=False) == kq.w4_lookup("dot", interpret=False) == mode
         assert kq.w4_lookup("tc", interpret=False) == mode
-    monkeypatch.setenv("H3MOE_QUANT_DECODE", "tc")  # T=1 to the tensor cores too; fp32 and T > TC_MAX_T cannot
-    assert [kq.quant_kernel(T, True) for T in (1, 16, 65)] == ["tc", "tc", "dot"] and kq.quant_kernel(1, False) == "gemv"
-    monkeypatch.setenv("H3MOE_QUANT_DECODE", "gemv")  # the GEMV up to GEMV_MAX_T, tl.dot above
+    monkeypatch.setenv("H3MOE_QUANT_KERNEL", "tc")  # the tensor cores at any T; fp32 activations cannot
+    assert [kq.quant_kernel(T, True) for T in (1, 16, 65, 4096)] == ["tc"] * 4
+    assert kq.quant_kernel(1, False) == "gemv"
+    monkeypatch.setenv("H3MOE_QUANT_KERNEL", "gemv")  # the GEMV up to GEMV_MAX_T, tl.dot above
     assert [kq.quant_kernel(T, True) for T in (1, 16, 17)] == ["gemv", "gemv", "dot"]
-    monkeypatch.setenv("H3MOE_QUANT_DECODE", "tensor")
-    with pytest.raises(ValueError, match="H3MOE_QUANT_DECODE"):
+    monkeypatch.setenv("H3MOE_QUANT_KERNEL", "dot")
+    assert [kq.quant_kernel(T, h) for T in (1, 64) for h in (True, False)] == ["dot"] * 4
+    monkeypatch.setenv("H3MOE_QUANT_KERNEL", "tensor")
+    with pytest.raises(ValueError, match="H3MOE_QUANT_KERNEL"):
         kq.quant_kernel(2, True)
     monkeypatch.setenv("H3MOE_W4_LOOKUP", "shuffle")
     with pytest.raises(ValueError, match="H3MOE_W4_LOOKUP"):

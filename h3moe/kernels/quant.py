@@ -96,9 +96,10 @@ per thread, ~80 to load, convert and split its activations): `--sass` loop colum
 issue-bound near 1.3 TB/s, NF4 ~0.6 ms against bf16's measured 0.95 ms (~1.6x, short of the 2.5x target).
 Hence the tensor-core decode kernels from 2 tokens on: ~268 instructions per KB per warp whatever the rows
 (sm_90, BM=16; 281 at BM=32), an issue ceiling near 15 B/clk/SM (~3.5 TB/s on an H100); the memory pipe
-(64 shuffles + ~25 shared / global accesses per KB) near 11.5 B/clk/SM (~2.7 TB/s), about DRAM's. The GEMV keeps T=1 (306 per KB, but one-warp programs, no shared-memory round
-trip, no barriers; the bench's h3moe:triton-tc row at T=1 and h3moe:triton-gemv rows at T=2-16 time the other
-kernel, H3MOE_QUANT_DECODE=tc|gemv forces one).
+(64 shuffles + ~25 shared / global accesses per KB) near 11.5 B/clk/SM (~2.7 TB/s), about DRAM's. The GEMV
+keeps T=1 (306 per KB, but one-warp programs, no shared-memory round trip, no barriers). The bench times the
+kernels the default does not take (h3moe:triton-tc at T=1 and above 64 tokens, -gemv at 2-16, -dot at 17-64);
+H3MOE_QUANT_KERNEL=tc|gemv|dot forces one.
 Prediction for the next GPU session (bench `python -m bench --cases nf4,int8`, whole quant_moe call incl. the
 combine launch): T=1 Mixtral NF4 ~0.09-0.12 ms per layer call (66 µs of DRAM at 3 TB/s, ~83 µs at the
 shuffle ceiling above; measured before: 0.91 ms with the tl.dot decode tiles), H³Fusion NF4 ~0.07-0.09 ms,
@@ -994,21 +995,22 @@ TC_MAX_T = int(os.environ.get("H3MOE_QUANT_TC_MAX_T", "64"))
 TC_TARGET_PROGRAMS = 1024
 
 
-#: Values of H3MOE_QUANT_DECODE, read at every call (the bench's h3moe:triton-gemv / -tc rows set it around one
-#: call): "tc" sends every fp16 / bf16 call up to TC_MAX_T tokens to the tensor-core decode kernels (T=1
-#: included), "gemv" keeps the GEMV up to GEMV_MAX_T (then tl.dot); unset: TC_MIN_T decides.
-QUANT_DECODE_MODES = ("tc", "gemv")
+#: Values of H3MOE_QUANT_KERNEL, read at every call (the bench's h3moe:triton-tc / -gemv / -dot rows set it
+#: around one call): "tc" sends every fp16 / bf16 call to the tensor-core kernels whatever T (BM=64 row tiles
+#: above 64 tokens), "gemv" keeps the GEMV up to GEMV_MAX_T (then tl.dot), "dot" the tl.dot kernels at any T;
+#: unset: TC_MIN_T, TC_MAX_T and GEMV_MAX_T decide.
+QUANT_KERNEL_MODES = ("tc", "gemv", "dot")
 
 
 def quant_kernel(T: int, half: bool) -> str:
     """Which kernels a quant_moe call over T tokens runs (4-bit and int8 alike): "tc" (tensor-core decode;
     half: fp16 / bf16 activations), "gemv" (T <= GEMV_MAX_T) or "dot" (the tl.dot kernels)."""
-    force = os.environ.get("H3MOE_QUANT_DECODE") or None
-    if force is not None and force not in QUANT_DECODE_MODES:
-        raise ValueError(f"H3MOE_QUANT_DECODE: expected one of {list(QUANT_DECODE_MODES)}, got {force!r}")
-    if half and T <= TC_MAX_T and (force == "tc" or (force is None and T >= TC_MIN_T)):
+    force = os.environ.get("H3MOE_QUANT_KERNEL") or None
+    if force is not None and force not in QUANT_KERNEL_MODES:
+        raise ValueError(f"H3MOE_QUANT_KERNEL: expected one of {list(QUANT_KERNEL_MODES)}, got {force!r}")
+    if half and (force == "tc" or (force is None and TC_MIN_T <= T <= TC_MAX_T)):
         return "tc"
-    return "gemv" if T <= GEMV_MAX_T else "dot"
+    return "gemv" if T <= GEMV_MAX_T and force != "dot" else "dot"
 
 
 def pick_tc_config(T: int, S: int, E: int, bits: int, blocksize: int, Kd: int, N: int, proj: str) -> dict:
