@@ -10,11 +10,10 @@ T <= 16, on CUDA) add '<name>+graph' for h3moe and torch:grouped_mm: the same ca
 (the kernels' time without Python's launch overhead, as a serving engine runs decode). fwdbwd adds
 h3moe:triton-recompute, the Triton backward that recomputes gate/up instead of reading the saved
 pre-activation (H3MOE_RECOMPUTE=1: less memory, more FLOPs). nf4 adds the 4-bit kernels with their other nibble
-lookup (H3MOE_W4_LOOKUP): h3moe:triton-load up to 64 tokens (the GEMV and tensor-core decode kernels, whose
-default is the warp shuffle), h3moe:triton-shfl above (the tl.dot kernels, whose default is the table load);
-nf4 and int8 add the kernels the default does not take at that T (H3MOE_QUANT_KERNEL): h3moe:triton-tc at
-T=1 (where the GEMV is the default) and above 64 tokens (where the tl.dot kernels are), h3moe:triton-gemv at
-2-16 tokens, h3moe:triton-dot at 17-64.
+lookup (H3MOE_W4_LOOKUP): h3moe:triton-load (the GEMV and tensor-core kernels' default is the warp shuffle;
+h3moe:triton-shfl where the tl.dot kernels' table load is the default); nf4 and int8 add the kernels the
+default does not take at that T (H3MOE_QUANT_KERNEL): h3moe:triton-tc at T=1 (where the GEMV is the default),
+h3moe:triton-gemv at 2-16 tokens, h3moe:triton-dot above (the tensor-core kernels' predecessors).
 Baselines:
     hf:eager       transformers' MixtralExperts.forward: the per-expert Python loop (the loop the H3Fusion
                    authors wrote), bf16 index_add accumulation.

@@ -262,10 +262,10 @@ TC_CASES = [
     # expert 0 never gets a token
     (2, 128, 256, 4, 2, 64, False),  # T=2: BM=16 mostly padding; down split over I (KSPLIT=2)
     (16, 64, 96, 5, 1, 32, False),  # blocksize 32: 4-word K steps; I=96: gate_up rows masked (BN=64); prime E
-    (40, 128, 128, 3, 2, 128, False),  # S=80 over 3 experts: BM=64, half-width tiles; two K steps per block
+    (40, 128, 128, 3, 2, 128, False),  # S=80 over 3 experts: BM=64, 8 warps; two K steps per block
     (24, 64, 128, 8, 2, 64, True),  # S=48, BM=16, expert 1 holds ~24 rows: two row tiles of one expert
     (3, 256, 256, 9, 8, 256, False),  # K=8 of 8 routable experts; blocksize 256 > SUB=64: 4 steps per block
-    (150, 64, 64, 3, 2, 64, False),  # T > TC_MAX_T forced (H3MOE_QUANT_KERNEL=tc): ~100 rows per expert, BM=64
+    (150, 64, 64, 3, 2, 64, False),  # prefill: ~100 rows per expert, two BM=64 tiles each
 ]
 
 
@@ -300,8 +300,6 @@ def test_triton_tc_decode_equals_reference(monkeypatch, quant_type, nested, T, H
         logits[:, 1] += 1e3
     r = route(logits, K)
     assert r.counts[0] == 0 and (not hot or r.counts[1] > 16)
-    if T > kq.TC_MAX_T:
-        monkeypatch.setenv("H3MOE_QUANT_KERNEL", "tc")
     assert kq.quant_kernel(T, half=True) == "tc" and kq.quant_kernel(T, half=False) != "tc"
     y = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
     assert set(picked) == {"gate_up", "down"}  # the tensor-core kernels ran
@@ -323,7 +321,9 @@ def test_pick_tc_config():
     assert (c["BM"], c["BN"], c["KSPLIT"]) == (16, 128, 4)  # 32 * 8 * 4 = 1024 programs
     assert kq.pick_tc_config(64, 128, 8, 4, 64, 4096, 14336, "gate_up")["BM"] == 32  # ~16 rows per expert
     c = kq.pick_tc_config(64, 128, 3, 4, 32, 4096, 11008, "gate_up")  # H3Fusion: ~43 rows per expert
-    assert (c["BM"], c["BN"], c["SUB"]) == (64, 32, 32)
+    assert (c["BM"], c["BN"], c["SUB"], c["num_warps"]) == (64, 64, 32, 8)
+    c = kq.pick_tc_config(4096, 8192, 8, 4, 64, 14336, 4096, "down")  # prefill: 64-row tiles, no K split
+    assert (c["BM"], c["BN"], c["KSPLIT"], c["num_warps"]) == (64, 128, 1, 8)
     assert kq.pick_tc_config(64, 512, 128, 4, 64, 2048, 768, "gate_up")["BM"] == 16  # Qwen3: ~4 rows per expert
     assert kq.pick_tc_config(2, 4, 8, 4, 4096, 14336, 4096, "down")["SUB"] == 64  # K steps inside a 4096 block
     # int8: 64-byte K steps where the row length allows, else 32
@@ -401,11 +401,11 @@ def test_w4_lookup_choice(monkeypatch):
     assert kq.w4_lookup("dot", interpret=True) == "load"
     assert kq.w4_lookup("gemv", interpret=False) == kq.w4_lookup("tc", interpret=False) == "shfl"
     assert kq.w4_lookup("dot", interpret=False) == "load"
-    # which kernels: GEMV at T=1, tensor cores at 2-64 tokens (fp16 / bf16), tl.dot above; fp32: GEMV to 16
-    assert [kq.quant_kernel(T, True) for T in (1, 2, 16, 64, 65)] == ["gemv", "tc", "tc", "tc", "dot"]
+    # which kernels: GEMV at T=1, tensor cores from 2 tokens on (fp16 / bf16); fp32: GEMV to 16, then tl.dot
+    assert [kq.quant_kernel(T, True) for T in (1, 2, 16, 64, 65, 16384)] == ["gemv"] + ["tc"] * 5
     assert [kq.quant_kernel(T, False) for T in (1, 16, 17)] == ["gemv", "gemv", "dot"]
-    assert kq.default_w4_lookup(1) == kq.default_w4_lookup(kq.TC_MAX_T) == "shfl"
-    assert kq.default_w4_lookup(kq.TC_MAX_T + 1) == "load"
+    assert kq.default_w4_lookup(1) == kq.default_w4_lookup(4096) == "shfl"
+    assert kq.default_w4_lookup(17, half=False) == "load"
     for mode in ("load", "shfl"):
         monkeypatch.setenv("H3MOE_W4_LOOKUP", mode)
         assert kq.w4_lookup("gemv", interpret=False) == kq.w4_lookup("dot", interpret=False) == mode
@@ -674,7 +674,7 @@ GPU_CASES = [(qt, nested, torch.bfloat16) for qt, nested in FORMATS] + [("nf4", 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant_type,nested,dtype", GPU_CASES)
-@pytest.mark.parametrize("T", [1, 16, 64, 512])  # GEMV (1), tensor-core decode (16, 64), prefill (S = 1024)
+@pytest.mark.parametrize("T", [1, 16, 64, 512])  # GEMV (1), tensor cores (16, 64 and prefill: S = 1024)
 def test_gpu_kernels_equal_dequantize_reference(monkeypatch, quant_type, nested, dtype, T):
     E, H, I, K = 8, 4096, 14336, 2  # Mixtral-8x7B
     if T == 512 and (quant_type, nested) in (("fp4", False), ("nf4", True)):
@@ -693,14 +693,19 @@ def test_gpu_kernels_equal_dequantize_reference(monkeypatch, quant_type, nested,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant_type,nested", [("nf4", False), ("fp4", True)])
-@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (3, 8, 2), (16, 8, 2), (1, 64, 8), (5, 64, 8), (40, 3, 2),
-                                   (80, 8, 2)])
-def test_gpu_w4_lookups_agree(monkeypatch, quant_type, nested, T, E, K):
+@pytest.mark.parametrize("T,E,K,kernel", [(1, 8, 2, None), (3, 8, 2, None), (16, 8, 2, None), (1, 64, 8, None),
+                                          (5, 64, 8, None), (40, 3, 2, None), (80, 8, 2, None), (20, 8, 2, "dot"),
+                                          (80, 8, 2, "dot")])
+def test_gpu_w4_lookups_agree(monkeypatch, quant_type, nested, T, E, K, kernel):
     """The 4-bit kernels' two nibble lookups (warp shuffle; 16-entry table loads, the interpreter's path) read
-    the same fp32 codes: the GEMV kernels (T = 1), the tensor-core decode kernels (T = 3-40; 40 over 3 experts:
-    BM=64) and the tl.dot kernels (T = 80) give the same outputs up to instruction order, both equal to
-    dequantize + reference. Only the GPU runs the shuffle (PTX); every other line is interpreter-tested."""
+    the same fp32 codes: the GEMV kernels (T = 1), the tensor-core kernels (T = 3-80; 40 over 3 experts:
+    BM=64) and the tl.dot kernels (H3MOE_QUANT_KERNEL=dot: BM=16 tiles at T=20, BM=64 at 80) give the same
+    outputs up to instruction order, both equal to dequantize + reference. Only the GPU runs the shuffle (PTX);
+    every other line is interpreter-tested."""
     from h3moe.kernels import quant as kq
+
+    if kernel:
+        monkeypatch.setenv("H3MOE_QUANT_KERNEL", kernel)
 
     H, I = 1024, 1536
     gu, dn = _quantized(E, H, I, quant_type, 64, nested, dtype=torch.bfloat16, device="cuda")
@@ -725,11 +730,11 @@ def test_gpu_w4_lookups_agree(monkeypatch, quant_type, nested, T, E, K):
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant_type,dtype", [("nf4", torch.bfloat16), ("nf4", torch.float16),
                                               ("int8", torch.bfloat16)])
-@pytest.mark.parametrize("T,E,K", [(2, 8, 2), (16, 8, 2), (16, 128, 8), (64, 3, 2)])
+@pytest.mark.parametrize("T,E,K", [(2, 8, 2), (16, 8, 2), (16, 128, 8), (64, 3, 2), (512, 8, 2)])
 def test_gpu_tc_decode_equals_gemv_and_dot(monkeypatch, quant_type, dtype, T, E, K):
-    """The tensor-core decode kernels against the kernels they replace at 2-64 tokens (GEMV up to 16 tokens,
-    tl.dot above: TC_MAX_T = 0) and against dequantize + reference, at Mixtral / Qwen3-like widths (nested
-    NF4, int8)."""
+    """The tensor-core kernels against the kernels they replace from 2 tokens on (GEMV up to 16 tokens, tl.dot
+    above: TC_MAX_T = 0) and against dequantize + reference, at Mixtral / Qwen3-like widths (nested NF4,
+    int8)."""
     from h3moe.kernels import quant as kq
 
     H, I = (4096, 3584) if E <= 8 else (2048, 768)

@@ -60,17 +60,19 @@ that is ~10 B/clk/SM of packed weights: ~2.4 TB/s on an H100 (132 SMs, 1.755 GHz
 3.0 TB/s copy, the issue rate (308 / 4 per clock = 77 clk per KB, 13 B/clk/SM) just above. Registers 127-168,
 0-256 B of shared memory, no spills, sm_80 and sm_90 (scripts/kernel_report.py --module h3moe.kernels.quant
 --filter gemv --sass).
-Tensor-core decode, fp16 / bf16 activations at 2 <= T <= 64 tokens (TC_MIN_T, TC_MAX_T; quant_kernel picks):
+Tensor-core kernels, fp16 / bf16 activations from 2 tokens on (TC_MIN_T; quant_kernel picks):
 w4_gate_up_tc_kernel, w4_down_tc_kernel, and int8's w8_*_tc_kernel (section below): the same words and
 shuffles as the GEMV, the codes joined back into element order and fed to the tensor cores with swapped
 operands (acc = W · xᵀ: weight rows as wgmma's M=64, the expert's 16-64 rows as N), the block absmax applied
-to each K step's fp32 product. Their cost per KB of weights does not grow with the rows (the GEMV's does,
-below).
-Prefill (T > TC_MAX_T; fp32 activations above GEMV_MAX_T): the tl.dot kernels above (BM=16 row tiles for
-S <= 64, BM=64 beyond). Their default lookup is the table load (the code gathers and activations staged in
-shared memory by Triton's pipeliner, 95-100 KB at 4 stages: 1-2 programs per SM); with H3MOE_W4_LOOKUP=shfl the
-pipeliner stages neither (it does not follow loads through inline assembly: 6-30 KB of shared memory, loads
-waited on in the loop). Which wins is measured by the bench (h3moe:triton-shfl rows at T > 64), not guessed.
+to each K step's fp32 product. Their cost per KB of weights does not grow with the rows at decode (the
+GEMV's does, below); at prefill each 64-row tile dequantizes its weights once: ~374 instructions per KB per
+64 tokens (sm_90, 8 warps), against ~1540 for the tl.dot kernels above, whose table gathers Triton stages
+through ~95 KB of shared memory.
+The tl.dot kernels above (BM=16 row tiles for S <= 64, BM=64 beyond) serve fp32 activations above
+GEMV_MAX_T and H3MOE_QUANT_KERNEL=dot (they were the 4-bit path at every T > 16 before the tensor-core
+kernels; the bench's h3moe:triton-dot rows keep timing them). Their default lookup is the table load; with
+H3MOE_W4_LOOKUP=shfl Triton's pipeliner stages neither the gathers nor the activations (it does not follow
+loads through inline assembly: 6-30 KB of shared memory, loads waited on in the loop).
 
 Bytes moved per token at decode (K active experts per token, each read once when T*K rows hit distinct
 experts; shared experts are read once for all their rows):
@@ -98,7 +100,7 @@ Hence the tensor-core decode kernels from 2 tokens on: ~268 instructions per KB 
 (sm_90, BM=16; 281 at BM=32), an issue ceiling near 15 B/clk/SM (~3.5 TB/s on an H100); the memory pipe
 (64 shuffles + ~25 shared / global accesses per KB) near 11.5 B/clk/SM (~2.7 TB/s), about DRAM's. The GEMV
 keeps T=1 (306 per KB, but one-warp programs, no shared-memory round trip, no barriers). The bench times the
-kernels the default does not take (h3moe:triton-tc at T=1 and above 64 tokens, -gemv at 2-16, -dot at 17-64);
+kernels the default does not take (h3moe:triton-tc at T=1, -gemv at 2-16 tokens, -dot above);
 H3MOE_QUANT_KERNEL=tc|gemv|dot forces one.
 Prediction for the next GPU session (bench `python -m bench --cases nf4,int8`, whole quant_moe call incl. the
 combine launch): T=1 Mixtral NF4 ~0.09-0.12 ms per layer call (66 µs of DRAM at 3 TB/s, ~83 µs at the
@@ -695,7 +697,7 @@ def w8_down_gemv_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tensor-core decode kernels (fp16 / bf16 activations, TC_MIN_T <= T <= TC_MAX_T): the GEMV's cost grows by
+# Tensor-core kernels (fp16 / bf16 activations, TC_MIN_T <= T <= TC_MAX_T): the GEMV's cost grows by
 # ~145 instructions per 1 KB chunk with every row an expert serves; a tensor core's does not. Swapped operands
 # (acc = W · xᵀ): the dequantized weight tile is the MMA's A operand (M = weight rows: wgmma's M=64 per warp
 # group), the program's BM sorted rows (tokens) its N (16-64; wgmma takes N in steps of 8). One K step is one
@@ -981,29 +983,28 @@ def default_w4_lookup(T: int, half: bool = True) -> str:
     return W4_DEFAULT_LOOKUP[quant_kernel(T, half)]
 
 
-#: The tensor-core decode kernels (w4_*_tc_kernel, w8_*_tc_kernel) serve fp16 / bf16 activations at
-#: TC_MIN_T <= T <= TC_MAX_T tokens. T=1 stays on the GEMV (one row per expert: 306 instructions per KB against
-#: the 4-bit tensor-core kernel's ~268, int8 181 against 186, but no shared-memory round trip and one-warp
-#: programs; the bench's h3moe:triton-tc rows time the other kernel at T=1 and h3moe:triton-gemv at T=16 so a
-#: GPU decides);
-#: above TC_MAX_T the tl.dot prefill kernels. H3MOE_QUANT_TC_MAX_T=0 turns them off (the GEMV up to GEMV_MAX_T,
-#: then the tl.dot kernels, as before); H3MOE_QUANT_TC_MIN_T=1 sends T=1 to them too.
+#: The tensor-core kernels (w4_*_tc_kernel, w8_*_tc_kernel) serve fp16 / bf16 activations at
+#: TC_MIN_T <= T <= TC_MAX_T tokens (no upper bound by default). T=1 stays on the GEMV (one row per expert: 306
+#: instructions per KB against the 4-bit tensor-core kernel's ~268, int8 181 against 186, but no shared-memory
+#: round trip and one-warp programs; the bench's h3moe:triton-tc row at T=1 times the other kernel so a GPU
+#: decides). H3MOE_QUANT_TC_MAX_T=0 turns them off (the GEMV up to GEMV_MAX_T, then the tl.dot kernels),
+#: H3MOE_QUANT_TC_MAX_T=64 keeps them to decode, H3MOE_QUANT_TC_MIN_T=1 sends T=1 to them too.
 TC_MIN_T = int(os.environ.get("H3MOE_QUANT_TC_MIN_T", "2"))
-TC_MAX_T = int(os.environ.get("H3MOE_QUANT_TC_MAX_T", "64"))
-#: Active 4-warp programs the tensor-core decode aims for (4 per SM by registers on 132 SMs, two waves): the
-#: down projection is split over its reduction (I) until it reaches this many.
+TC_MAX_T = int(os.environ.get("H3MOE_QUANT_TC_MAX_T", str(2**62)))
+#: Active programs the tensor-core kernels aim for (2-4 per SM by registers on 132 SMs, about two waves): the
+#: down projection is split over its reduction (I) until it has this many.
 TC_TARGET_PROGRAMS = 1024
 
 
 #: Values of H3MOE_QUANT_KERNEL, read at every call (the bench's h3moe:triton-tc / -gemv / -dot rows set it
-#: around one call): "tc" sends every fp16 / bf16 call to the tensor-core kernels whatever T (BM=64 row tiles
-#: above 64 tokens), "gemv" keeps the GEMV up to GEMV_MAX_T (then tl.dot), "dot" the tl.dot kernels at any T;
+#: around one call): "tc" sends every fp16 / bf16 call to the tensor-core kernels whatever T (T=1 included),
+#: "gemv" keeps the GEMV up to GEMV_MAX_T (then tl.dot), "dot" the tl.dot kernels at any T;
 #: unset: TC_MIN_T, TC_MAX_T and GEMV_MAX_T decide.
 QUANT_KERNEL_MODES = ("tc", "gemv", "dot")
 
 
 def quant_kernel(T: int, half: bool) -> str:
-    """Which kernels a quant_moe call over T tokens runs (4-bit and int8 alike): "tc" (tensor-core decode;
+    """Which kernels a quant_moe call over T tokens runs (4-bit and int8 alike): "tc" (the tensor-core kernels;
     half: fp16 / bf16 activations), "gemv" (T <= GEMV_MAX_T) or "dot" (the tl.dot kernels)."""
     force = os.environ.get("H3MOE_QUANT_KERNEL") or None
     if force is not None and force not in QUANT_KERNEL_MODES:
@@ -1014,28 +1015,30 @@ def quant_kernel(T: int, half: bool) -> str:
 
 
 def pick_tc_config(T: int, S: int, E: int, bits: int, blocksize: int, Kd: int, N: int, proj: str) -> dict:
-    """Tensor-core decode tiles for T tokens, S = T*K sorted rows, bits 4 or 8, reduction length Kd, output
-    width N, proj "gate_up" or "down".
+    """Tensor-core tiles for T tokens, S = T*K sorted rows, bits 4 or 8, reduction length Kd, output width N,
+    proj "gate_up" or "down".
 
     BM (tokens per row tile, the MMA's N): the power of two >= 1.5x the mean rows per active expert (S over
     min(E, S)), at most T, within [16, 64]: an expert with more rows than BM gets another tile (its weights
-    read again). BN weight rows per program: gate_up BN gate + BN up rows (a 2BN-row A tile), down BN rows;
-    2BN = 128 (down BN = 128) up to BM = 32, half at BM = 64 (the (rows, BM) fp32 accumulator). SUB, the K
-    step: 4-bit one absmax (sub-)block, min(BLOCKSIZE, 64); int8 64 where Kd allows, else 32. KSPLIT (down):
-    the smallest power of two <= 8 dividing Kd into whole SUB-element steps with cdiv(N, BN) * min(E, S) *
-    KSPLIT >= TC_TARGET_PROGRAMS. 4 warps (one warp group), 3 stages of activation loads."""
+    read again: prefill dequantizes each weight once per 64 rows). BN weight rows per program: gate_up BN = 64
+    gate + 64 up rows (a 128-row A tile), down BN = 128 rows. 4 warps (one warp group) up to BM = 32, 8 at
+    BM = 64 (two warp groups: 124-127 registers, ~374 instructions per KB per warp on sm_90; BM=128 would
+    need ~200 registers, one program per SM). SUB, the K step: 4-bit one absmax (sub-)block, min(BLOCKSIZE,
+    64); int8 64 where Kd allows, else 32. KSPLIT (down): the smallest power of two <= 8 dividing Kd into
+    whole SUB-element steps with cdiv(N, BN) * (row tiles: S // BM + min(E, S)) * KSPLIT >= TC_TARGET_PROGRAMS.
+    3 stages of activation loads."""
     mean = S / max(1, min(E, S))
     bm = 16
     while bm < 64 and bm < min(T, 1.5 * mean):
         bm *= 2
-    bn = (64 if bm <= 32 else 32) if proj == "gate_up" else (128 if bm <= 32 else 64)
+    bn = 64 if proj == "gate_up" else 128
     sub = min(blocksize, 64) if bits == 4 else (64 if Kd % 64 == 0 else 32)
     ks = 1
     if proj == "down":
-        programs = -(-N // bn) * min(E, S)
+        programs = -(-N // bn) * (S // bm + min(E, S))
         while ks < 8 and programs * ks < TC_TARGET_PROGRAMS and Kd % (2 * ks * sub) == 0:
             ks *= 2
-    return {"BM": bm, "BN": bn, "SUB": sub, "KSPLIT": ks, "num_warps": 4, "num_stages": 3}
+    return {"BM": bm, "BN": bn, "SUB": sub, "KSPLIT": ks, "num_warps": 8 if bm == 64 else 4, "num_stages": 3}
 
 
 #: Rows of one expert a GEMV program serves (the row loop is unrolled).
@@ -1150,14 +1153,13 @@ def aot_specs() -> list[AotSpec]:
     return specs
 
 
-#: (T, E) of the calls whose tensor-core decode configs the compile tier builds at SHAPE's H, I, K=2:
-#: T=2 (BM=16, down KSPLIT=8), T=16 (BM=16, KSPLIT=4), T=64 (BM=32), and T=64 over 3 experts (BM=64, the
-#: half-width tiles).
-TC_AOT_CALLS = ((2, 8), (16, 8), (64, 8), (64, 3))
+#: (T, E) of the calls whose tensor-core configs the compile tier builds at SHAPE's H, I, K=2: T=2 (BM=16,
+#: down KSPLIT=8), T=16 (BM=16, KSPLIT=4), T=64 (BM=32) and prefill, T=1024 (BM=64, 8 warps).
+TC_AOT_CALLS = ((2, 8), (16, 8), (64, 8), (1024, 8))
 
 
 def _tc_specs(dt: str, H: int, I: int) -> list[AotSpec]:
-    """The tensor-core decode kernels (TC_MIN_T <= T <= TC_MAX_T) for activation dtype dt: NF4 with the
+    """The tensor-core kernels (TC_MIN_T <= T <= TC_MAX_T) for activation dtype dt: NF4 with the
     default lookup and int8 at every TC_AOT_CALLS config; at T=16 also nested NF4, the other lookup and
     blocksize 32 (SUB=32: a 4-word K step)."""
     K = 2

@@ -2,8 +2,8 @@
 
 Backends: triton (h3moe/kernels/quant.py: dequantize in registers inside the grouped GEMM, never to global
 memory; kernels/quant.py's quant_kernel picks the kernels per call, 4-bit and int8 alike: fp16 / bf16
-activations over 2-64 tokens the tensor-core decode kernels, one token (and fp32 up to 16) the GEMV decode
-kernels, more tokens the tl.dot kernels; the decode down kernels split I into fp32 partials and end with
+activations from 2 tokens on the tensor-core kernels, one token (and fp32 up to 16) the GEMV decode kernels,
+fp32 above 16 the tl.dot kernels; the GEMV and tensor-core down kernels split I into fp32 partials and end with
 h3moe/ops/combine.py, which sums the partials and each token's K slots into y in one pass), torch (the CPU /
 fallback path: dequantize ONE expert at a time with `dequantize`, which equals bitsandbytes' dequantize_4bit /
 int8_vectorwise_dequant, then that expert's rows; a per-expert loop with a host sync, fine for a fallback).
