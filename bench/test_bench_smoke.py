@@ -177,10 +177,11 @@ def test_profile_experts_dry_run(tmp_path):
         assert set(run["candidates"]) == (roles if i == 0 else set())  # candidates: the first form only
     assert set(res["torch_profiles"][0]["tables"]) == {"h3moe:torch", "torch:grouped_mm"}
     # the quantized decode (T=2): nf4 by its default kernels (tensor cores) with both lookups, then by the other
-    # decode kernel (GEMV); int8 by both; every kernel of the call timed, bytes counted
+    # decode kernel (GEMV), then the tensor cores with one K step of words in flight; int8 alike; every kernel
+    # of the call timed, bytes counted
     got = [(q["format"], q["path"], q["lookup"].split()[0]) for q in res["quant"]]
-    assert got == [("nf4", "tc", "shfl"), ("nf4", "tc", "load"), ("nf4", "gemv", "shfl"), ("int8", "tc", "default"),
-                   ("int8", "gemv", "default")]
+    assert got == [("nf4", "tc", "shfl"), ("nf4", "tc", "load"), ("nf4", "gemv", "shfl"), ("nf4", "tc depth=1", "shfl"),
+                   ("int8", "tc", "default"), ("int8", "gemv", "default"), ("int8", "tc depth=1", "default")]
     for q in res["quant"]:
         assert all(q["ms"][k] > 0 for k in ("total", "gate_up", "down", "combine")), q["ms"]
         assert 0 < q["bytes"]["down"] and abs(q["bytes"]["gate_up"] / q["bytes"]["down"] - 2) < 0.1  # 2I*H, H*I

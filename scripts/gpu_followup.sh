@@ -11,7 +11,8 @@
 #                        grouped_mm baselines, with those configs (H3MOE_CONFIG_DIR); compare_tuned.md: against
 #                        the newest committed record (python -m bench --compare-latest)
 #   quant/profile_experts.{json,md} scripts/profile_experts.py --quant nf4,int8: the quantized decode (Mixtral,
-#                        Qwen3; T = 1, 16) kernel by kernel, GB/s against the copy bandwidth, both 4-bit lookups
+#                        Qwen3; T = 1, 16) kernel by kernel, GB/s against the copy bandwidth: both 4-bit
+#                        lookups, the GEMV against the tensor-core kernels, their words 1 or 2 K steps ahead
 #   profile_experts.{json,md} scripts/profile_experts.py --candidates at T=4096 with those configs (backward
 #                        saved / recomputed, combine fp32 / lowp / atomic): per kernel
 #                        role, every candidate timed; and the torch backend's kernel table on Mixtral
@@ -60,7 +61,7 @@ say "bench (tuned): rc=$?"
 
 # 3. the quantized decode kernel by kernel (gate_up / down / combine GB/s, both 4-bit lookups), then the
 #    per-kernel fwd+bwd breakdown with the tuned configs, every candidate timed
-Q=$(min 75 $(( $(left) / 3 )))
+Q=$(min 100 $(( $(left) / 2 )))
 say "profile (quantized decode): limit ${Q}s"
 timeout -k 10 "$Q" "$PY" scripts/profile_experts.py --out "$OUT/quant" --models mixtral,qwen3 --tokens "" \
   --quant nf4,int8 --quant-tokens 1,16 --budget-s $(( Q - 15 )) >> "$LOG" 2>&1

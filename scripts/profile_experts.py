@@ -252,11 +252,12 @@ def _packed_bytes(p, experts: int, rows: int) -> int:
     return int(experts * rows * Kd * per_weight)
 
 
-def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: str | None = None) -> dict:
+def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: str | None = None,
+                  depth: int | None = None) -> dict:
     """One quant_moe call (format fmt, T tokens, 4-bit lookup forced by H3MOE_W4_LOOKUP unless None) timed kernel
     by kernel: gate_up, down (its kernel alone) and combine, each bracketed by CUDA events, median of reps calls
-    with fresh routing. path None: the kernels quant_moe picks; "tc" / "gemv": the 4-bit decode kernel forced
-    (H3MOE_QUANT_KERNEL); "dot": the tl.dot kernels at any T.
+    with fresh routing. path None: the kernels quant_moe picks; "tc" / "gemv" / "dot": those kernels forced
+    (H3MOE_QUANT_KERNEL); depth: the tensor-core kernels' K steps of words in flight (H3MOE_QUANT_TC_DEPTH).
     weights caches the quantized experts per (model, fmt)."""
     from h3moe.integrations import bitsandbytes as hb
     from h3moe.kernels import quant as kq
@@ -295,11 +296,13 @@ def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: 
     names = {"_w4_gate_up_impl": "gate_up", "_w8_gate_up_impl": "gate_up", "_w4_down_impl": "down+combine",
              "_w8_down_impl": "down+combine", "combine": "combine"}
     saved = {n: getattr(oq, n) for n in names}
-    old_env = {v: os.environ.get(v) for v in ("H3MOE_W4_LOOKUP", "H3MOE_QUANT_KERNEL")}
+    old_env = {v: os.environ.get(v) for v in ("H3MOE_W4_LOOKUP", "H3MOE_QUANT_KERNEL", "H3MOE_QUANT_TC_DEPTH")}
     if lookup:
         os.environ["H3MOE_W4_LOOKUP"] = lookup
     if path is not None:
         os.environ["H3MOE_QUANT_KERNEL"] = path
+    if depth is not None:
+        os.environ["H3MOE_QUANT_TC_DEPTH"] = str(depth)
     # name what runs (a forced path the call cannot take, e.g. tc with fp32 activations, is not claimed)
     path = kq.quant_kernel(T, dt in (torch.float16, torch.bfloat16))
     try:
@@ -336,6 +339,8 @@ def quant_profile(m, fmt: str, T: int, lookup: str | None, weights: dict, path: 
     nbytes = {"gate_up": _packed_bytes(gu, n_exp, 2 * I), "down": _packed_bytes(dn, n_exp, H)}
     if not cuda and lookup:
         lookup += " (interpreter: load)"
+    if depth is not None:
+        path += f" depth={depth}"
     return {"model": m.name, "tokens": T, "format": fmt, "path": path, "lookup": lookup or "default",
             "experts_touched": n_exp,
             "ms": ms, "bytes": nbytes,
@@ -466,14 +471,17 @@ def main(argv=None) -> int:
                     # weight per row; the tensor cores' does not; 4-bit: with the shuffle)
                     from h3moe.kernels.quant import GEMV_MAX_T
 
-                    runs = [(None, lk) for lk in ((None,) if fmt == "int8" else ("shfl", "load"))]
+                    lk1 = None if fmt == "int8" else "shfl"
+                    runs = [(None, lk, None) for lk in ((None,) if fmt == "int8" else ("shfl", "load"))]
                     if T <= GEMV_MAX_T:
-                        runs += [("gemv" if T > 1 else "tc", None if fmt == "int8" else "shfl")]
-                    for path, lookup in runs:
+                        runs += [("gemv" if T > 1 else "tc", lk1, None)]
+                    if T > 1:  # the tensor-core kernels with one K step of words in flight instead of two
+                        runs += [("tc", lk1, 1)]
+                    for path, lookup, depth in runs:
                         if time.time() - t0 > a.budget_s:
                             print(f"budget: skipping the quantized profile of {name} {fmt} T={T} {path}")
                             continue
-                        res["quant"].append(quant_profile(models[name], fmt, T, lookup, cache, path))
+                        res["quant"].append(quant_profile(models[name], fmt, T, lookup, cache, path, depth))
                         (out / "profile_experts.json").write_text(json.dumps(res, indent=1))
         cache.clear()
         if cuda:

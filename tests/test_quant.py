@@ -331,6 +331,21 @@ def test_pick_tc_config():
     assert kq.pick_tc_config(16, 32, 8, 8, 0, 96, 64, "down")["SUB"] == 32
 
 
+def test_tc_depth(monkeypatch):
+    """Words in flight: two K steps at decode tiles (BM=16), one above; H3MOE_QUANT_TC_DEPTH overrides it per
+    call (the GPU's comparison), and a bad value fails loudly. The interpreter cases above run both."""
+    from h3moe.kernels import quant as kq
+
+    monkeypatch.delenv("H3MOE_QUANT_TC_DEPTH", raising=False)
+    depth = [kq.pick_tc_config(T, 2 * T, 8, 4, 64, 4096, 14336, "gate_up")["DEPTH"] for T in (2, 16, 64, 4096)]
+    assert depth == [2, 2, 1, 1]
+    monkeypatch.setenv("H3MOE_QUANT_TC_DEPTH", "1")
+    assert kq.pick_tc_config(16, 32, 8, 8, 0, 4096, 14336, "down")["DEPTH"] == 1
+    monkeypatch.setenv("H3MOE_QUANT_TC_DEPTH", "3")
+    with pytest.raises(ValueError, match="H3MOE_QUANT_TC_DEPTH"):
+        kq.pick_tc_config(16, 32, 8, 8, 0, 4096, 14336, "down")
+
+
 def test_pick_decode_config():
     from h3moe.kernels import quant as kq
 
@@ -603,8 +618,8 @@ def test_package_import_does_not_import_bitsandbytes():
 
 @pytest.mark.compile
 def test_decode_kernel_compiles_without_spills():
-    """Three specs here (the compile tier compiles them all): the NF4 nested GEMV decode gate_up kernel (T=1),
-    the table-load variant of the GEMV down kernel, and the tensor-core decode gate_up kernel (T=16), for sm_90:
+    """Four specs here (the compile tier compiles them all): the NF4 nested GEMV decode gate_up kernel (T=1),
+    the table-load variant of the GEMV down kernel, and the tensor-core gate_up kernel (T=16, T=1024), for sm_90:
     no spills, 16-byte weight loads, the lookup each one asks for (warp shuffles / table loads), no shared-memory
     staging beyond a small scratch in the GEMV, wgmma in the tensor-core kernel."""
     pytest.importorskip("triton")
@@ -635,10 +650,13 @@ assert "ld.global.b64" not in ptx and "ld.global.u64" not in ptx, "a 64-bit tabl
 ptx = build("quant_w4_down_gemv[bf16,nf4+load,T=1,")
 assert ptx.count("shfl.sync.idx.b32") < 16, ptx.count("shfl.sync.idx.b32")
 # the tensor-core decode kernel (T=16): wgmma, one shuffle per weight (128 rows x 64 codes per step over 128
-# threads: 64 per thread), the activations staged by the pipeliner (cp.async), the A tile's round trip: < 32 KB
+# threads: 64 per thread), 16-byte word loads two steps ahead, the A tile's round trip: < 32 KB of shared memory
 ptx = build("quant_w4_gate_up_tc[bf16,nf4,T=16,", max_shared=32768)
 assert "wgmma.mma_async" in ptx and ptx.count("shfl.sync.idx.b32") >= 64, ptx.count("shfl.sync.idx.b32")
-assert "cp.async" in ptx and "ld.global.b64" not in ptx
+assert "ld.global.b64" not in ptx
+# prefill (BM=64): the activations staged by Triton's pipeliner (cp.async) instead
+ptx = build("quant_w4_gate_up_tc[bf16,nf4,T=1024,", max_shared=65536)
+assert "wgmma.mma_async" in ptx and "cp.async" in ptx
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

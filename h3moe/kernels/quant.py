@@ -96,7 +96,7 @@ Rows: every sorted row of a GEMV tile costs ~145 more instructions per 1 KB chun
 per thread, ~80 to load, convert and split its activations): `--sass` loop column, gate_up sm_90: 306
 (ROWS=1), 450 (2), 736 (4), 1309 (8 rows used). Mixtral at T=16 puts ~4 rows on each expert: ~740 per KB,
 issue-bound near 1.3 TB/s, NF4 ~0.6 ms against bf16's measured 0.95 ms (~1.6x, short of the 2.5x target).
-Hence the tensor-core decode kernels from 2 tokens on: ~268 instructions per KB per warp whatever the rows
+Hence the tensor-core decode kernels from 2 tokens on: ~250 instructions per KB per warp whatever the rows
 (sm_90, BM=16; 281 at BM=32), an issue ceiling near 15 B/clk/SM (~3.5 TB/s on an H100); the memory pipe
 (64 shuffles + ~25 shared / global accesses per KB) near 11.5 B/clk/SM (~2.7 TB/s), about DRAM's. The GEMV
 keeps T=1 (306 per KB, but one-warp programs, no shared-memory round trip, no barriers). The bench times the
@@ -703,19 +703,20 @@ def w8_down_gemv_kernel(
 # group), the program's BM sorted rows (tokens) its N (16-64; wgmma takes N in steps of 8). One K step is one
 # absmax sub-block of SUB = min(BLOCKSIZE, 64) elements (SUB/8 words per row): the codes go into the dot in
 # the activation dtype and the block's absmax multiplies the step's (rows, BM) fp32 product (one FFMA per
-# SUB/BM weights, not one per weight). Words come in as int32 (register double buffer by hand: Triton's
-# pipeliner stages no load whose consumer is inline assembly) and each nibble's code by one shuffle (LOOKUP 0)
+# SUB/BM weights, not one per weight). Words come in as int32, DEPTH (1-2) K steps ahead in a register ring
+# written by hand (Triton's pipeliner stages no load whose consumer is inline assembly; at 4 CTAs per SM, two
+# steps keep ~32 KB of weight loads in flight per SM), and each nibble's code by one shuffle (LOOKUP 0)
 # or one table load (LOOKUP 1); the 8 code tensors of a word are joined back into element order
 # (_w4_codes_tile), so the activations load contiguous. gate_up stacks its BN gate rows and BN up rows into
 # one (2BN, SUB) A tile: one dot per step.
 # Numerics: code rounded to the activation dtype, times the absmax in fp32 after the block's dot (bitsandbytes
 # rounds code * absmax once): equal to dequantize + reference within a bf16 / fp16 ulp per weight.
-# Compile tier (sm_90, bf16, BN=64, SUB=64, 4 warps): ~268 SASS instructions per 1 KB of packed weights
-# per warp (64 SHFL + 56 SHF + 32 F2FP for the codes, ~16 FFMA for the absmax, one STS/LDSM round trip of the
-# A tile, 8 HGMMA), whatever the rows: the GEMV needs 306 (1 row), 450 (2), 736 (4), 1309 (8).
+# Compile tier (sm_90, bf16, BM=16, BN=64, SUB=64, DEPTH=2, 4 warps): ~250 SASS instructions per 1 KB of
+# packed weights per warp (64 SHFL + 56 SHF + 32 F2FP for the codes, ~16 FFMA for the absmax, one STS/LDSM
+# round trip of the A tile, 8 HGMMA), whatever the rows: the GEMV needs 306 (1 row), 450 (2), 736 (4), 1309 (8).
 # int8 (w8_gate_up_tc_kernel, w8_down_tc_kernel): the same tiles over int8 rows read as words (4 bytes each),
 # each byte to fp32 without I2F (_w8_chunk's trick), exact in fp16 / bf16, the row scale in the epilogue (the
-# dots chain in the accumulator): ~186 instructions per KB per warp (GEMV: 181 at 1 row, 253 at 2, 398 at 4,
+# dots chain in the accumulator): ~162 instructions per KB per warp (GEMV: 181 at 1 row, 253 at 2, 398 at 4,
 # 687 at 8).
 
 @triton.jit
@@ -745,7 +746,7 @@ def w4_gate_up_tc_kernel(
     NB, NB2,  # i32
     E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     TOPK: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ACT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, LOOKUP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, LOOKUP: tl.constexpr, DEPTH: tl.constexpr,
 ):
     e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, BM, BN, I, True)  # n: gate rows, up: n + I
     if e < 0:
@@ -765,14 +766,27 @@ def w4_gate_up_tc_kernel(
     xp = x_ptr + tok[None, :] * H + tl.arange(0, SUB)[:, None]  # (SUB, BM): xᵀ
     acc = tl.zeros((2 * BN, BM), dtype=tl.float32)
     w = tl.load(pw, mask=mask_r[:, None], other=0)
+    if DEPTH == 2:
+        w2 = tl.load(pw + SUB // 8, mask=mask_r[:, None] & (SUB < H), other=0)
     tbl = _w4_lane_table(code_ptr, w, LOOKUP)
+    if DEPTH == 2:
+        xt = tl.load(xp, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
     for k0 in range(0, H, SUB):
-        w2 = tl.load(pw + (k0 + SUB) // 8, mask=mask_r[:, None] & (k0 + SUB < H), other=0)  # next step's words
+        # the words DEPTH steps ahead (a register ring by hand: the pipeliner stages nothing behind inline asm)
+        wn = tl.load(pw + (k0 + DEPTH * SUB) // 8, mask=mask_r[:, None] & (k0 + DEPTH * SUB < H), other=0)
+        if DEPTH == 2:  # the activations one step ahead by hand too (the pipeliner then leaves them alone)
+            xn = tl.load(xp + k0 + SUB, mask=mask_m[None, :] & (k0 + SUB < H), other=0.0)
+        else:  # staged by the pipeliner (cp.async): fewer registers
+            xt = tl.load(xp + k0, mask=mask_m[None, :], other=0.0)
         am = _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, row * (H // BLOCKSIZE) + k0 // BLOCKSIZE,
                       mask_r, NB, NB2, NESTED)  # (2BN,)
-        xt = tl.load(xp + k0, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
         acc += tl.dot(_w4_codes_tile(w, tbl, code_ptr, dtype, LOOKUP), xt) * am[:, None]
-        w = w2
+        if DEPTH == 2:
+            xt = xn
+        if DEPTH == 2:
+            w, w2 = w2, wn
+        else:
+            w = wn
     acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (2, BN, BM)), (1, 2, 0)))  # (BN, BM) each
     a = _act(acc_g, ACT) * acc_u
     op = out_ptr + rows_m[None, :].to(tl.int64) * I + n[:, None]
@@ -795,7 +809,7 @@ def w4_down_tc_kernel(
     NB, NB2, TK,  # i32; TK = T*K slots
     E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, KSPLIT: tl.constexpr, LOOKUP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, KSPLIT: tl.constexpr, LOOKUP: tl.constexpr, DEPTH: tl.constexpr,
 ):
     ks = tl.program_id(2)
     e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, BM, BN, H, True)
@@ -813,15 +827,27 @@ def w4_down_tc_kernel(
     ap = a_ptr + rows_m[None, :].to(tl.int64) * I + tl.arange(0, SUB)[:, None]  # (SUB, BM): aᵀ
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     w = tl.load(pw + k_lo // 8, mask=mask_n[:, None], other=0)
+    if DEPTH == 2:
+        w2 = tl.load(pw + (k_lo + SUB) // 8, mask=mask_n[:, None] & (SUB < KC), other=0)
     tbl = _w4_lane_table(code_ptr, w, LOOKUP)
+    if DEPTH == 2:
+        at = tl.load(ap + k_lo, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
     for kc in range(0, KC, SUB):
         k0 = k_lo + kc
-        w2 = tl.load(pw + (k0 + SUB) // 8, mask=mask_n[:, None] & (kc + SUB < KC), other=0)
+        wn = tl.load(pw + (k0 + DEPTH * SUB) // 8, mask=mask_n[:, None] & (kc + DEPTH * SUB < KC), other=0)
+        if DEPTH == 2:
+            an = tl.load(ap + k0 + SUB, mask=mask_m[None, :] & (kc + SUB < KC), other=0.0)
+        else:
+            at = tl.load(ap + k0, mask=mask_m[None, :], other=0.0)
         am = _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n * (I // BLOCKSIZE) + k0 // BLOCKSIZE,
                       mask_n, NB, NB2, NESTED)  # (BN,)
-        at = tl.load(ap + k0, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
         acc += tl.dot(_w4_codes_tile(w, tbl, code_ptr, dtype, LOOKUP), at) * am[:, None]
-        w = w2
+        if DEPTH == 2:
+            at = an
+        if DEPTH == 2:
+            w, w2 = w2, wn
+        else:
+            w = wn
     slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)  # (BM,)
     rw = tl.load(w_ptr + slot, mask=mask_m, other=0.0)  # (BM,)
     op = out_ptr + (ks * TK + slot[None, :]) * H + n[:, None]
@@ -852,7 +878,7 @@ def w8_gate_up_tc_kernel(
     out_ptr,  # (S, I) x's dtype: act(gate)*up per sorted row
     E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     TOPK: tl.constexpr, ACT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, DEPTH: tl.constexpr,
 ):
     e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, BM, BN, I, True)  # n: gate rows, up: n + I
     if e < 0:
@@ -871,11 +897,22 @@ def w8_gate_up_tc_kernel(
     xp = x_ptr + tok[None, :] * H + tl.arange(0, SUB)[:, None]  # (SUB, BM): xᵀ
     acc = tl.zeros((2 * BN, BM), dtype=tl.float32)
     w = tl.load(pw, mask=mask_r[:, None], other=0)
+    if DEPTH == 2:
+        w2 = tl.load(pw + SUB // 4, mask=mask_r[:, None] & (SUB < H), other=0)
+        xt = tl.load(xp, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
     for k0 in range(0, H, SUB):
-        w2 = tl.load(pw + (k0 + SUB) // 4, mask=mask_r[:, None] & (k0 + SUB < H), other=0)  # next step's words
-        xt = tl.load(xp + k0, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
+        wn = tl.load(pw + (k0 + DEPTH * SUB) // 4, mask=mask_r[:, None] & (k0 + DEPTH * SUB < H), other=0)
+        if DEPTH == 2:
+            xn = tl.load(xp + k0 + SUB, mask=mask_m[None, :] & (k0 + SUB < H), other=0.0)
+        else:
+            xt = tl.load(xp + k0, mask=mask_m[None, :], other=0.0)
         acc = tl.dot(_w8_codes_tile(w, dtype), xt, acc)
-        w = w2
+        if DEPTH == 2:
+            xt = xn
+        if DEPTH == 2:
+            w, w2 = w2, wn
+        else:
+            w = wn
     sc = tl.load(scale_ptr + e64 * 2 * I + row, mask=mask_r, other=0.0) * 7.874015718698502e-3  # (2BN,)
     acc = acc * sc[:, None]
     acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (2, BN, BM)), (1, 2, 0)))  # (BN, BM) each
@@ -895,7 +932,7 @@ def w8_down_tc_kernel(
     out_ptr,  # (KSPLIT, T*K, H) fp32 slot order
     TK,  # i32 T*K
     E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, KSPLIT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, KSPLIT: tl.constexpr, DEPTH: tl.constexpr,
 ):
     ks = tl.program_id(2)
     e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, BM, BN, H, True)
@@ -912,12 +949,23 @@ def w8_down_tc_kernel(
     ap = a_ptr + rows_m[None, :].to(tl.int64) * I + tl.arange(0, SUB)[:, None]  # (SUB, BM): aᵀ
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     w = tl.load(pw + k_lo // 4, mask=mask_n[:, None], other=0)
+    if DEPTH == 2:
+        w2 = tl.load(pw + (k_lo + SUB) // 4, mask=mask_n[:, None] & (SUB < KC), other=0)
+        at = tl.load(ap + k_lo, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
     for kc in range(0, KC, SUB):
         k0 = k_lo + kc
-        w2 = tl.load(pw + (k0 + SUB) // 4, mask=mask_n[:, None] & (kc + SUB < KC), other=0)
-        at = tl.load(ap + k0, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
+        wn = tl.load(pw + (k0 + DEPTH * SUB) // 4, mask=mask_n[:, None] & (kc + DEPTH * SUB < KC), other=0)
+        if DEPTH == 2:
+            an = tl.load(ap + k0 + SUB, mask=mask_m[None, :] & (kc + SUB < KC), other=0.0)
+        else:
+            at = tl.load(ap + k0, mask=mask_m[None, :], other=0.0)
         acc = tl.dot(_w8_codes_tile(w, dtype), at, acc)
-        w = w2
+        if DEPTH == 2:
+            at = an
+        if DEPTH == 2:
+            w, w2 = w2, wn
+        else:
+            w = wn
     sc = tl.load(scale_ptr + e64 * H + n, mask=mask_n, other=0.0) * 7.874015718698502e-3  # (BN,)
     slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)  # (BM,)
     rw = tl.load(w_ptr + slot, mask=mask_m, other=0.0)  # (BM,)
@@ -985,7 +1033,7 @@ def default_w4_lookup(T: int, half: bool = True) -> str:
 
 #: The tensor-core kernels (w4_*_tc_kernel, w8_*_tc_kernel) serve fp16 / bf16 activations at
 #: TC_MIN_T <= T <= TC_MAX_T tokens (no upper bound by default). T=1 stays on the GEMV (one row per expert: 306
-#: instructions per KB against the 4-bit tensor-core kernel's ~268, int8 181 against 186, but no shared-memory
+#: instructions per KB against the 4-bit tensor-core kernel's ~250, int8 181 against 162, but no shared-memory
 #: round trip and one-warp programs; the bench's h3moe:triton-tc row at T=1 times the other kernel so a GPU
 #: decides). H3MOE_QUANT_TC_MAX_T=0 turns them off (the GEMV up to GEMV_MAX_T, then the tl.dot kernels),
 #: H3MOE_QUANT_TC_MAX_T=64 keeps them to decode, H3MOE_QUANT_TC_MIN_T=1 sends T=1 to them too.
@@ -1026,7 +1074,10 @@ def pick_tc_config(T: int, S: int, E: int, bits: int, blocksize: int, Kd: int, N
     need ~200 registers, one program per SM). SUB, the K step: 4-bit one absmax (sub-)block, min(BLOCKSIZE,
     64); int8 64 where Kd allows, else 32. KSPLIT (down): the smallest power of two <= 8 dividing Kd into
     whole SUB-element steps with cdiv(N, BN) * (row tiles: S // BM + min(E, S)) * KSPLIT >= TC_TARGET_PROGRAMS.
-    3 stages of activation loads."""
+    DEPTH, the K steps of words in flight: 2 at BM = 16 (decode: bandwidth-bound; 128 registers on sm_90,
+    the activations then prefetched by hand too), 1 above (the pipeliner stages the activations, 3 stages;
+    a second step of words costs registers, hence programs per SM, where the issue rate is the limit);
+    H3MOE_QUANT_TC_DEPTH=1|2 overrides it (read per call, for the GPU to compare)."""
     mean = S / max(1, min(E, S))
     bm = 16
     while bm < 64 and bm < min(T, 1.5 * mean):
@@ -1038,7 +1089,11 @@ def pick_tc_config(T: int, S: int, E: int, bits: int, blocksize: int, Kd: int, N
         programs = -(-N // bn) * (S // bm + min(E, S))
         while ks < 8 and programs * ks < TC_TARGET_PROGRAMS and Kd % (2 * ks * sub) == 0:
             ks *= 2
-    return {"BM": bm, "BN": bn, "SUB": sub, "KSPLIT": ks, "num_warps": 8 if bm == 64 else 4, "num_stages": 3}
+    depth = int(os.environ.get("H3MOE_QUANT_TC_DEPTH") or (2 if bm == 16 else 1))
+    if depth not in (1, 2):
+        raise ValueError(f"H3MOE_QUANT_TC_DEPTH: expected 1 or 2, got {depth}")
+    return {"BM": bm, "BN": bn, "SUB": sub, "KSPLIT": ks, "DEPTH": depth, "num_warps": 8 if bm == 64 else 4,
+            "num_stages": 3}
 
 
 #: Rows of one expert a GEMV program serves (the row loop is unrolled).
@@ -1177,23 +1232,23 @@ def _tc_specs(dt: str, H: int, I: int) -> list[AotSpec]:
                 if nested is None:
                     cfg = pick_tc_config(T, T * K, E, 8, 0, Kd, N, proj)
                     ptrs, ints, kind = dict(_W8_ARGS), {}, "w8"
-                    tiles = {"BM": cfg["BM"], "BN": cfg["BN"], "SUB": cfg["SUB"]}
+                    tiles = {"BM": cfg["BM"], "BN": cfg["BN"], "SUB": cfg["SUB"], "DEPTH": cfg["DEPTH"]}
                     fn = w8_gate_up_tc_kernel if proj == "gate_up" else w8_down_tc_kernel
                 else:
                     cfg = pick_tc_config(T, T * K, E, 4, bs, Kd, N, proj)
                     ptrs = {**_W4_ARGS, "absmax_ptr": "*u8" if nested else "*fp32"}
                     ints, kind = {"NB": "i32", "NB2": "i32"}, "w4"
                     tiles = {"BLOCKSIZE": bs, "NESTED": nested, "BM": cfg["BM"], "BN": cfg["BN"],
-                             "LOOKUP": W4_LOOKUP_IDS[lookup]}
+                             "LOOKUP": W4_LOOKUP_IDS[lookup], "DEPTH": cfg["DEPTH"]}
                     fn = w4_gate_up_tc_kernel if proj == "gate_up" else w4_down_tc_kernel
                 if proj == "gate_up":
                     sig = {"x_ptr": xp, **ptrs, "out_ptr": xp, **ints}
                     ce = {**SHAPE, "EP": 8, "TOPK": K, "ACT": 0, **tiles}
-                    tile = f"BM={cfg['BM']},BN={cfg['BN']},SUB={cfg['SUB']}"
+                    tile = f"BM={cfg['BM']},BN={cfg['BN']},SUB={cfg['SUB']},D={cfg['DEPTH']}"
                 else:
                     sig = {"a_ptr": xp, **ptrs, "w_ptr": "*fp32", "out_ptr": "*fp32", **ints, "TK": "i32"}
                     ce = {**SHAPE, "EP": 8, **tiles, "KSPLIT": cfg["KSPLIT"]}
-                    tile = f"BM={cfg['BM']},BN={cfg['BN']},SUB={cfg['SUB']},KSPLIT={cfg['KSPLIT']}"
+                    tile = f"BM={cfg['BM']},BN={cfg['BN']},SUB={cfg['SUB']},KSPLIT={cfg['KSPLIT']},D={cfg['DEPTH']}"
                 sig.update({k: "constexpr" for k in ce})
                 specs.append(AotSpec(
                     name=f"quant_{kind}_{proj}_tc[{dt},{fmt},T={T},E={E},{tile},w{cfg['num_warps']}]", fn=fn,

@@ -192,7 +192,7 @@ def _w4_gate_up_impl(
             x, _words(q), absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
             code, sorted_slots, offsets, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E,
             EP=_pow2(E), H=H, I=I, TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation],
-            BM=cfg["BM"], BN=cfg["BN"], LOOKUP=_lookup("tc"), num_warps=cfg["num_warps"],
+            BM=cfg["BM"], BN=cfg["BN"], LOOKUP=_lookup("tc"), DEPTH=cfg["DEPTH"], num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
         return out
@@ -252,7 +252,7 @@ def _w4_down_impl(
             a, _words(q), absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
             code, sorted_slots, offsets, weights, part, absmax.shape[1], absmax2.shape[1] if nested else 0, TK, E=E,
             EP=_pow2(E), H=H, I=I, BLOCKSIZE=blocksize, NESTED=nested, BM=cfg["BM"], BN=cfg["BN"], KSPLIT=ks,
-            LOOKUP=_lookup("tc"), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            LOOKUP=_lookup("tc"), DEPTH=cfg["DEPTH"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return combine(part, T, K, a.dtype)
     if S and kind == "gemv":  # decode: GEMV kernel, split over I into KSPLIT partial sums
@@ -310,8 +310,8 @@ def _w8_gate_up_impl(
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
         kq.w8_gate_up_tc_kernel[grid](
             x, _words(q), scale, sorted_slots, offsets, out, E=E, EP=_pow2(E), H=H, I=I, TOPK=top_k,
-            ACT=kq.ACT_IDS[activation], BM=cfg["BM"], BN=cfg["BN"], SUB=cfg["SUB"], num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            ACT=kq.ACT_IDS[activation], BM=cfg["BM"], BN=cfg["BN"], SUB=cfg["SUB"], DEPTH=cfg["DEPTH"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return out
     if kind == "gemv":
@@ -359,7 +359,7 @@ def _w8_down_impl(
         grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]), ks)
         kq.w8_down_tc_kernel[grid](
             a, _words(q), scale, sorted_slots, offsets, weights, part, TK, E=E, EP=_pow2(E), H=H, I=I,
-            BM=cfg["BM"], BN=cfg["BN"], SUB=cfg["SUB"], KSPLIT=ks, num_warps=cfg["num_warps"],
+            BM=cfg["BM"], BN=cfg["BN"], SUB=cfg["SUB"], KSPLIT=ks, DEPTH=cfg["DEPTH"], num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
         return combine(part, T, K, a.dtype)
