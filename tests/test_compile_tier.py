@@ -170,4 +170,21 @@ def test_main_loop_count_reads_the_longest_backward_branch():
         ins(0x50, "BRA `(.L_x_2)"),
     ])
     assert _main_loop(top, op_re) == 4
+    # a divergence slow path after EXIT that branches back into the loop is not the loop
+    slow = "\n".join([
+        ".L_x_1:",
+        ins(0x00, "BRA.DIV UR4, `(.L_x_9)"),
+        ins(0x10, "SHFL.IDX PT, R9, R8, R7, 0x1f"),
+        ".L_x_2:",
+        ins(0x20, "FFMA R8, R4, R5, R8"),
+        ins(0x30, "@P0 BRA `(.L_x_1)"),  # the loop: 4 instructions
+        ins(0x40, "EXIT"),
+        ".L_x_9:",
+        ins(0x50, "WARPSYNC.COLLECTIVE R20, `(.L_x_10)"),
+        ins(0x60, "SHFL.IDX P2, R9, R8, R7, R21"),
+        ins(0x70, "ENDCOLLECTIVE"),
+        ".L_x_10:",
+        ins(0x80, "BRA `(.L_x_2)"),
+    ])
+    assert _main_loop(slow, op_re) == 4
     assert _main_loop("\n".join([ins(0, "EXIT"), ".L_x_2:", ins(0x10, "BRA `(.L_x_2)")]), op_re) == 0

@@ -332,13 +332,15 @@ def test_pick_tc_config():
 
 
 def test_tc_depth(monkeypatch):
-    """Words in flight: two K steps at decode tiles (BM=16), one above; H3MOE_QUANT_TC_DEPTH overrides it per
-    call (the GPU's comparison), and a bad value fails loudly. The interpreter cases above run both."""
+    """Words in flight: two K steps at decode tiles (BM=16) on sm_90, one above and on sm_80;
+    H3MOE_QUANT_TC_DEPTH overrides it per call (the GPU's comparison), and a bad value fails loudly. The
+    interpreter cases above run both."""
     from h3moe.kernels import quant as kq
 
     monkeypatch.delenv("H3MOE_QUANT_TC_DEPTH", raising=False)
     depth = [kq.pick_tc_config(T, 2 * T, 8, 4, 64, 4096, 14336, "gate_up")["DEPTH"] for T in (2, 16, 64, 4096)]
     assert depth == [2, 2, 1, 1]
+    assert kq.pick_tc_config(16, 32, 8, 4, 64, 4096, 14336, "gate_up", arch=80)["DEPTH"] == 1  # sm_80 would spill
     monkeypatch.setenv("H3MOE_QUANT_TC_DEPTH", "1")
     assert kq.pick_tc_config(16, 32, 8, 8, 0, 4096, 14336, "down")["DEPTH"] == 1
     monkeypatch.setenv("H3MOE_QUANT_TC_DEPTH", "3")
@@ -624,12 +626,12 @@ def test_decode_kernel_compiles_without_spills():
     staging beyond a small scratch in the GEMV, wgmma in the tensor-core kernel."""
     pytest.importorskip("triton")
     code = r"""
-import os, subprocess, tempfile, triton
+import os, re, subprocess, tempfile, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from h3moe.kernels.quant import aot_specs
 specs = aot_specs()
-assert len({s.name for s in specs}) == len(specs) == 132
+assert len({s.name for s in specs}) == len(specs) == 160
 def build(prefix, max_shared=2048):
     s = next(s for s in specs if s.name.startswith(prefix))
     attrs = {(s.fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in s.divisible}
@@ -641,19 +643,26 @@ def build(prefix, max_shared=2048):
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     assert "STACK:0 " in out and "LOCAL:0 " in out, out
+    # every shuffle lookup makes its table register in its own asm block from its own %laneid: a table built
+    # in a separate op is a tensor to Triton, which may move it between lanes (a convert_layout did, once)
+    asms = re.findall(r'elementwise_inline_asm "((?:[^"\\]|\\.)*)"', k.asm["ttgir"])
+    assert all("%laneid" in a for a in asms if "shfl.sync" in a), [a[:80] for a in asms]
+    assert not any("%laneid" in a and "shfl.sync" not in a for a in asms)
+    SHFL_ASMS[:] = [a for a in asms if "shfl.sync" in a]
     return k.asm["ptx"]
+SHFL_ASMS = []
 # the default lookup: one shfl.sync.idx per weight (64 per thread per 1 KB chunk, unrolled), no table loads
 ptx = build("quant_w4_gate_up_gemv[bf16,nf4+nested,T=1,")
-assert ptx.count("shfl.sync.idx.b32") >= 64, ptx.count("shfl.sync.idx.b32")
+assert ptx.count("shfl.sync.idx.b32") >= 64 and SHFL_ASMS, ptx.count("shfl.sync.idx.b32")
 assert "ld.global.b64" not in ptx and "ld.global.u64" not in ptx, "a 64-bit table load is back"
 # the table-load alternative: no shuffle lookups (Triton's own layout moves use a few shfl.idx)
 ptx = build("quant_w4_down_gemv[bf16,nf4+load,T=1,")
 assert ptx.count("shfl.sync.idx.b32") < 16, ptx.count("shfl.sync.idx.b32")
 # the tensor-core decode kernel (T=16): wgmma, one shuffle per weight (128 rows x 64 codes per step over 128
 # threads: 64 per thread), 16-byte word loads two steps ahead, the A tile's round trip: < 32 KB of shared memory
-ptx = build("quant_w4_gate_up_tc[bf16,nf4,T=16,", max_shared=32768)
+ptx = build("quant_w4_gate_up_tc[bf16,nf4,T=16,E=8,BM=16,BN=64,SUB=64,D=2,", max_shared=32768)
 assert "wgmma.mma_async" in ptx and ptx.count("shfl.sync.idx.b32") >= 64, ptx.count("shfl.sync.idx.b32")
-assert "ld.global.b64" not in ptx
+assert "ld.global.b64" not in ptx and SHFL_ASMS
 # prefill (BM=64): the activations staged by Triton's pipeliner (cp.async) instead
 ptx = build("quant_w4_gate_up_tc[bf16,nf4,T=1024,", max_shared=65536)
 assert "wgmma.mma_async" in ptx and "cp.async" in ptx

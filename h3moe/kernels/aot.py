@@ -126,9 +126,10 @@ def sass_histogram(cubin: bytes) -> dict:
 def _main_loop(text: str, op_re) -> int:
     """Instructions in the kernel's longest loop body: from a label to the last branch back to it, predicated
     (sm_90 ptxas tests at the bottom) or not (sm_80 often tests at the top and jumps back unconditionally): the K
-    loop of a GEMM or GEMV; 0 when there is none (the one-instruction `BRA` to itself after EXIT is not a loop).
-    Divergence slow paths (BRA.DIV targets) that ptxas places inside the loop's address range are counted too:
-    an upper bound on one iteration's instructions."""
+    loop of a GEMM or GEMV; 0 when there is none (the one-instruction `BRA` to itself after EXIT is not a loop,
+    nor is a branch back over an EXIT: ptxas puts the divergence slow paths of shuffles (BRA.DIV targets) after
+    the kernel's end and jumps back into the loop from there). A slow path that ptxas places inside the loop's
+    address range is counted: an upper bound on one iteration's instructions."""
     import re
 
     lines = text.splitlines()
@@ -137,11 +138,17 @@ def _main_loop(text: str, op_re) -> int:
         m = re.match(r"^\s*(\.L_x_\d+):", line)
         if m:
             labels[m.group(1)] = i
+    exits = [i for i, line in enumerate(lines) if re.search(r"\bEXIT\b", line)]
     best = (0, 0)
     for i, line in enumerate(lines):
         m = re.search(r"(?:@!?P\d+\s+)?\bBRA\s+`\((\.L_x_\d+)\)", line)
-        if m and m.group(1) in labels and i - labels[m.group(1)] > max(1, best[1] - best[0]):
-            best = (labels[m.group(1)], i)
+        if not m or m.group(1) not in labels:
+            continue
+        j = labels[m.group(1)]
+        # a back edge spanning an EXIT is a slow path placed after the kernel's end jumping back into the loop
+        # (ptxas' divergence fallback for shuffles), not the loop
+        if i - j > max(1, best[1] - best[0]) and not any(j < x < i for x in exits):
+            best = (j, i)
     return sum(1 for line in lines[best[0]:best[1] + 1] if op_re.search(line)) if best[1] else 0
 
 

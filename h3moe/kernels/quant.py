@@ -233,15 +233,15 @@ def _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, blk, mask_n, N
 def _w4_tile(q_ptr, code_ptr, amax, rows, kh, mask_n, Kd, dtype: tl.constexpr, LOOKUP: tl.constexpr):
     """Dequantize a packed 4-bit tile: rows (BN,) of one expert (q_ptr at its first byte), byte columns kh
     (BK/2,) → (w_even, w_odd) each (BK/2, BN) in dtype (k = 2*kh: high nibble, 2*kh+1: low nibble), code *
-    absmax rounded as bitsandbytes does. The codes come from _w4_code: LOOKUP 0, warp shuffles (no memory
+    absmax rounded as bitsandbytes does. The codes come from _w4_codes2: LOOKUP 0, warp shuffles (no memory
     access per weight; Triton's pipeliner then stages only the activations in shared memory, ~6-30 KB),
     LOOKUP 1, gathers from the 16-entry table (the pipeliner stages the gathers too: ~100 KB of shared memory,
     1-2 programs per SM; measured 0.22 TB/s of packed weights at BM=16 on an H100)."""
     ptrs = q_ptr + rows[None, :].to(tl.int64) * (Kd // 2) + kh[:, None]
     b = tl.load(ptrs, mask=mask_n[None, :], other=0).to(tl.int32)  # (BK/2, BN) packed bytes
-    tbl = _w4_lane_table(code_ptr, b, LOOKUP)
-    w_hi = (_w4_code(b, 4, tbl, code_ptr, LOOKUP) * amax[None, :]).to(dtype)
-    w_lo = (_w4_code(b, 0, tbl, code_ptr, LOOKUP) * amax[None, :]).to(dtype)
+    c_hi, c_lo = _w4_codes2(b, code_ptr, LOOKUP)
+    w_hi = (c_hi * amax[None, :]).to(dtype)
+    w_lo = (c_lo * amax[None, :]).to(dtype)
     return w_hi, w_lo
 
 
@@ -436,45 +436,69 @@ def _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask, 
     return w, am
 
 
-@triton.jit
-def _w4_lane_table(code_ptr, like, LOOKUP: tl.constexpr):
-    """The shuffle lookup's table, one register: fp32 bits of code[laneid % 16] (int32, like's shape, every
-    element equal, so the compiler keeps one copy); zeros when LOOKUP = 1 (it reads code_ptr instead)."""
-    z = tl.zeros_like(like)
-    if LOOKUP == 0:
-        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [z], dtype=tl.int32, is_pure=True,
-                                         pack=1)
-        return tl.load(code_ptr + (lane & 15)).to(tl.int32, bitcast=True)
-    else:
-        return z
+def _shfl_asm(shifts: tuple) -> str:
+    """PTX for _w4_codes8 / _w4_codes2 (LOOKUP 0): one block that looks up len(shifts) nibbles of its word
+    operand $n (n = len(shifts); the code table's address is $n+1) by warp shuffles. The table register is
+    made inside the block, from this lane's own %laneid (t = code[laneid & 15], one cache line, read-only):
+    a table built outside would be a tensor to Triton, which may move its elements between lanes in a layout
+    conversion (it did, in the tensor-core kernels: each lane then shuffled from a table of another lane's
+    codes). ptxas keeps one S2R and one LDG.CONSTANT per thread for every block (common subexpressions).
+    shfl.sync.idx reads the low 5 bits of its lane operand, so word >> shift needs no mask (bit 4 lands on the
+    copy of the table in lanes 16-31)."""
+    n = len(shifts)
+    lines = ["{", ".reg .b32 l, t, s;", ".reg .b64 a;", "mov.u32 l, %laneid;", "and.b32 l, l, 15;",
+             "mul.wide.u32 a, l, 4;", f"add.s64 a, a, ${n + 1};", "ld.global.nc.b32 t, [a];"]
+    for i, sh in enumerate(shifts):
+        if sh:
+            lines += [f"shr.u32 s, ${n}, {sh};", f"shfl.sync.idx.b32 ${i}, t, s, 0x1f, 0xffffffff;"]
+        else:
+            lines += [f"shfl.sync.idx.b32 ${i}, t, ${n}, 0x1f, 0xffffffff;"]
+    return "\n".join(lines + ["}"])
+
+
+#: Nibble shifts of a packed word's 8 elements in element order (byte i: element 2i high, 2i+1 low nibble),
+#: and of one byte's 2.
+_SHIFTS8 = (4, 0, 12, 8, 20, 16, 28, 24)
+_SHFL8 = tl.constexpr(_shfl_asm(_SHIFTS8))
+_SHFL2 = tl.constexpr(_shfl_asm((4, 0)))
 
 
 @triton.jit
-def _w4_code(w, S: tl.constexpr, tbl, code_ptr, LOOKUP: tl.constexpr):
-    """fp32 code of the nibble at bits [S, S+4) of every word of w (int32).
-    LOOKUP 0: `shfl.sync.idx` from the lane that holds the entry (lane l holds code[l % 16]; shfl reads the low
-    5 bits of its lane operand, so w >> S needs no mask: bit 4 lands on the copy of the table in lanes 16-31).
-    One instruction per weight, no memory access, no address arithmetic; every lane of the warp runs it (no
-    divergent branch around it). LOOKUP 1: a load of the 16-entry table (64 B: one cache line, one L1
-    wavefront per warp load), and the path of Triton's interpreter, which cannot run PTX."""
-    if LOOKUP == 0:
-        bits = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
-                                         [tbl, w >> S], dtype=tl.int32, is_pure=True, pack=1)
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return tl.load(code_ptr + ((w >> S) & 15))
-
-
-@triton.jit
-def _w4_codes8(w, tbl, code_ptr, LOOKUP: tl.constexpr):
-    """Codes of the 8 elements of every packed word w (SUB/8, NBLK, BN), in element order 8c+0..8c+7.
+def _w4_codes8(w, code_ptr, LOOKUP: tl.constexpr):
+    """fp32 codes of the 8 elements of every packed word w (int32, any shape), in element order 8c+0..8c+7.
     Word c (little-endian) holds packed bytes 4c..4c+3; byte i holds element 2i in its HIGH nibble (bits
     8i+4..8i+7) and element 2i+1 in its low nibble (bits 8i..8i+3). The value is code * absmax, which the
-    GEMV applies once per sub-block, after the sub-block's sum."""
-    return (_w4_code(w, 4, tbl, code_ptr, LOOKUP), _w4_code(w, 0, tbl, code_ptr, LOOKUP),
-            _w4_code(w, 12, tbl, code_ptr, LOOKUP), _w4_code(w, 8, tbl, code_ptr, LOOKUP),
-            _w4_code(w, 20, tbl, code_ptr, LOOKUP), _w4_code(w, 16, tbl, code_ptr, LOOKUP),
-            _w4_code(w, 28, tbl, code_ptr, LOOKUP), _w4_code(w, 24, tbl, code_ptr, LOOKUP))
+    GEMV applies once per sub-block, after the sub-block's sum.
+    LOOKUP 0: warp shuffles from the lane that holds the entry (_shfl_asm: lane l holds code[l % 16]): one SHF
+    and one SHFL per weight, no memory access per weight; every lane of the warp runs it (no divergent branch
+    around it). LOOKUP 1: a load of the 16-entry table per weight (64 B: one cache line, one L1 wavefront per
+    warp load), and the path of Triton's interpreter, which cannot run PTX."""
+    if LOOKUP == 0:
+        addr = tl.zeros_like(w).to(tl.int64) + code_ptr.to(tl.int64, bitcast=True)
+        c = tl.inline_asm_elementwise(_SHFL8, "=r,=r,=r,=r,=r,=r,=r,=r,r,l", [w, addr], dtype=(tl.int32,) * 8,
+                                      is_pure=True, pack=1)
+        return (c[0].to(tl.float32, bitcast=True), c[1].to(tl.float32, bitcast=True),
+                c[2].to(tl.float32, bitcast=True), c[3].to(tl.float32, bitcast=True),
+                c[4].to(tl.float32, bitcast=True), c[5].to(tl.float32, bitcast=True),
+                c[6].to(tl.float32, bitcast=True), c[7].to(tl.float32, bitcast=True))
+    else:
+        return (tl.load(code_ptr + ((w >> 4) & 15)), tl.load(code_ptr + (w & 15)),
+                tl.load(code_ptr + ((w >> 12) & 15)), tl.load(code_ptr + ((w >> 8) & 15)),
+                tl.load(code_ptr + ((w >> 20) & 15)), tl.load(code_ptr + ((w >> 16) & 15)),
+                tl.load(code_ptr + ((w >> 28) & 15)), tl.load(code_ptr + ((w >> 24) & 15)))
+
+
+@triton.jit
+def _w4_codes2(b, code_ptr, LOOKUP: tl.constexpr):
+    """fp32 codes (high nibble, low nibble) of every packed byte b (int32 in [0, 256), any shape); LOOKUP as
+    in _w4_codes8."""
+    if LOOKUP == 0:
+        addr = tl.zeros_like(b).to(tl.int64) + code_ptr.to(tl.int64, bitcast=True)
+        c = tl.inline_asm_elementwise(_SHFL2, "=r,=r,r,l", [b, addr], dtype=(tl.int32, tl.int32), is_pure=True,
+                                      pack=1)
+        return c[0].to(tl.float32, bitcast=True), c[1].to(tl.float32, bitcast=True)
+    else:
+        return tl.load(code_ptr + (b >> 4)), tl.load(code_ptr + (b & 15))
 
 
 @triton.jit
@@ -546,15 +570,14 @@ def w4_gate_up_gemv_kernel(
                       BLOCKSIZE, NESTED, NBLK, SUB)
     bu, au = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n + I, mask_n, 0, NB, NB2, H,
                       BLOCKSIZE, NESTED, NBLK, SUB)
-    tbl = _w4_lane_table(code_ptr, bg, LOOKUP)
     for k0 in range(0, H, BK):
         more = mask_n & (k0 + BK < H)
         bg2, ag2 = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, more, k0 + BK, NB, NB2,
                             H, BLOCKSIZE, NESTED, NBLK, SUB)
         bu2, au2 = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n + I, more, k0 + BK, NB,
                             NB2, H, BLOCKSIZE, NESTED, NBLK, SUB)
-        cg = _w4_codes8(bg, tbl, code_ptr, LOOKUP)
-        cu = _w4_codes8(bu, tbl, code_ptr, LOOKUP)
+        cg = _w4_codes8(bg, code_ptr, LOOKUP)
+        cu = _w4_codes8(bu, code_ptr, LOOKUP)
         for m in tl.static_range(ROWS):
             if start + m < end:
                 tok = (tl.load(slots_ptr + start + m) // TOPK).to(tl.int64)
@@ -595,12 +618,11 @@ def w4_down_gemv_kernel(
     BK: tl.constexpr = NBLK * SUB
     b, am = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask_n, ks * KC, NB, NB2, I,
                      BLOCKSIZE, NESTED, NBLK, SUB)
-    tbl = _w4_lane_table(code_ptr, b, LOOKUP)
     for kc in range(0, KC, BK):
         k0 = ks * KC + kc
         b2, am2 = _w4_load(q_e, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n, mask_n & (kc + BK < KC),
                            k0 + BK, NB, NB2, I, BLOCKSIZE, NESTED, NBLK, SUB)
-        cw = _w4_codes8(b, tbl, code_ptr, LOOKUP)
+        cw = _w4_codes8(b, code_ptr, LOOKUP)
         for m in tl.static_range(ROWS):
             if start + m < end:
                 acc = _acc_row(acc, _rowdot(cw, am, a_ptr + (start + m).to(tl.int64) * I, k0, NBLK, SUB), m,
@@ -720,12 +742,12 @@ def w8_down_gemv_kernel(
 # 687 at 8).
 
 @triton.jit
-def _w4_codes_tile(w, tbl, code_ptr, dtype: tl.constexpr, LOOKUP: tl.constexpr):
+def _w4_codes_tile(w, code_ptr, dtype: tl.constexpr, LOOKUP: tl.constexpr):
     """(R, 8*W) codes in dtype of packed words w (R, W) int32, in element order: column 8c + p is element p of
     word c (_w4_codes8's order: byte p // 2, high nibble for even p). Each join appends a dimension of 2 after
     the previous ones, so pairing positions 4 apart first, then 2, then 1 gives [r, c, p2, p1, p0] with
     p = 4*p2 + 2*p1 + p0: flattened, element order (the joined dimensions live in one thread's registers)."""
-    cs = _w4_codes8(w, tbl, code_ptr, LOOKUP)
+    cs = _w4_codes8(w, code_ptr, LOOKUP)
     j = tl.join(tl.join(tl.join(cs[0].to(dtype), cs[4].to(dtype)), tl.join(cs[2].to(dtype), cs[6].to(dtype))),
                 tl.join(tl.join(cs[1].to(dtype), cs[5].to(dtype)), tl.join(cs[3].to(dtype), cs[7].to(dtype))))
     return tl.reshape(j, (w.shape[0], 8 * w.shape[1]))
@@ -768,7 +790,6 @@ def w4_gate_up_tc_kernel(
     w = tl.load(pw, mask=mask_r[:, None], other=0)
     if DEPTH == 2:
         w2 = tl.load(pw + SUB // 8, mask=mask_r[:, None] & (SUB < H), other=0)
-    tbl = _w4_lane_table(code_ptr, w, LOOKUP)
     if DEPTH == 2:
         xt = tl.load(xp, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
     for k0 in range(0, H, SUB):
@@ -780,7 +801,7 @@ def w4_gate_up_tc_kernel(
             xt = tl.load(xp + k0, mask=mask_m[None, :], other=0.0)
         am = _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, row * (H // BLOCKSIZE) + k0 // BLOCKSIZE,
                       mask_r, NB, NB2, NESTED)  # (2BN,)
-        acc += tl.dot(_w4_codes_tile(w, tbl, code_ptr, dtype, LOOKUP), xt) * am[:, None]
+        acc += tl.dot(_w4_codes_tile(w, code_ptr, dtype, LOOKUP), xt) * am[:, None]
         if DEPTH == 2:
             xt = xn
         if DEPTH == 2:
@@ -829,7 +850,6 @@ def w4_down_tc_kernel(
     w = tl.load(pw + k_lo // 8, mask=mask_n[:, None], other=0)
     if DEPTH == 2:
         w2 = tl.load(pw + (k_lo + SUB) // 8, mask=mask_n[:, None] & (SUB < KC), other=0)
-    tbl = _w4_lane_table(code_ptr, w, LOOKUP)
     if DEPTH == 2:
         at = tl.load(ap + k_lo, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
     for kc in range(0, KC, SUB):
@@ -841,7 +861,7 @@ def w4_down_tc_kernel(
             at = tl.load(ap + k0, mask=mask_m[None, :], other=0.0)
         am = _absmax4(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e64, n * (I // BLOCKSIZE) + k0 // BLOCKSIZE,
                       mask_n, NB, NB2, NESTED)  # (BN,)
-        acc += tl.dot(_w4_codes_tile(w, tbl, code_ptr, dtype, LOOKUP), at) * am[:, None]
+        acc += tl.dot(_w4_codes_tile(w, code_ptr, dtype, LOOKUP), at) * am[:, None]
         if DEPTH == 2:
             at = an
         if DEPTH == 2:
@@ -1062,9 +1082,10 @@ def quant_kernel(T: int, half: bool) -> str:
     return "gemv" if T <= GEMV_MAX_T and force != "dot" else "dot"
 
 
-def pick_tc_config(T: int, S: int, E: int, bits: int, blocksize: int, Kd: int, N: int, proj: str) -> dict:
+def pick_tc_config(T: int, S: int, E: int, bits: int, blocksize: int, Kd: int, N: int, proj: str,
+                   arch: int = 90) -> dict:
     """Tensor-core tiles for T tokens, S = T*K sorted rows, bits 4 or 8, reduction length Kd, output width N,
-    proj "gate_up" or "down".
+    proj "gate_up" or "down", on sm_<arch>.
 
     BM (tokens per row tile, the MMA's N): the power of two >= 1.5x the mean rows per active expert (S over
     min(E, S)), at most T, within [16, 64]: an expert with more rows than BM gets another tile (its weights
@@ -1074,10 +1095,11 @@ def pick_tc_config(T: int, S: int, E: int, bits: int, blocksize: int, Kd: int, N
     need ~200 registers, one program per SM). SUB, the K step: 4-bit one absmax (sub-)block, min(BLOCKSIZE,
     64); int8 64 where Kd allows, else 32. KSPLIT (down): the smallest power of two <= 8 dividing Kd into
     whole SUB-element steps with cdiv(N, BN) * (row tiles: S // BM + min(E, S)) * KSPLIT >= TC_TARGET_PROGRAMS.
-    DEPTH, the K steps of words in flight: 2 at BM = 16 (decode: bandwidth-bound; 128 registers on sm_90,
-    the activations then prefetched by hand too), 1 above (the pipeliner stages the activations, 3 stages;
-    a second step of words costs registers, hence programs per SM, where the issue rate is the limit);
-    H3MOE_QUANT_TC_DEPTH=1|2 overrides it (read per call, for the GPU to compare)."""
+    DEPTH, the K steps of words in flight: 2 at BM = 16 on sm_90+ (decode: bandwidth-bound; 128 registers,
+    the activations then prefetched by hand too; sm_80's ptxas spills 8 B there, so 1), 1 above (the
+    pipeliner stages the activations, 3 stages; a second step of words costs registers, hence programs per
+    SM, where the issue rate is the limit); H3MOE_QUANT_TC_DEPTH=1|2 overrides it (read per call, for the
+    GPU to compare)."""
     mean = S / max(1, min(E, S))
     bm = 16
     while bm < 64 and bm < min(T, 1.5 * mean):
@@ -1089,7 +1111,7 @@ def pick_tc_config(T: int, S: int, E: int, bits: int, blocksize: int, Kd: int, N
         programs = -(-N // bn) * (S // bm + min(E, S))
         while ks < 8 and programs * ks < TC_TARGET_PROGRAMS and Kd % (2 * ks * sub) == 0:
             ks *= 2
-    depth = int(os.environ.get("H3MOE_QUANT_TC_DEPTH") or (2 if bm == 16 else 1))
+    depth = int(os.environ.get("H3MOE_QUANT_TC_DEPTH") or (2 if bm == 16 and arch >= 90 else 1))
     if depth not in (1, 2):
         raise ValueError(f"H3MOE_QUANT_TC_DEPTH: expected 1 or 2, got {depth}")
     return {"BM": bm, "BN": bn, "SUB": sub, "KSPLIT": ks, "DEPTH": depth, "num_warps": 8 if bm == 64 else 4,
@@ -1213,12 +1235,41 @@ def aot_specs() -> list[AotSpec]:
 TC_AOT_CALLS = ((2, 8), (16, 8), (64, 8), (1024, 8))
 
 
+def _tc_spec(dt, fmt, T, E, K, nested, lookup, bs, proj, cfg, archs) -> AotSpec:
+    """One tensor-core kernel spec (nested None: int8) with config cfg, for the archs that pick it."""
+    xp = "*" + dt
+    if nested is None:
+        ptrs, ints, kind = dict(_W8_ARGS), {}, "w8"
+        tiles = {"BM": cfg["BM"], "BN": cfg["BN"], "SUB": cfg["SUB"], "DEPTH": cfg["DEPTH"]}
+        fn = w8_gate_up_tc_kernel if proj == "gate_up" else w8_down_tc_kernel
+    else:
+        ptrs = {**_W4_ARGS, "absmax_ptr": "*u8" if nested else "*fp32"}
+        ints, kind = {"NB": "i32", "NB2": "i32"}, "w4"
+        tiles = {"BLOCKSIZE": bs, "NESTED": nested, "BM": cfg["BM"], "BN": cfg["BN"],
+                 "LOOKUP": W4_LOOKUP_IDS[lookup], "DEPTH": cfg["DEPTH"]}
+        fn = w4_gate_up_tc_kernel if proj == "gate_up" else w4_down_tc_kernel
+    if proj == "gate_up":
+        sig = {"x_ptr": xp, **ptrs, "out_ptr": xp, **ints}
+        ce = {**SHAPE, "EP": 8, "TOPK": K, "ACT": 0, **tiles}
+        tile = f"BM={cfg['BM']},BN={cfg['BN']},SUB={cfg['SUB']},D={cfg['DEPTH']}"
+    else:
+        sig = {"a_ptr": xp, **ptrs, "w_ptr": "*fp32", "out_ptr": "*fp32", **ints, "TK": "i32"}
+        ce = {**SHAPE, "EP": 8, **tiles, "KSPLIT": cfg["KSPLIT"]}
+        tile = f"BM={cfg['BM']},BN={cfg['BN']},SUB={cfg['SUB']},KSPLIT={cfg['KSPLIT']},D={cfg['DEPTH']}"
+    sig.update({k: "constexpr" for k in ce})
+    only = "" if len(archs) > 1 else f",sm{archs[0]}"
+    return AotSpec(
+        name=f"quant_{kind}_{proj}_tc[{dt},{fmt},T={T},E={E},{tile},w{cfg['num_warps']}{only}]", fn=fn,
+        signature=sig, constexprs=ce, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], gemm=True,
+        archs=archs, divisible=tuple(k for k in sig if k.endswith("_ptr")))
+
+
 def _tc_specs(dt: str, H: int, I: int) -> list[AotSpec]:
     """The tensor-core kernels (TC_MIN_T <= T <= TC_MAX_T) for activation dtype dt: NF4 with the
     default lookup and int8 at every TC_AOT_CALLS config; at T=16 also nested NF4, the other lookup and
-    blocksize 32 (SUB=32: a 4-word K step)."""
+    blocksize 32 (SUB=32: a 4-word K step). Where sm_80 and sm_90 pick different configs (the words' DEPTH at
+    decode tiles), one spec per arch."""
     K = 2
-    xp = "*" + dt
     specs = []
     for T, E in TC_AOT_CALLS:
         variants = [("nf4", False, W4_DEFAULT_LOOKUP["tc"], 64)]
@@ -1229,31 +1280,12 @@ def _tc_specs(dt: str, H: int, I: int) -> list[AotSpec]:
         for fmt, nested, lookup, bs in variants:
             for proj in ("gate_up", "down"):
                 Kd, N = (H, I) if proj == "gate_up" else (I, H)
-                if nested is None:
-                    cfg = pick_tc_config(T, T * K, E, 8, 0, Kd, N, proj)
-                    ptrs, ints, kind = dict(_W8_ARGS), {}, "w8"
-                    tiles = {"BM": cfg["BM"], "BN": cfg["BN"], "SUB": cfg["SUB"], "DEPTH": cfg["DEPTH"]}
-                    fn = w8_gate_up_tc_kernel if proj == "gate_up" else w8_down_tc_kernel
-                else:
-                    cfg = pick_tc_config(T, T * K, E, 4, bs, Kd, N, proj)
-                    ptrs = {**_W4_ARGS, "absmax_ptr": "*u8" if nested else "*fp32"}
-                    ints, kind = {"NB": "i32", "NB2": "i32"}, "w4"
-                    tiles = {"BLOCKSIZE": bs, "NESTED": nested, "BM": cfg["BM"], "BN": cfg["BN"],
-                             "LOOKUP": W4_LOOKUP_IDS[lookup], "DEPTH": cfg["DEPTH"]}
-                    fn = w4_gate_up_tc_kernel if proj == "gate_up" else w4_down_tc_kernel
-                if proj == "gate_up":
-                    sig = {"x_ptr": xp, **ptrs, "out_ptr": xp, **ints}
-                    ce = {**SHAPE, "EP": 8, "TOPK": K, "ACT": 0, **tiles}
-                    tile = f"BM={cfg['BM']},BN={cfg['BN']},SUB={cfg['SUB']},D={cfg['DEPTH']}"
-                else:
-                    sig = {"a_ptr": xp, **ptrs, "w_ptr": "*fp32", "out_ptr": "*fp32", **ints, "TK": "i32"}
-                    ce = {**SHAPE, "EP": 8, **tiles, "KSPLIT": cfg["KSPLIT"]}
-                    tile = f"BM={cfg['BM']},BN={cfg['BN']},SUB={cfg['SUB']},KSPLIT={cfg['KSPLIT']},D={cfg['DEPTH']}"
-                sig.update({k: "constexpr" for k in ce})
-                specs.append(AotSpec(
-                    name=f"quant_{kind}_{proj}_tc[{dt},{fmt},T={T},E={E},{tile},w{cfg['num_warps']}]", fn=fn,
-                    signature=sig, constexprs=ce, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                    gemm=True, divisible=tuple(k for k in sig if k.endswith("_ptr"))))
+                bits = 8 if nested is None else 4
+                by_arch = {a: pick_tc_config(T, T * K, E, bits, bs, Kd, N, proj, arch=a) for a in (80, 90)}
+                groups = [((80, 90), by_arch[90])] if by_arch[80] == by_arch[90] else [
+                    ((a,), by_arch[a]) for a in (80, 90)]
+                for archs, cfg in groups:
+                    specs.append(_tc_spec(dt, fmt, T, E, K, nested, lookup, bs, proj, cfg, archs))
     return specs
 
 

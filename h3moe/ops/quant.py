@@ -154,6 +154,20 @@ def _words(q: torch.Tensor) -> torch.Tensor:
     return q if q.data_ptr() % 4 == 0 else q.clone()
 
 
+_ARCH: dict = {}
+
+
+def _arch(device: torch.device) -> int:
+    """sm_<arch> of a CUDA device as 80, 90, ... (cached); 90 elsewhere (the interpreter: the Hopper configs)."""
+    if device.type != "cuda":
+        return 90
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _ARCH:
+        major, minor = torch.cuda.get_device_capability(key)
+        _ARCH[key] = 10 * major + minor
+    return _ARCH[key]
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -186,7 +200,7 @@ def _w4_gate_up_impl(
     nested = absmax2 is not None
     kind = kq.quant_kernel(T, x.dtype in _HALF)
     if kind == "tc":  # decode, 2+ tokens: tensor cores, every active expert's weights streamed once per row tile
-        cfg = kq.pick_tc_config(T, S, E, 4, blocksize, H, I, "gate_up")
+        cfg = kq.pick_tc_config(T, S, E, 4, blocksize, H, I, "gate_up", _arch(x.device))
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
         kq.w4_gate_up_tc_kernel[grid](
             x, _words(q), absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
@@ -244,7 +258,7 @@ def _w4_down_impl(
     nested = absmax2 is not None
     kind = kq.quant_kernel(T, a.dtype in _HALF)
     if S and kind == "tc":  # decode, 2+ tokens: tensor cores, split over I into KSPLIT partial sums
-        cfg = kq.pick_tc_config(T, S, E, 4, blocksize, I, H, "down")
+        cfg = kq.pick_tc_config(T, S, E, 4, blocksize, I, H, "down", _arch(a.device))
         ks = cfg["KSPLIT"]
         part = _empty(ks, TK, H, dtype=torch.float32, device=a.device)
         grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]), ks)
@@ -306,7 +320,7 @@ def _w8_gate_up_impl(
         return out
     kind = kq.quant_kernel(T, x.dtype in _HALF)
     if kind == "tc":
-        cfg = kq.pick_tc_config(T, S, E, 8, 0, H, I, "gate_up")
+        cfg = kq.pick_tc_config(T, S, E, 8, 0, H, I, "gate_up", _arch(x.device))
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
         kq.w8_gate_up_tc_kernel[grid](
             x, _words(q), scale, sorted_slots, offsets, out, E=E, EP=_pow2(E), H=H, I=I, TOPK=top_k,
@@ -353,7 +367,7 @@ def _w8_down_impl(
     TK = T * K
     kind = kq.quant_kernel(T, a.dtype in _HALF)
     if S and kind == "tc":
-        cfg = kq.pick_tc_config(T, S, E, 8, 0, I, H, "down")
+        cfg = kq.pick_tc_config(T, S, E, 8, 0, I, H, "down", _arch(a.device))
         ks = cfg["KSPLIT"]
         part = _empty(ks, TK, H, dtype=torch.float32, device=a.device)
         grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]), ks)
