@@ -31,22 +31,23 @@ so no in-register interleave is needed.
 Decode, T <= GEMV_MAX_T = 16 tokens (by default T=1, and fp32 activations up to 16): GEMV kernels
 (w4_gate_up_gemv_kernel, w4_down_gemv_kernel, w8_gate_up_gemv_kernel, w8_down_gemv_kernel; no tl.dot; shared
 memory only to broadcast the activation tile, <= 256 B). A program owns one row tile (ROWS <= 8 sorted rows of
-one expert), BN output rows and, for down, one of KSPLIT slices of I. Per chunk of
-128 columns it issues one 16-byte load per thread per tile (a row of the packed matrix is contiguous; the
-tile is laid out word-column first so the compiler keeps those 4 words in one thread) and looks up each
-nibble's fp32 code by a warp shuffle (LOOKUP "shfl": lane l holds code[l % 16] in one register; shfl.sync.idx
-reads the low 5 bits of `word >> shift`, so no mask and no address arithmetic: one SHF and one SHFL per
-weight), multiplies with the activation row(s) (loaded as one (BLOCKSIZE/8, NBLK, 8) tile, 8 bytes per thread,
-split by position within the word), reduces over the block in registers and applies the block absmax once per
-block (int8: the row scale once per row, at the end). The next chunk's words are loaded before the current one
-is computed (register double buffer). gate_up tiles carry BN gate rows and the same BN up rows and apply
-act(gate)*up in the epilogue; down writes KSPLIT fp32 partials (KSPLIT, T*K, H) that the combine kernel sums
-with the K slots in one pass (deterministic, no atomics). Numerics: fp32 codes (bit-for-bit bitsandbytes'
-table) times activations, the absmax applied to each block's fp32 sum, fp32 accumulation; the tl.dot path
-below rounds the weights (code * absmax) to the activation dtype first: both equal dequantize + reference
-within bf16/fp16 rounding. LOOKUP "load" (H3MOE_W4_LOOKUP=load, and always under the interpreter, which
-cannot run PTX) loads the code from the 16-entry fp32 table instead: same values, same order, equal outputs
-up to the compiler's instruction order (GPU test), ~55% more instructions (64-bit address math per weight).
+one expert), BN output rows and, for down, one of KSPLIT slices of I. Per chunk of 128 columns it issues one
+16-byte load per thread per tile (a row of the packed matrix is contiguous; the tile is laid out word-column
+first so the compiler keeps those 4 words in one thread) and looks up each nibble's fp32 code by a warp shuffle
+(LOOKUP "shfl": lane l holds code[l % 16] in one register, made inside each asm block from the lane's own
+%laneid (_shfl_asm: ptxas keeps one copy); shfl.sync.idx reads the low 5 bits of `word >> shift`, so no mask and
+no address arithmetic: one SHF and one SHFL per weight), multiplies with the activation row(s) (loaded as one
+(BLOCKSIZE/8, NBLK, 8) tile, 8 bytes per thread, split by position within the word), reduces over the block in
+registers and applies the block absmax once per block (int8: the row scale once per row, at the end). The next
+chunk's words are loaded before the current one is computed (register double buffer). gate_up tiles carry BN
+gate rows and the same BN up rows and apply act(gate)*up in the epilogue; down writes KSPLIT fp32 partials
+(KSPLIT, T*K, H) that the combine kernel sums with the K slots in one pass (deterministic, no atomics).
+Numerics: fp32 codes (bit-for-bit bitsandbytes' table) times activations, the absmax applied to each block's
+fp32 sum, fp32 accumulation; the tl.dot path below rounds the weights (code * absmax) to the activation dtype
+first: both equal dequantize + reference within bf16/fp16 rounding. LOOKUP "load" (H3MOE_W4_LOOKUP=load, and
+always under the interpreter, which cannot run PTX) loads the code from the 16-entry fp32 table instead: same
+values, same order, equal outputs up to the compiler's instruction order (GPU test), ~55% more instructions
+(64-bit address math per weight).
 
 Why a shuffle (compile tier, sm_90, bf16, T=1, per 1 KB chunk per warp = 32 B per thread): the first GEMV
 version looked up each packed BYTE in a 256-entry int64 table of code pairs (2 KB in global memory) — one
