@@ -14,6 +14,7 @@ bnb Linear4bit / Linear8bitLt experts, save / load). Nothing here needs bitsandb
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import NamedTuple, Optional
 
@@ -172,6 +173,20 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _w4_packed(q, absmax, absmax2, code2, offset, code, words: bool) -> tuple:
+    """The packed-weight arguments of every 4-bit kernel, after its activations: q (as 32-bit words for the
+    GEMV and tensor-core kernels), absmax, absmax2, code2, offset (absmax / code stand in when not nested: the
+    kernels never read them then), code."""
+    if absmax2 is None:
+        absmax2, code2, offset = absmax, code, code
+    return (_words(q) if words else q), absmax, absmax2, code2, offset, code
+
+
+def _w4_blocks(absmax, absmax2) -> tuple:
+    """(NB, NB2): absmax blocks per expert, nested scales per expert (0 when not nested)."""
+    return absmax.shape[1], absmax2.shape[1] if absmax2 is not None else 0
+
+
 def _tokens(weights: torch.Tensor) -> tuple[int, int]:
     """(T, K) from the routing weights passed to the down ops, (T, K) fp32."""
     if weights.dim() != 2:
@@ -198,35 +213,31 @@ def _w4_gate_up_impl(
     if S == 0:
         return out
     nested = absmax2 is not None
+    packed = functools.partial(_w4_packed, q, absmax, absmax2, code2, offset, code)
     kind = kq.quant_kernel(T, x.dtype in _HALF)
     if kind == "tc":  # decode, 2+ tokens: tensor cores, every active expert's weights streamed once per row tile
         cfg = kq.pick_tc_config(T, S, E, 4, blocksize, H, I, "gate_up", _arch(x.device))
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
         kq.w4_gate_up_tc_kernel[grid](
-            x, _words(q), absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
-            code, sorted_slots, offsets, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E,
-            EP=_pow2(E), H=H, I=I, TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation],
-            BM=cfg["BM"], BN=cfg["BN"], LOOKUP=_lookup("tc"), DEPTH=cfg["DEPTH"], num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            x, *packed(True), sorted_slots, offsets, out, *_w4_blocks(absmax, absmax2), E=E, EP=_pow2(E), H=H, I=I,
+            TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation], BM=cfg["BM"], BN=cfg["BN"],
+            LOOKUP=_lookup("tc"), DEPTH=cfg["DEPTH"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return out
     if kind == "gemv":  # decode: GEMV kernel, every active expert's weights streamed once
         cfg = kq.pick_decode_config(T, S, E, 4, blocksize, H, I, "gate_up")
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["ROWS"]))
         kq.w4_gate_up_gemv_kernel[grid](
-            x, _words(q), absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
-            code, sorted_slots, offsets, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E,
-            EP=_pow2(E), H=H, I=I, TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation],
-            ROWS=cfg["ROWS"], BN=cfg["BN"], NBLK=cfg["NBLK"],
-            LOOKUP=_lookup("gemv"), num_warps=cfg["num_warps"],
+            x, *packed(True), sorted_slots, offsets, out, *_w4_blocks(absmax, absmax2), E=E, EP=_pow2(E), H=H, I=I,
+            TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation], ROWS=cfg["ROWS"],
+            BN=cfg["BN"], NBLK=cfg["NBLK"], LOOKUP=_lookup("gemv"), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
         return out
     cfg = kq.pick_config(S, 4, blocksize, H, I)
     grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w4_gate_up_kernel[grid](
-        x, q, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code, code,
-        sorted_slots, offsets, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E, H=H, I=I,
+        x, *packed(False), sorted_slots, offsets, out, *_w4_blocks(absmax, absmax2), E=E, H=H, I=I,
         TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation],
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], DOT_PREC=_dot_prec(x.dtype),
         LOOKUP=_lookup("dot"), num_warps=cfg["num_warps"],
@@ -256,6 +267,7 @@ def _w4_down_impl(
     T, K = _tokens(weights)
     TK = T * K
     nested = absmax2 is not None
+    packed = functools.partial(_w4_packed, q, absmax, absmax2, code2, offset, code)
     kind = kq.quant_kernel(T, a.dtype in _HALF)
     if S and kind == "tc":  # decode, 2+ tokens: tensor cores, split over I into KSPLIT partial sums
         cfg = kq.pick_tc_config(T, S, E, 4, blocksize, I, H, "down", _arch(a.device))
@@ -263,8 +275,7 @@ def _w4_down_impl(
         part = _empty(ks, TK, H, dtype=torch.float32, device=a.device)
         grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]), ks)
         kq.w4_down_tc_kernel[grid](
-            a, _words(q), absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
-            code, sorted_slots, offsets, weights, part, absmax.shape[1], absmax2.shape[1] if nested else 0, TK, E=E,
+            a, *packed(True), sorted_slots, offsets, weights, part, *_w4_blocks(absmax, absmax2), TK, E=E,
             EP=_pow2(E), H=H, I=I, BLOCKSIZE=blocksize, NESTED=nested, BM=cfg["BM"], BN=cfg["BN"], KSPLIT=ks,
             LOOKUP=_lookup("tc"), DEPTH=cfg["DEPTH"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -275,11 +286,9 @@ def _w4_down_impl(
         part = _empty(ks, TK, H, dtype=torch.float32, device=a.device)
         grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["ROWS"]), ks)
         kq.w4_down_gemv_kernel[grid](
-            a, _words(q), absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
-            code, sorted_slots, offsets, weights, part, absmax.shape[1],
-            absmax2.shape[1] if nested else 0, TK, E=E, EP=_pow2(E), H=H, I=I, BLOCKSIZE=blocksize, NESTED=nested,
-            ROWS=cfg["ROWS"], BN=cfg["BN"], NBLK=cfg["NBLK"], KSPLIT=ks,
-            LOOKUP=_lookup("gemv"), num_warps=cfg["num_warps"],
+            a, *packed(True), sorted_slots, offsets, weights, part, *_w4_blocks(absmax, absmax2), TK, E=E,
+            EP=_pow2(E), H=H, I=I, BLOCKSIZE=blocksize, NESTED=nested, ROWS=cfg["ROWS"], BN=cfg["BN"],
+            NBLK=cfg["NBLK"], KSPLIT=ks, LOOKUP=_lookup("gemv"), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
         return combine(part, T, K, a.dtype)
@@ -289,8 +298,7 @@ def _w4_down_impl(
     cfg = kq.pick_config(S, 4, blocksize, I, H)
     grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w4_down_kernel[grid](
-        a, q, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code, code,
-        sorted_slots, offsets, weights, out, absmax.shape[1], absmax2.shape[1] if nested else 0, E=E, H=H, I=I,
+        a, *packed(False), sorted_slots, offsets, weights, out, *_w4_blocks(absmax, absmax2), E=E, H=H, I=I,
         BLOCKSIZE=blocksize, NESTED=nested, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
         DOT_PREC=_dot_prec(a.dtype), LOOKUP=_lookup("dot"),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
