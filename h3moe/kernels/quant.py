@@ -66,7 +66,7 @@ w4_gate_up_tc_kernel, w4_down_tc_kernel, and int8's w8_*_tc_kernel (section belo
 shuffles as the GEMV, the codes joined back into element order and fed to the tensor cores with swapped
 operands (acc = W · xᵀ: weight rows as wgmma's M=64, the expert's 16-64 rows as N), the block absmax applied
 to each K step's fp32 product. Their cost per KB of weights does not grow with the rows at decode (the
-GEMV's does, below); at prefill each 64-row tile dequantizes its weights once: ~374 instructions per KB per
+GEMV's does, below); at prefill each 64-row tile dequantizes its weights once: ~392 instructions per KB per
 64 tokens (sm_90, 8 warps), against ~1540 for the tl.dot kernels above, whose table gathers Triton stages
 through ~95 KB of shared memory.
 The tl.dot kernels above (BM=16 row tiles for S <= 64, BM=64 beyond) serve fp32 activations above
@@ -97,8 +97,8 @@ Rows: every sorted row of a GEMV tile costs ~145 more instructions per 1 KB chun
 per thread, ~80 to load, convert and split its activations): `--sass` loop column, gate_up sm_90: 306
 (ROWS=1), 450 (2), 736 (4), 1309 (8 rows used). Mixtral at T=16 puts ~4 rows on each expert: ~740 per KB,
 issue-bound near 1.3 TB/s, NF4 ~0.6 ms against bf16's measured 0.95 ms (~1.6x, short of the 2.5x target).
-Hence the tensor-core decode kernels from 2 tokens on: ~250 instructions per KB per warp whatever the rows
-(sm_90, BM=16; 281 at BM=32), an issue ceiling near 15 B/clk/SM (~3.5 TB/s on an H100); the memory pipe
+Hence the tensor-core decode kernels from 2 tokens on: ~264 instructions per KB per warp whatever the rows
+(sm_90, BM=16; 294 at BM=32), an issue ceiling near 15 B/clk/SM (~3.5 TB/s on an H100); the memory pipe
 (64 shuffles + ~25 shared / global accesses per KB) near 11.5 B/clk/SM (~2.7 TB/s), about DRAM's. The GEMV
 keeps T=1 (306 per KB, but one-warp programs, no shared-memory round trip, no barriers). The bench times the
 kernels the default does not take (h3moe:triton-tc at T=1, -gemv at 2-16 tokens, -dot above);
@@ -734,7 +734,7 @@ def w8_down_gemv_kernel(
 # one (2BN, SUB) A tile: one dot per step.
 # Numerics: code rounded to the activation dtype, times the absmax in fp32 after the block's dot (bitsandbytes
 # rounds code * absmax once): equal to dequantize + reference within a bf16 / fp16 ulp per weight.
-# Compile tier (sm_90, bf16, BM=16, BN=64, SUB=64, DEPTH=2, 4 warps): ~250 SASS instructions per 1 KB of
+# Compile tier (sm_90, bf16, BM=16, BN=64, SUB=64, DEPTH=2, 4 warps): ~264 SASS instructions per 1 KB of
 # packed weights per warp (64 SHFL + 56 SHF + 32 F2FP for the codes, ~16 FFMA for the absmax, one STS/LDSM
 # round trip of the A tile, 8 HGMMA), whatever the rows: the GEMV needs 306 (1 row), 450 (2), 736 (4), 1309 (8).
 # int8 (w8_gate_up_tc_kernel, w8_down_tc_kernel): the same tiles over int8 rows read as words (4 bytes each),
@@ -791,7 +791,6 @@ def w4_gate_up_tc_kernel(
     w = tl.load(pw, mask=mask_r[:, None], other=0)
     if DEPTH == 2:
         w2 = tl.load(pw + SUB // 8, mask=mask_r[:, None] & (SUB < H), other=0)
-    if DEPTH == 2:
         xt = tl.load(xp, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
     for k0 in range(0, H, SUB):
         # the words DEPTH steps ahead (a register ring by hand: the pipeliner stages nothing behind inline asm)
@@ -804,9 +803,7 @@ def w4_gate_up_tc_kernel(
                       mask_r, NB, NB2, NESTED)  # (2BN,)
         acc += tl.dot(_w4_codes_tile(w, code_ptr, dtype, LOOKUP), xt) * am[:, None]
         if DEPTH == 2:
-            xt = xn
-        if DEPTH == 2:
-            w, w2 = w2, wn
+            w, w2, xt = w2, wn, xn
         else:
             w = wn
     acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (2, BN, BM)), (1, 2, 0)))  # (BN, BM) each
@@ -851,7 +848,6 @@ def w4_down_tc_kernel(
     w = tl.load(pw + k_lo // 8, mask=mask_n[:, None], other=0)
     if DEPTH == 2:
         w2 = tl.load(pw + (k_lo + SUB) // 8, mask=mask_n[:, None] & (SUB < KC), other=0)
-    if DEPTH == 2:
         at = tl.load(ap + k_lo, mask=mask_m[None, :], other=0.0)  # (SUB, BM)
     for kc in range(0, KC, SUB):
         k0 = k_lo + kc
@@ -864,9 +860,7 @@ def w4_down_tc_kernel(
                       mask_n, NB, NB2, NESTED)  # (BN,)
         acc += tl.dot(_w4_codes_tile(w, code_ptr, dtype, LOOKUP), at) * am[:, None]
         if DEPTH == 2:
-            at = an
-        if DEPTH == 2:
-            w, w2 = w2, wn
+            w, w2, at = w2, wn, an
         else:
             w = wn
     slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)  # (BM,)
@@ -929,9 +923,7 @@ def w8_gate_up_tc_kernel(
             xt = tl.load(xp + k0, mask=mask_m[None, :], other=0.0)
         acc = tl.dot(_w8_codes_tile(w, dtype), xt, acc)
         if DEPTH == 2:
-            xt = xn
-        if DEPTH == 2:
-            w, w2 = w2, wn
+            w, w2, xt = w2, wn, xn
         else:
             w = wn
     sc = tl.load(scale_ptr + e64 * 2 * I + row, mask=mask_r, other=0.0) * 7.874015718698502e-3  # (2BN,)
@@ -982,9 +974,7 @@ def w8_down_tc_kernel(
             at = tl.load(ap + k0, mask=mask_m[None, :], other=0.0)
         acc = tl.dot(_w8_codes_tile(w, dtype), at, acc)
         if DEPTH == 2:
-            at = an
-        if DEPTH == 2:
-            w, w2 = w2, wn
+            w, w2, at = w2, wn, an
         else:
             w = wn
     sc = tl.load(scale_ptr + e64 * H + n, mask=mask_n, other=0.0) * 7.874015718698502e-3  # (BN,)
@@ -1054,7 +1044,7 @@ def default_w4_lookup(T: int, half: bool = True) -> str:
 
 #: The tensor-core kernels (w4_*_tc_kernel, w8_*_tc_kernel) serve fp16 / bf16 activations at
 #: TC_MIN_T <= T <= TC_MAX_T tokens (no upper bound by default). T=1 stays on the GEMV (one row per expert: 306
-#: instructions per KB against the 4-bit tensor-core kernel's ~250, int8 181 against 162, but no shared-memory
+#: instructions per KB against the 4-bit tensor-core kernel's ~264, int8 181 against 162, but no shared-memory
 #: round trip and one-warp programs; the bench's h3moe:triton-tc row at T=1 times the other kernel so a GPU
 #: decides). H3MOE_QUANT_TC_MAX_T=0 turns them off (the GEMV up to GEMV_MAX_T, then the tl.dot kernels),
 #: H3MOE_QUANT_TC_MAX_T=64 keeps them to decode, H3MOE_QUANT_TC_MIN_T=1 sends T=1 to them too.
@@ -1092,7 +1082,7 @@ def pick_tc_config(T: int, S: int, E: int, bits: int, blocksize: int, Kd: int, N
     min(E, S)), at most T, within [16, 64]: an expert with more rows than BM gets another tile (its weights
     read again: prefill dequantizes each weight once per 64 rows). BN weight rows per program: gate_up BN = 64
     gate + 64 up rows (a 128-row A tile), down BN = 128 rows. 4 warps (one warp group) up to BM = 32, 8 at
-    BM = 64 (two warp groups: 124-127 registers, ~374 instructions per KB per warp on sm_90; BM=128 would
+    BM = 64 (two warp groups: 124-127 registers, ~392 instructions per KB per warp on sm_90; BM=128 would
     need ~200 registers, one program per SM). SUB, the K step: 4-bit one absmax (sub-)block, min(BLOCKSIZE,
     64); int8 64 where Kd allows, else 32. KSPLIT (down): the smallest power of two <= 8 dividing Kd into
     whole SUB-element steps with cdiv(N, BN) * (row tiles: S // BM + min(E, S)) * KSPLIT >= TC_TARGET_PROGRAMS.

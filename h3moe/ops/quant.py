@@ -215,7 +215,7 @@ def _w4_gate_up_impl(
     nested = absmax2 is not None
     packed = functools.partial(_w4_packed, q, absmax, absmax2, code2, offset, code)
     kind = kq.quant_kernel(T, x.dtype in _HALF)
-    if kind == "tc":  # decode, 2+ tokens: tensor cores, every active expert's weights streamed once per row tile
+    if kind == "tc":  # 2+ tokens: tensor cores, every active expert's weights streamed once per row tile
         cfg = kq.pick_tc_config(T, S, E, 4, blocksize, H, I, "gate_up", _arch(x.device))
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
         kq.w4_gate_up_tc_kernel[grid](
@@ -269,7 +269,7 @@ def _w4_down_impl(
     nested = absmax2 is not None
     packed = functools.partial(_w4_packed, q, absmax, absmax2, code2, offset, code)
     kind = kq.quant_kernel(T, a.dtype in _HALF)
-    if S and kind == "tc":  # decode, 2+ tokens: tensor cores, split over I into KSPLIT partial sums
+    if S and kind == "tc":  # 2+ tokens: tensor cores, split over I into KSPLIT partial sums (decode)
         cfg = kq.pick_tc_config(T, S, E, 4, blocksize, I, H, "down", _arch(a.device))
         ks = cfg["KSPLIT"]
         part = _empty(ks, TK, H, dtype=torch.float32, device=a.device)
