@@ -364,18 +364,21 @@ def test_pick_decode_config():
 
 @pytest.mark.interpreter
 @needs_triton
-def test_gemv_reads_a_misaligned_packed_view():
-    """The 4-bit GEMV kernels read the packed bytes as 32-bit words: a qweight view that starts off a 4-byte
-    boundary (a slice of a larger buffer) is copied first, and the result is the aligned one's."""
+@pytest.mark.parametrize("quant_type,T,dtype", [("nf4", 1, torch.float32), ("nf4", 3, torch.float16),
+                                             ("int8", 3, torch.float16)])
+def test_word_kernels_read_a_misaligned_packed_view(quant_type, T, dtype):
+    """The GEMV (T=1) and tensor-core (T=3, fp16; 4-bit and int8) kernels read the packed bytes as 32-bit
+    words: a qweight view that starts off a 4-byte boundary (a slice of a larger buffer) is copied first, and
+    the result is the aligned one's."""
     if HAS_CUDA:
         pytest.skip("the GPU tier covers the kernels")
-    E, H, I, T, K = 3, 64, 64, 1, 2
-    gu, dn = _quantized(E, H, I, "nf4", 64)
-    x = torch.randn(T, H)
+    E, H, I, K = 3, 64, 64, 2
+    gu, dn = _quantized(E, H, I, quant_type, 64, dtype=dtype)
+    x = torch.randn(T, H).to(dtype)
     r = route(torch.randn(T, E), K)
     want = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
     q = gu.packed.qweight
-    buf = torch.empty(q.numel() + 1, dtype=torch.uint8)
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype)
     view = buf[1:].view(q.shape)
     view.copy_(q)
     assert view.data_ptr() % 4 and oq._words(view).data_ptr() % 4 == 0
