@@ -129,6 +129,7 @@ def plan(mode: str, dtype: torch.dtype, *, cases=None, models=None, tokens=None)
                 ("fwd", (128, 1024, 16384)),  # the rest of the forward curve
                 ("route", (16, 4096, 16384)),
                 ("layer", (16, 4096)),
+                ("nf4", (128,)),  # quantized prefill: the tensor-core kernels against the tl.dot ones
                 ("gating", (4096, 16384)),
                 ("fwdbwd", (1024, 16384)),
             ]

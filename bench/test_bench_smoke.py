@@ -77,6 +77,7 @@ def test_quick_plan_puts_targets_first_and_skips_eager_at_16384():
     assert {c.case for c in p} == set(C.CASES)
     big = [c for c in p if c.T == 16384 and c.case in ("fwd", "fwdbwd") and c.model.name == "mixtral"]
     assert big and all("hf:eager" in dict(c.skip) for c in big)
+    assert {c.T for c in p if c.case == "nf4"} == {1, 16, 128}  # decode, and prefill's kernel families
     full = C.plan("full", torch.bfloat16)
     assert {c.T for c in full} == set(C.TOKENS) and not any(c.skip for c in full)
 
