@@ -91,6 +91,25 @@ def test_no_spills(rows):
     assert not bad, "\n".join(bad)
 
 
+def test_inline_asm_keeps_lane_state_in_its_block(rows):
+    """A lane-dependent value made in one inline-asm op and used in another can be moved between lanes by
+    Triton's layout conversions (it happened: the shuffle lookup's table in the tensor-core quantized kernels);
+    every asm block that needs its lane id makes and uses it itself (aot.lane_asm_problem)."""
+    bad = [f"{r['kernel']} sm_{r['arch']}: {r['lane_asm']}" for r in rows if r.get("lane_asm")]
+    assert not bad, "\n".join(bad)
+    assert any("lane_asm" in r for r in rows)
+
+
+def test_lane_asm_problem_reads_both_hazards():
+    ok = 'x = tt.elementwise_inline_asm "{\\0Amov.u32 l, %laneid;\\0Ashfl.sync.idx.b32 $0, t, $8, 0x1f;\\0A}" {}'
+    assert aot.lane_asm_problem(ok) is None
+    split = ('a = tt.elementwise_inline_asm "mov.u32 $0, %laneid;" {}\n'
+             'b = tt.elementwise_inline_asm "shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;" {}')
+    assert "lane id leaves" in aot.lane_asm_problem(split)
+    assert "from outside" in aot.lane_asm_problem(split.splitlines()[1])
+    assert aot.lane_asm_problem("no asm here") is None
+
+
 def test_registers_fit(rows):
     bad = [f"{r['kernel']} sm_{r['arch']}: {r['reg']} registers" for r in rows if "error" not in r and not 0 < r["reg"] <= 255]
     assert not bad, "\n".join(bad)

@@ -152,6 +152,22 @@ def _main_loop(text: str, op_re) -> int:
     return sum(1 for line in lines[best[0]:best[1] + 1] if op_re.search(line)) if best[1] else 0
 
 
+def lane_asm_problem(ttgir: str) -> str | None:
+    """Why the kernel's inline assembly may read another lane's state (None when it cannot): an asm block that
+    reads %laneid without using it itself (its result, a lane-dependent value, is a tensor to Triton, whose
+    layout conversions move elements between lanes), or a warp shuffle fed by a value made outside its block
+    (kernels/quant.py: _shfl_asm makes the shuffle's table inside the block, from its own %laneid)."""
+    import re
+
+    asms = re.findall(r'elementwise_inline_asm "((?:[^"\\]|\\.)*)"', ttgir)
+    for a in asms:
+        if "%laneid" in a and "shfl.sync" not in a:
+            return f"a lane id leaves its asm block: {a[:80]!r}"
+        if "shfl.sync" in a and "%laneid" not in a:
+            return f"a shuffle's table comes from outside its asm block: {a[:80]!r}"
+    return None
+
+
 def compile_spec(spec: AotSpec, arch: int, sass: bool = False) -> dict:
     """Compile one spec for sm_<arch> with no GPU; return its static report (or the error)."""
     import time
@@ -180,6 +196,7 @@ def compile_spec(spec: AotSpec, arch: int, sass: bool = False) -> dict:
     row["shared"] = int(getattr(k.metadata, "shared", 0) or 0)  # bytes Triton requests at launch
     row["wgmma"] = "wgmma" in ptx
     row["mma"] = "mma.sync" in ptx
+    row["lane_asm"] = lane_asm_problem(k.asm["ttgir"])
     if sass:
         row["sass"] = sass_histogram(k.asm["cubin"])
     return row
