@@ -634,15 +634,20 @@ def w4_down_gemv_kernel(
 
 
 @triton.jit
-def _w8_chunk(q_e, n, mask_n, k0, Kd: tl.constexpr, BK: tl.constexpr):
-    """(BN, BK) fp32 int8 values of rows n, columns [k0, k0 + BK). Converted without I2F (a quarter-rate
+def _i8_biased(v):
+    """fp32 2^23 + 128 + b for the signed byte b in the low 8 bits of v (int32), without I2F (a quarter-rate
     instruction on sm_80/sm_90: one per weight would cap the GEMV near 16 B/clk/SM, ~3.7 TB/s on an H100,
-    below an H200's bandwidth): the byte b, offset to b + 128 by flipping its top bit, is the low mantissa of
-    2^23 + b + 128 (exponent bits 0x4B), and subtracting 2^23 + 128 leaves b exactly (one LOP3, one FADD)."""
+    below an H200's bandwidth): b offset to b + 128 by flipping its top bit is the low mantissa of
+    2^23 + b + 128 (exponent bits 0x4B): one LOP3; subtracting 8388736.0 (one FADD) leaves b exactly."""
+    return ((v & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True)  # 0x4B000000 | (b + 128)
+
+
+@triton.jit
+def _w8_chunk(q_e, n, mask_n, k0, Kd: tl.constexpr, BK: tl.constexpr):
+    """(BN, BK) fp32 int8 values of rows n, columns [k0, k0 + BK) (_i8_biased, less the bias)."""
     kk = tl.arange(0, BK)
     b = tl.load(q_e + n.to(tl.int64)[:, None] * Kd + k0 + kk[None, :], mask=mask_n[:, None], other=0)
-    bits = (b.to(tl.int32) & 0xFF) ^ 0x4B000080  # 0x4B000000 | (b + 128)
-    return bits.to(tl.float32, bitcast=True) - 8388736.0
+    return _i8_biased(b.to(tl.int32)) - 8388736.0
 
 
 @triton.jit
@@ -739,7 +744,7 @@ def w8_down_gemv_kernel(
 # round trip of the A tile, 8 HGMMA), whatever the rows: the GEMV needs 306 (1 row), 450 (2), 736 (4), 1309 (8).
 # int8 (w8_gate_up_tc_kernel, w8_down_tc_kernel): the same tiles over int8 rows read as words (4 bytes each),
 # each byte to fp32 without I2F (_w8_chunk's trick), exact in fp16 / bf16, the row scale in the epilogue (the
-# dots chain in the accumulator): ~162 instructions per KB per warp (GEMV: 181 at 1 row, 253 at 2, 398 at 4,
+# dots chain in the accumulator): ~165 instructions per KB per warp (GEMV: 181 at 1 row, 253 at 2, 398 at 4,
 # 687 at 8).
 
 @triton.jit
@@ -872,13 +877,9 @@ def w4_down_tc_kernel(
 @triton.jit
 def _w8_codes_tile(w, dtype: tl.constexpr):
     """(R, 4*W) int8 values in dtype (exact: |q| <= 128) of words w (R, W) int32 (byte i of word c = element
-    4c + i), in element order: each byte to fp32 without I2F (_w8_chunk's trick), joined positions 2 apart
-    first, then 1 ([r, c, p1, p0], p = 2*p1 + p0)."""
-    wf = w ^ -2139062144  # 0x80808080: every byte b to b + 128 (unsigned)
-    v0 = ((wf & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
-    v1 = (((wf >> 8) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
-    v2 = (((wf >> 16) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
-    v3 = (((wf >> 24) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
+    4c + i), in element order: each byte to fp32 without I2F (_i8_biased), joined positions 2 apart first,
+    then 1 ([r, c, p1, p0], p = 2*p1 + p0), the bias taken off once after the join."""
+    v0, v1, v2, v3 = _i8_biased(w), _i8_biased(w >> 8), _i8_biased(w >> 16), _i8_biased(w >> 24)
     j = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), (w.shape[0], 4 * w.shape[1]))
     return (j - 8388736.0).to(dtype)
 
@@ -1044,7 +1045,7 @@ def default_w4_lookup(T: int, half: bool = True) -> str:
 
 #: The tensor-core kernels (w4_*_tc_kernel, w8_*_tc_kernel) serve fp16 / bf16 activations at
 #: TC_MIN_T <= T <= TC_MAX_T tokens (no upper bound by default). T=1 stays on the GEMV (one row per expert: 306
-#: instructions per KB against the 4-bit tensor-core kernel's ~264, int8 181 against 162, but no shared-memory
+#: instructions per KB against the 4-bit tensor-core kernel's ~264, int8 181 against 165, but no shared-memory
 #: round trip and one-warp programs; the bench's h3moe:triton-tc row at T=1 times the other kernel so a GPU
 #: decides). H3MOE_QUANT_TC_MAX_T=0 turns them off (the GEMV up to GEMV_MAX_T, then the tl.dot kernels),
 #: H3MOE_QUANT_TC_MAX_T=64 keeps them to decode, H3MOE_QUANT_TC_MIN_T=1 sends T=1 to them too.

@@ -24,6 +24,7 @@ from .. import _backend, _validate
 from ..reference import ACTIVATIONS
 from .combine import combine
 from .routing import Routing, as_routing
+from .triton_experts import _arch  # compute capability as 80, 90, ... (cached); 90 off the GPU
 
 __all__ = ["Packed", "quant_moe", "dequantize", "dequantize_absmax"]
 
@@ -153,20 +154,6 @@ def _words(q: torch.Tensor) -> torch.Tensor:
     """The packed bytes as the word-reading kernels read them (4-bit GEMV, tensor-core decode), 32-bit words: a
     copy when a view starts off a 4-byte boundary (a slice of a larger buffer), else q itself."""
     return q if q.data_ptr() % 4 == 0 else q.clone()
-
-
-_ARCH: dict = {}
-
-
-def _arch(device: torch.device) -> int:
-    """sm_<arch> of a CUDA device as 80, 90, ... (cached); 90 elsewhere (the interpreter: the Hopper configs)."""
-    if device.type != "cuda":
-        return 90
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _ARCH:
-        major, minor = torch.cuda.get_device_capability(key)
-        _ARCH[key] = 10 * major + minor
-    return _ARCH[key]
 
 
 def _pow2(n: int) -> int:
