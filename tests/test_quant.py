@@ -779,6 +779,10 @@ def test_gpu_tc_decode_equals_gemv_and_dot(monkeypatch, quant_type, dtype, T, E,
         assert not torch.isnan(y).any()
         err = (y.float() - want).abs().max()
         assert err <= 2 * eager_err + 1e-3 * want.abs().max(), (err, eager_err)
+    # and against h3moe/reference.py itself, on the same dequantized (dtype-rounded) weights, in fp32
+    ref_y = ref.experts_ref(x.float(), gu.dequantize(dtype=dtype).float(), dn.dequantize(dtype=dtype).float(),
+                            r.weights.float(), r.ids)
+    assert (y_tc.float() - ref_y).abs().max() <= 2 * eager_err + 1e-3 * ref_y.abs().max()
 
 
 @pytest.mark.gpu
