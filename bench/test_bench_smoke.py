@@ -219,6 +219,32 @@ def test_graph_rows_equal_eager_rows():
                     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lowp_combine_row():
+    """fwd from LOWP_MIN_T tokens on (K > 1) adds h3moe:triton-lowp: the slot rows in bf16 before their sum,
+    within bf16 rounding of the default fp32 combine, and the variable set back afterwards."""
+    import os
+
+    from bench.driver import flatten
+    from bench.impls import LOWP_MIN_T, implementations
+
+    dev = torch.device("cuda")
+    c = C.Case("fwd", C.MODELS["olmoe"], LOWP_MIN_T, torch.bfloat16)
+    impls, skipped = implementations(c, dev)
+    by = {i.name: i for i in impls}
+    assert "h3moe:triton-lowp" in by, skipped
+    s = C.input_sets(c, dev, C.make_weights(c.model, c.dtype, dev, seed=5))[0]
+    before = os.environ.get("H3MOE_COMBINE")
+    (lowp,) = flatten("fwd", by["h3moe:triton-lowp"].run(s))
+    assert os.environ.get("H3MOE_COMBINE") == before
+    (fp32,) = flatten("fwd", by["h3moe:triton"].run(s))
+    assert not torch.equal(lowp, fp32)  # the rounding of 8 slot rows shows somewhere
+    torch.testing.assert_close(lowp.float(), fp32.float(), rtol=2e-2, atol=2e-2 * fp32.float().abs().max().item())
+    c1 = C.Case("fwd", C.MODELS["olmoe"], LOWP_MIN_T // 2, torch.bfloat16)
+    assert "h3moe:triton-lowp" not in {i.name for i in implementations(c1, dev)[0]}
+
+
 def test_compare_two_results(tmp_path, capsys):
     """python -m bench --compare OLD NEW: targets old → new (a target newly met is flagged), and the h3moe
     rows that moved, on two files differing in one row."""
