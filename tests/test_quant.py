@@ -381,8 +381,43 @@ def test_word_kernels_read_a_misaligned_packed_view(quant_type, T, dtype):
     buf = torch.empty(q.numel() + 1, dtype=q.dtype)
     view = buf[1:].view(q.shape)
     view.copy_(q)
-    assert view.data_ptr() % 4 and oq._words(view).data_ptr() % 4 == 0
+    oq._WARNED.clear()
+    with pytest.warns(UserWarning, match="4-byte boundary"):
+        assert view.data_ptr() % 4 and oq._words(view).data_ptr() % 4 == 0
     got = oq.quant_moe(x, gu.packed._replace(qweight=view), dn.packed, r, backend="triton")
+    assert torch.equal(got, want)
+
+
+@pytest.mark.interpreter
+@needs_triton
+@pytest.mark.parametrize("quant_type,T,dtype", [("nf4", 1, torch.float32), ("nf4", 3, torch.float16),
+                                             ("nf4", 40, torch.float32), ("int8", 3, torch.float16)])
+def test_kernels_read_strided_packed_tensors(quant_type, T, dtype):
+    """Packed tensors that are strided views (rows of a wider buffer; the kernels compute their own offsets and
+    would read the wrong bytes) give the contiguous result: qweight copied with one warning, absmax quietly.
+    GEMV (T=1), tensor cores (T=3, fp16) and tl.dot (T=40, fp32)."""
+    if HAS_CUDA:
+        pytest.skip("the GPU tier covers the kernels")
+    E, H, I, K = 3, 64, 64, 2
+    gu, dn = _quantized(E, H, I, quant_type, 64, dtype=dtype)
+    x = torch.randn(T, H).to(dtype)
+    r = route(torch.randn(T, E), K)
+    want = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
+
+    def strided(t):  # the same values as the leading columns of a wider, NaN/garbage-filled buffer
+        wide = torch.full((t.shape[0], t.shape[1] + 8), 7, dtype=t.dtype) if not t.is_floating_point() else \
+            torch.full((t.shape[0], t.shape[1] + 8), float("nan"), dtype=t.dtype)
+        view = wide[:, : t.shape[1]]
+        view.copy_(t)
+        assert not view.is_contiguous()
+        return view
+
+    p = dn.packed
+    q = p.qweight.reshape(E, -1) if p.qweight.dim() > 2 else p.qweight
+    q = strided(q).view(p.qweight.shape) if p.qweight.dim() == 2 else strided(q).unflatten(1, p.qweight.shape[1:])
+    oq._WARNED.clear()
+    with pytest.warns(UserWarning, match="not contiguous"):
+        got = oq.quant_moe(x, gu.packed, p._replace(qweight=q, absmax=strided(p.absmax)), r, backend="triton")
     assert torch.equal(got, want)
 
 
@@ -635,7 +670,7 @@ from triton.backends.compiler import GPUTarget
 from h3moe.kernels.aot import lane_asm_problem, resource_usage
 from h3moe.kernels.quant import aot_specs
 specs = aot_specs()
-assert len({s.name for s in specs}) == len(specs) == 160
+assert len({s.name for s in specs}) == len(specs) == 204
 def build(prefix, max_shared=2048):
     s = next(s for s in specs if s.name.startswith(prefix))
     attrs = {(s.fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in s.divisible}

@@ -449,6 +449,81 @@ def test_regimes_and_configs():
     assert te._m_slots(100, 4, 16) == 11
 
 
+def test_expert_too_large_for_int32_offsets_is_refused():
+    """Offsets inside one expert's weights are int32 in the kernels: 2*I*H >= 2**31 is refused on the host
+    (meta tensors: nothing is allocated)."""
+    H, I, E, T, K = 65536, 16384, 2, 1, 1
+    x = torch.empty(T, H, device="meta", dtype=torch.bfloat16)
+    wgu = torch.empty(E, 2 * I, H, device="meta", dtype=torch.bfloat16)
+    wd = torch.empty(E, H, I, device="meta", dtype=torch.bfloat16)
+    r = Routing(torch.ones(T, K, device="meta"), torch.zeros(T, K, dtype=torch.long, device="meta"),
+                torch.empty(E, dtype=torch.int32, device="meta"), torch.empty(E + 1, dtype=torch.int32, device="meta"),
+                torch.empty(T * K, dtype=torch.int32, device="meta"))
+    with pytest.raises(NotImplementedError, match="2\\*I\\*H"):
+        te.moe(x, wgu, wd, r)
+
+
+def test_config_beyond_the_gpu_falls_through_to_one_that_loads(monkeypatch):
+    """A pinned config that does not load on this GPU (Triton raises OutOfResources on the host, e.g. the 110 KB
+    decode tile on a ~100 KB sm_89 card) runs the next candidate instead, remembered per key and said once;
+    other errors, and a key where nothing loads, raise."""
+    from h3moe.kernels import experts as k
+
+    class OutOfResources(Exception):  # what triton.runtime.errors raises, matched by name
+        pass
+
+    monkeypatch.setattr(te, "_FITS", {})
+    dev = torch.device("cpu")
+    S, H, I, E, K = 16, 256, 128, 8, 2  # decode regime: 3 gate_up candidates
+    cands = k.candidate_configs("gate_up", S, E, K, False, 90)
+    big = cands[0]
+    tried = []
+
+    def run(cfg):
+        tried.append(cfg)
+        if cfg == big:
+            raise OutOfResources(f"out of resource: shared memory, Required: {cfg.BM * 6912}, Hardware limit: 101376")
+
+    with pytest.warns(UserWarning, match="does not fit this GPU"):
+        te._launch("gate_up", S, H, I, E, K, torch.bfloat16, dev, run)
+    assert tried == [big, cands[1]]
+    tried.clear()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        te._launch("gate_up", S, H, I, E, K, torch.bfloat16, dev, run)  # remembered: no retry, no warning
+    assert tried == [cands[1]]
+
+    # beyond the regime's candidates: the role's other tiles, largest staged tiles first (a "large"-regime
+    # launch on a ~100 KB card, where every large tile is too big, lands on a smaller tile)
+    S_large = 8192
+    large = set(k.candidate_configs("dx", S_large, E, K, False, 89))
+    tried.clear()
+
+    def only_small(cfg):
+        tried.append(cfg)
+        if cfg in large:
+            raise OutOfResources("out of resource: shared memory")
+
+    monkeypatch.setattr(te, "_arch", lambda device: 89)
+    with pytest.warns(UserWarning, match="does not fit this GPU"):
+        te._launch("dx", S_large, H, I, E, K, torch.bfloat16, dev, only_small)
+    assert tried[-1] not in large and not tried[-1].hopper_only and len(tried) == len(large) + 1
+
+    def nothing_loads(cfg):
+        raise OutOfResources("out of resource: shared memory")
+
+    with pytest.raises(OutOfResources):
+        te._launch("down", S, H, I, E, K, torch.bfloat16, dev, nothing_loads)
+
+    def broken(cfg):
+        raise RuntimeError("an unrelated failure")
+
+    with pytest.raises(RuntimeError, match="unrelated"):
+        te._launch("dx", S, H, I, E, K, torch.bfloat16, dev, broken)
+
+
 # ---------------------------------------------------------------------------------------------------
 # GPU tier
 # ---------------------------------------------------------------------------------------------------
@@ -528,15 +603,30 @@ def test_gpu_lowp_combine(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_poisoned_outputs():
+@pytest.mark.parametrize("T,H,I,E,K,empty", [
+    (300, 512, 384, 8, 2, False),  # "large" tiles
+    (16, 2048, 1024, 64, 8, False),  # decode tiles (BM=16), many tile slots past the last tile
+    (40, 512, 384, 8, 2, True),  # "small" tiles, experts 0 and 5 get no row: their weight gradients are zeros
+])
+def test_gpu_poisoned_outputs(T, H, I, E, K, empty):
     """Every element of every output buffer is written: fill the caching allocator's blocks with NaN first."""
-    T, H, I, E, K = 300, 512, 384, 8, 2
     for _ in range(3):
         junk = torch.full((64 << 20,), float("nan"), device="cuda")
         del junk
-        x, wgu, wd, logits, ids, dy, outs = _gpu_case(T, H, I, E, K, torch.bfloat16)
+        torch.manual_seed(T)
+        x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32, "cuda")
+        if empty:
+            logits[:, [0, 5]] = -1e4
+        ids = torch.topk(logits, K, -1).indices
+        dy = torch.randn(T, H, device="cuda")
+        outs = _run(te.moe, x, wgu, wd, logits, ids, "silu", dy, torch.bfloat16)
         for o in outs:
             assert torch.isfinite(o).all()
+        if empty:  # outs: y, dx, d w_gate_up, d w_down, ... (as _run returns them)
+            assert not bool((ids == 0).any() or (ids == 5).any())
+            for o in outs:
+                if o.dim() == 3 and o.shape[0] == E:
+                    assert not o[[0, 5]].any() and o[1].abs().sum() > 0
 
 
 @pytest.mark.gpu

@@ -23,7 +23,8 @@ __all__ = ["combine_kernel", "BLOCK_H", "aot_specs"]
 BLOCK_H = 1024
 
 
-@triton.jit
+# batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
+@triton.jit(do_not_specialize=["TK"])
 def combine_kernel(
     buf_ptr,  # (R, T*K, H) fp32 / fp16 / bf16 rows in slot order (flat slot t*K + k)
     y_ptr,  # (T, H) out, any float dtype

@@ -640,6 +640,9 @@ def aot_specs() -> list:
                     const = dict(ACT=0, BWD=bwd, SAVE_H=not bwd, RECOMPUTE=role == "bwd_act", **tile, BLOCK_E=8,
                                  EVEN_K=True, PREC=prec, UPCAST=False, INTERP=False)
                     specs.append(_spec(name, _gate_up_kernel, sig, const, cfg))
+                    if not bwd:  # and as inference runs it (no h stored), with a many-expert schedule (E=128)
+                        specs.append(_spec(f"experts_{role}_infer[{dt},{cfg!r}]", _gate_up_kernel, sig,
+                                           {**const, "SAVE_H": False, "BLOCK_E": 128}, cfg))
                 elif role in ("down", "dx"):
                     dx = role == "dx"
                     sig = {"a_ptr": p, "w_ptr": p, "slots_ptr": "*i32", "offsets_ptr": "*i32", "rw_ptr": "*fp32",

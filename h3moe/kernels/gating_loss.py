@@ -36,7 +36,8 @@ def rows_for(e_pad: int) -> int:
     return max(16, min(512, TILE_ELEMS // e_pad))
 
 
-@triton.jit
+# batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
+@triton.jit(do_not_specialize=["S", "rows_per_split"])
 def pbar_fwd_kernel(
     logits_ptr,  # (B*S, E) any float dtype, row stride stride_l, unit column stride
     mask_ptr,  # (B, S) any int / float dtype (bool as uint8) contiguous; unused without HAS_MASK
@@ -83,7 +84,8 @@ def pbar_fwd_kernel(
     tl.store(partial_ptr + (b * split + j) * E_PAD + cols, tot)
 
 
-@triton.jit
+# batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
+@triton.jit(do_not_specialize=["T", "S"])
 def pbar_bwd_kernel(
     logits_ptr,  # (B*S, E) any float dtype, row stride stride_l
     mask_ptr,  # (B, S) any int / float dtype (bool as uint8) contiguous; unused without HAS_MASK

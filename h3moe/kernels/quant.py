@@ -67,8 +67,8 @@ shuffles as the GEMV, the codes joined back into element order and fed to the te
 operands (acc = W · xᵀ: weight rows as wgmma's M=64, the expert's 16-64 rows as N), the block absmax applied
 to each K step's fp32 product. Their cost per KB of weights does not grow with the rows at decode (the
 GEMV's does, below); at prefill each 64-row tile dequantizes its weights once: ~392 instructions per KB per
-64 tokens (sm_90, 8 warps), against ~1540 for the tl.dot kernels above, whose table gathers Triton stages
-through ~95 KB of shared memory.
+64 tokens (sm_90, 8 warps), against ~1000 for the tl.dot kernels above, whose table gathers Triton stages
+through ~66 KB of shared memory (sm_90, BM=64, compiled with the run-time 16-byte pointer alignment).
 The tl.dot kernels above (BM=16 row tiles for S <= 64, BM=64 beyond) serve fp32 activations above
 GEMV_MAX_T and H3MOE_QUANT_KERNEL=dot (they were the 4-bit path at every T > 16 before the tensor-core
 kernels; the bench's h3moe:triton-dot rows keep timing them). Their default lookup is the table load; with
@@ -112,7 +112,6 @@ pipe busy (nsight: MIO throttle), the next lever takes the lookups off the memor
 registers and picked with PRMT byte permutes, 4 nibbles at a time (~3 integer instructions per nibble, codes
 rounded to fp16). A byte-pair table in shared memory would not help: 32 random 8-byte lookups into 2 KB
 conflict ~3-4 ways per half warp.
-into 2 KB conflict ~3-4 ways per half warp.
 """
 from __future__ import annotations
 
@@ -589,7 +588,8 @@ def w4_gate_up_gemv_kernel(
     _store_act(out_ptr, acc_g, acc_u, rows_m, rows_m < end, n, mask_n, I, ACT)
 
 
-@triton.jit
+# batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
+@triton.jit(do_not_specialize=["TK"])
 def w4_down_gemv_kernel(
     a_ptr,  # (S, I) fp16/bf16/fp32 sorted rows
     q_ptr,  # (E, H*I/2) uint8 packed down
@@ -691,7 +691,8 @@ def w8_gate_up_gemv_kernel(
                rows_m, rows_m < end, n, mask_n, I, ACT)
 
 
-@triton.jit
+# batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
+@triton.jit(do_not_specialize=["TK"])
 def w8_down_gemv_kernel(
     a_ptr,  # (S, I) fp16/bf16/fp32 sorted rows
     q_ptr,  # (E, H, I) int8
@@ -817,7 +818,8 @@ def w4_gate_up_tc_kernel(
     tl.store(op, a.to(out_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_n[:, None])
 
 
-@triton.jit
+# batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
+@triton.jit(do_not_specialize=["TK"])
 def w4_down_tc_kernel(
     a_ptr,  # (S, I) fp16/bf16 sorted rows
     q_ptr,  # (E, H*I/2) uint8 packed down (4-byte aligned)
@@ -935,7 +937,8 @@ def w8_gate_up_tc_kernel(
     tl.store(op, a.to(out_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_n[:, None])
 
 
-@triton.jit
+# batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
+@triton.jit(do_not_specialize=["TK"])
 def w8_down_tc_kernel(
     a_ptr,  # (S, I) fp16/bf16 sorted rows
     q_ptr,  # (E, H, I) int8 (4-byte aligned)
@@ -995,16 +998,18 @@ def w8_down_tc_kernel(
 # weight tile (wgmma on sm_90). 8 warps: with 4, the dequantized tiles spill (cuobjdump STACK > 0 on sm_80 and
 # sm_90). BK: 64 elements (32 packed bytes per row = one 32 B sector) for 4-bit, bounded by BLOCKSIZE; int8
 # tiles are twice the bytes: BK=128 spills, BK=64 spills at BM=64 on sm_80, so 64 (decode) / 32 (prefill).
+# fp32 activations (DOT_PREC "ieee": FMA, not tensor cores, each thread holds its rows' whole BK slice of the
+# operands): 4-bit BK=32, where BK=64 spilled 170-400 bytes at BM=64 (sm_80 and sm_90, both lookups).
 
 DECODE_MAX_ROWS = 64
 
 
-def pick_config(S: int, bits: int, blocksize: int, Kd: int, N: int) -> dict:
+def pick_config(S: int, bits: int, blocksize: int, Kd: int, N: int, fp32: bool = False) -> dict:
     """Tile sizes for S sorted rows, reduction length Kd (H for gate_up, I for down) and output width N
-    (I for gate_up, H for down)."""
+    (I for gate_up, H for down); fp32: fp32 activations."""
     decode = S <= DECODE_MAX_ROWS
     if bits == 4:
-        bk = min(64, blocksize)
+        bk = min(32 if fp32 else 64, blocksize)
     else:
         bk = 64 if decode and Kd % 64 == 0 else 32
     if decode:
@@ -1179,8 +1184,10 @@ def aot_specs() -> list[AotSpec]:
     """Every kernel × activation dtype × weight format × config the launchers pick (ops/quant.py) at SHAPE."""
     H, I = SHAPE["H"], SHAPE["I"]
     specs = []
-    for dt in ("bf16", "fp16"):
+    for dt in ("bf16", "fp16", "fp32"):
         xp = "*" + dt
+        fp32 = dt == "fp32"
+        prec = "ieee" if fp32 else "tf32"
         for phase, S in (("decode", 16), ("prefill", 1024)):
             gemm = phase == "prefill"  # BM=16 decode tiles are below wgmma's M=64: mma.sync on sm_90 too
             # 4-bit: NF4 and FP4 share one kernel (the table is an argument); nested absmax is a constexpr;
@@ -1188,7 +1195,7 @@ def aot_specs() -> list[AotSpec]:
             for fmt, nested, lookup in _w4_variants("dot"):
                 ptrs = {**_W4_ARGS, "absmax_ptr": "*u8" if nested else "*fp32"}
                 for proj, fn, Kd, N in (("gate_up", w4_gate_up_kernel, H, I), ("down", w4_down_kernel, I, H)):
-                    cfg = pick_config(S, 4, 64, Kd, N)
+                    cfg = pick_config(S, 4, 64, Kd, N, fp32)
                     if proj == "gate_up":
                         sig = {"x_ptr": xp, **ptrs, "out_ptr": xp}
                         extra = {"TOPK": 2, "ACT": 0}
@@ -1197,28 +1204,30 @@ def aot_specs() -> list[AotSpec]:
                         extra = {}
                     sig.update({"NB": "i32", "NB2": "i32"})
                     ce = {**SHAPE, **extra, "BLOCKSIZE": 64, "NESTED": nested, "BM": cfg["BM"], "BN": cfg["BN"],
-                          "BK": cfg["BK"], "DOT_PREC": "tf32", "LOOKUP": W4_LOOKUP_IDS[lookup]}
+                          "BK": cfg["BK"], "DOT_PREC": prec, "LOOKUP": W4_LOOKUP_IDS[lookup]}
                     sig.update({k: "constexpr" for k in ce})
                     specs.append(AotSpec(
                         name=f"quant_w4_{proj}[{dt},{fmt},{phase},BM={cfg['BM']},BN={cfg['BN']},BK={cfg['BK']}]",
                         fn=fn, signature=sig, constexprs=ce, num_warps=cfg["num_warps"],
-                        num_stages=cfg["num_stages"], gemm=gemm))
+                        num_stages=cfg["num_stages"], gemm=gemm and not fp32,
+                        divisible=tuple(k for k in sig if k.endswith("_ptr"))))
             for proj, fn, Kd, N in (("gate_up", w8_gate_up_kernel, H, I), ("down", w8_down_kernel, I, H)):
-                cfg = pick_config(S, 8, 0, Kd, N)
+                cfg = pick_config(S, 8, 0, Kd, N, fp32)
                 if proj == "gate_up":
                     sig = {"x_ptr": xp, **_W8_ARGS, "out_ptr": xp}
                     extra = {"TOPK": 2, "ACT": 0}
                 else:
                     sig = {"a_ptr": xp, **_W8_ARGS, "w_ptr": "*fp32", "out_ptr": "*fp32"}
                     extra = {}
-                ce = {**SHAPE, **extra, "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "DOT_PREC": "tf32"}
+                ce = {**SHAPE, **extra, "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "DOT_PREC": prec}
                 sig.update({k: "constexpr" for k in ce})
                 specs.append(AotSpec(
                     name=f"quant_w8_{proj}[{dt},int8,{phase},BM={cfg['BM']},BN={cfg['BN']},BK={cfg['BK']}]",
                     fn=fn, signature=sig, constexprs=ce, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                    gemm=gemm))
+                    gemm=gemm and not fp32, divisible=tuple(k for k in sig if k.endswith("_ptr"))))
         specs += _gemv_specs(dt, H, I)
-        specs += _tc_specs(dt, H, I)
+        if not fp32:  # the tensor-core kernels take fp16 / bf16 activations only
+            specs += _tc_specs(dt, H, I)
     return specs
 
 

@@ -91,7 +91,8 @@ def softmax_rows(logits_ptr, rows64, row_ok, cols, col_ok, stride, FP64: tl.cons
     return ex / tl.where(row_ok, tl.sum(ex, axis=1), 1.0)[:, None]
 
 
-@triton.jit
+# batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
+@triton.jit(do_not_specialize=["T", "nb", "S", "nbs"])
 def route_topk_kernel(
     logits_ptr,  # (T, E) any float dtype, row stride stride_lt, unit column stride
     weights_ptr,  # (T, K) fp32 (fp64 for fp64 logits), out
@@ -207,7 +208,8 @@ def _ids_hits(ids_ptr, rows64, row_ok, cols, K: tl.constexpr, BLOCK_T: tl.conste
     return hits
 
 
-@triton.jit
+# batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
+@triton.jit(do_not_specialize=["T", "nb"])
 def ids_histogram_kernel(
     ids_ptr,  # (T, K) int64 expert ids in [0, E) (a token may name an expert more than once)
     block_counts_ptr,  # (nb, E_PAD) int32 scratch, as route_topk_kernel's
@@ -235,7 +237,8 @@ def ids_histogram_kernel(
                         BLOCK_B)
 
 
-@triton.jit
+# batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
+@triton.jit(do_not_specialize=["T", "S", "nbs"])
 def route_scatter_kernel(
     ids_ptr,  # (T, K) int64
     block_prefix_ptr,  # (nb, E_PAD) int32 rows of the block before this one, per expert
@@ -275,7 +278,8 @@ def route_scatter_kernel(
         tl.store(sorted_slots_ptr + dest, (rows * K + k).to(tl.int32), mask=row_ok & (e >= 0) & (e < E))
 
 
-@triton.jit
+# batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
+@triton.jit(do_not_specialize=["T", "S"])
 def route_bwd_kernel(
     grad_w_ptr,  # (T, K) fp32 (fp64), d loss / d weights, contiguous; read only with TOPK_GRAD
     logits_ptr,  # (T, E) any float dtype, row stride stride_lt

@@ -152,8 +152,31 @@ def _lookup(kernel: str) -> int:
 
 def _words(q: torch.Tensor) -> torch.Tensor:
     """The packed bytes as the word-reading kernels read them (4-bit GEMV, tensor-core decode), 32-bit words: a
-    copy when a view starts off a 4-byte boundary (a slice of a larger buffer), else q itself."""
-    return q if q.data_ptr() % 4 == 0 else q.clone()
+    copy when a view starts off a 4-byte boundary (a slice of a larger buffer), else q itself. The copy is made
+    at every call (the whole expert tensor: ~470 MB for Mixtral's gate_up), so it is said once."""
+    if q.data_ptr() % 4 == 0:
+        return q
+    _warn_once("h3moe.quant_moe: a packed weight tensor starts off a 4-byte boundary; the word-reading kernels "
+               "copy it at every call (slow): keep qweight in its own allocation (e.g. qweight.clone())")
+    return q.clone()
+
+
+def _dense(name: str, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t as the kernels index it (their own offsets, contiguous rows). A packed weight that is not contiguous
+    (a strided view a user built by hand; h3moe.quantize never makes one) is copied at every call, said once;
+    the small tables are copied quietly."""
+    if t is None or t.is_contiguous():
+        return t
+    if name == "qweight":
+        _warn_once("h3moe.quant_moe: a packed qweight is not contiguous; it is copied at every call (slow): "
+                   "pass qweight.contiguous()")
+    return t.contiguous()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg)
 
 
 def _pow2(n: int) -> int:
@@ -221,7 +244,7 @@ def _w4_gate_up_impl(
             num_stages=cfg["num_stages"],
         )
         return out
-    cfg = kq.pick_config(S, 4, blocksize, H, I)
+    cfg = kq.pick_config(S, 4, blocksize, H, I, x.dtype == torch.float32)
     grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w4_gate_up_kernel[grid](
         x, *packed(False), sorted_slots, offsets, out, *_w4_blocks(absmax, absmax2), E=E, H=H, I=I,
@@ -282,7 +305,7 @@ def _w4_down_impl(
     out = _empty(TK, H, dtype=torch.float32, device=a.device)
     if S == 0:
         return combine(out, T, K, a.dtype)
-    cfg = kq.pick_config(S, 4, blocksize, I, H)
+    cfg = kq.pick_config(S, 4, blocksize, I, H, a.dtype == torch.float32)
     grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w4_down_kernel[grid](
         a, *packed(False), sorted_slots, offsets, weights, out, *_w4_blocks(absmax, absmax2), E=E, H=H, I=I,
@@ -331,7 +354,7 @@ def _w8_gate_up_impl(
             ROWS=cfg["ROWS"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return out
-    cfg = kq.pick_config(S, 8, 0, H, I)
+    cfg = kq.pick_config(S, 8, 0, H, I, x.dtype == torch.float32)
     grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w8_gate_up_kernel[grid](
         x, q, scale, sorted_slots, offsets, out, E=E, H=H, I=I, TOPK=top_k, ACT=kq.ACT_IDS[activation],
@@ -385,7 +408,7 @@ def _w8_down_impl(
     out = _empty(TK, H, dtype=torch.float32, device=a.device)
     if S == 0:
         return combine(out, T, K, a.dtype)
-    cfg = kq.pick_config(S, 8, 0, I, H)
+    cfg = kq.pick_config(S, 8, 0, I, H, a.dtype == torch.float32)
     grid = (_cdiv(H, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w8_down_kernel[grid](
         a, q, scale, sorted_slots, offsets, weights, out, E=E, H=H, I=I,
@@ -419,11 +442,15 @@ def _triton_layout_problem(gu: Packed, dn: Packed) -> str | None:
 
 _WARNED: set = set()
 
+#: The tensors of a Packed the kernels read.
+_TENSOR_FIELDS = ("qweight", "absmax", "code", "absmax2", "code2", "offset")
+
 
 def _quant_moe_triton(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing, activation: str) -> torch.Tensor:
     why = _triton_layout_problem(gu, dn)
     if why:
         raise ValueError(why)
+    gu, dn = (p._replace(**{f: _dense(f, getattr(p, f)) for f in _TENSOR_FIELDS}) for p in (gu, dn))
     T, H = x.shape
     K = routing.top_k
     I = dn.shape[2]

@@ -29,7 +29,13 @@ Configs, per kernel role and key (role, S-bucket, H, I, E, K, dtype) — S = T*K
   4. Otherwise the first call with a new key benchmarks the candidates with triton.testing.do_bench (this
      synchronizes the host once per key) and caches the winner in memory; `save_tuned(path)` writes them as
      JSON. During CUDA graph capture no benchmark runs: a key not yet tuned takes the default, so warm up
-     once before capturing if you want the tuned configs.
+     once before capturing if you want the tuned configs. Warm up at the token counts you capture in any
+     case (as torch.cuda.graph's documentation asks): Triton loads a kernel variant's module at its first
+     launch, which a capturing stream does not allow. The kernels do not specialize on batch-dependent
+     integers (do_not_specialize), so one eager call per config (per regime of rows per expert) covers every
+     batch size that takes it.
+  A config that does not load on this GPU (OutOfResources: the defaults are sized for A100 / H100 shared
+  memory; sm_86 / 89 / 120 cards allow ~100 KB per block) falls through to the next candidate (_launch).
 So H3MOE_AUTOTUNE=0 means "no benchmarking at run time" (committed tuned files still apply); with
 H3MOE_TUNED=0 as well, every launch takes the pinned default.
 Candidates and defaults depend on the GPU architecture (Hopper-only tiles are left out on sm_80).
@@ -176,7 +182,7 @@ def config_for(role: str, S: int, H: int, I: int, E: int, K: int, dtype: torch.d
         try:
             timings.append((bench(c), c))
         except Exception as err:  # out of shared memory / registers on this GPU: skip the candidate
-            if "OutOfResources" not in type(err).__name__ and "out of resource" not in str(err).lower():
+            if not _out_of_resources(err):
                 raise
     cfg = min(timings)[1] if timings else k.default_config(role, S, E, K, fp32, arch)
     _TUNED[key] = cfg
@@ -227,8 +233,20 @@ def _m_slots(S: int, E: int, BM: int) -> int:
     return min(-(-S // BM) + E, S)
 
 
+def _out_of_resources(err: Exception) -> bool:
+    """Triton's OutOfResources (shared memory or registers beyond this GPU's), raised on the host when a
+    compiled kernel is loaded, before anything is enqueued."""
+    return "OutOfResources" in type(err).__name__ or "out of resource" in str(err).lower()
+
+
+#: (role, S-bucket, H, I, E, K, dtype, device, config) -> the candidate that ran in its place on this GPU
+_FITS: dict[tuple, object] = {}
+
+
 def _launch(role, S, H, I, E, K, dtype, device, run):
-    """Pick the config (benchmarking candidates where allowed) and launch `run(cfg)`."""
+    """Pick the config (benchmarking candidates where allowed) and launch `run(cfg)`. A config beyond this
+    GPU's shared memory (the pinned defaults are sized for the A100's 164 KB and the H100's 228 KB; sm_86 / 89 /
+    120 cards have ~100 KB per block) falls through to the next candidate that loads, once per key, said once."""
     bench = None
     if device.type == "cuda":
         def bench(cfg):
@@ -236,7 +254,35 @@ def _launch(role, S, H, I, E, K, dtype, device, run):
 
             return do_bench(lambda: run(cfg), warmup=5, rep=20)
     cfg = config_for(role, S, H, I, E, K, dtype, device, bench)
-    run(cfg)
+    key = (role, _s_bucket(S), H, I, E, K, dtype, str(device), cfg)
+    cfg = _FITS.get(key, cfg)
+    try:
+        run(cfg)
+        return
+    except Exception as err:  # noqa: BLE001 - only OutOfResources is handled, the rest re-raised
+        if not _out_of_resources(err):
+            raise
+        first = err
+    k = _kernels()
+    fp32, arch = dtype == torch.float32, _arch(device)
+    regime = k.candidate_configs(role, S, E, K, fp32, arch)
+    # this regime's candidates first, then the role's other tiles (every tile computes the same result; the
+    # decode tiles need the least shared memory)
+    rest = [c for c in k.all_configs(role, fp32) if c not in regime and (arch >= 90 or not c.hopper_only)]
+    for c in regime + sorted(rest, key=lambda c: (c.BM * c.BK + c.BK * c.BN) * c.num_stages, reverse=True):
+        if c == cfg:
+            continue
+        try:
+            run(c)
+        except Exception as err:  # noqa: BLE001
+            if not _out_of_resources(err):
+                raise
+            continue
+        _FITS[key] = c
+        warnings.warn(f"h3moe: the {role} config {cfg!r} does not fit this GPU ({first}); using {c!r} "
+                      f"(tune this GPU: python -m h3moe.ops.triton_experts --E {E} --H {H} --I {I} --K {K})")
+        return
+    raise first
 
 
 def _check(x, w_gate_up, w_down):
@@ -526,6 +572,9 @@ def moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, routing:
     _check(x, w_gate_up, w_down)
     if w_down.shape[0] > 4096:
         raise NotImplementedError(f"the triton experts kernels take E <= 4096 experts; got {w_down.shape[0]}")
+    if 2 * w_down.shape[2] * x.shape[1] >= 2**31:  # offsets inside one expert's weights are int32 in the kernels
+        raise NotImplementedError(f"the triton experts kernels take 2*I*H < 2**31 elements per expert; got I="
+                                  f"{w_down.shape[2]}, H={x.shape[1]} (use backend='torch')")
     args = (x, w_gate_up, w_down, routing.weights, routing.sorted_slots, routing.offsets, activation)
     if _backend.eager_direct(x, w_gate_up, w_down, routing.weights):  # inference: skip the dispatcher
         return _fwd(x.contiguous(), w_gate_up.contiguous(), w_down.contiguous(), routing.weights.float().contiguous(),
