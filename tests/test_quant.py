@@ -362,6 +362,17 @@ def test_pick_decode_config():
     assert c["BK"] == 32 and c["KSPLIT"] == 1 and c["ROWS"] == 8
 
 
+def _packed_view_case(quant_type, T, dtype):
+    """(E, gate_up, down, x, routing, the Triton result) at E=3, H=I=64, K=2, for the packed-view tests."""
+    if HAS_CUDA:
+        pytest.skip("the GPU tier covers the kernels")
+    E, H, I, K = 3, 64, 64, 2
+    gu, dn = _quantized(E, H, I, quant_type, 64, dtype=dtype)
+    x = torch.randn(T, H).to(dtype)
+    r = route(torch.randn(T, E), K)
+    return E, gu, dn, x, r, oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
+
+
 @pytest.mark.interpreter
 @needs_triton
 @pytest.mark.parametrize("quant_type,T,dtype", [("nf4", 1, torch.float32), ("nf4", 3, torch.float16),
@@ -370,13 +381,7 @@ def test_word_kernels_read_a_misaligned_packed_view(quant_type, T, dtype):
     """The GEMV (T=1) and tensor-core (T=3, fp16; 4-bit and int8) kernels read the packed bytes as 32-bit
     words: a qweight view that starts off a 4-byte boundary (a slice of a larger buffer) is copied first, and
     the result is the aligned one's."""
-    if HAS_CUDA:
-        pytest.skip("the GPU tier covers the kernels")
-    E, H, I, K = 3, 64, 64, 2
-    gu, dn = _quantized(E, H, I, quant_type, 64, dtype=dtype)
-    x = torch.randn(T, H).to(dtype)
-    r = route(torch.randn(T, E), K)
-    want = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
+    E, gu, dn, x, r, want = _packed_view_case(quant_type, T, dtype)
     q = gu.packed.qweight
     buf = torch.empty(q.numel() + 1, dtype=q.dtype)
     view = buf[1:].view(q.shape)
@@ -396,13 +401,7 @@ def test_kernels_read_strided_packed_tensors(quant_type, T, dtype):
     """Packed tensors that are strided views (rows of a wider buffer; the kernels compute their own offsets and
     would read the wrong bytes) give the contiguous result: qweight copied with one warning, absmax quietly.
     GEMV (T=1), tensor cores (T=3, fp16) and tl.dot (T=40, fp32)."""
-    if HAS_CUDA:
-        pytest.skip("the GPU tier covers the kernels")
-    E, H, I, K = 3, 64, 64, 2
-    gu, dn = _quantized(E, H, I, quant_type, 64, dtype=dtype)
-    x = torch.randn(T, H).to(dtype)
-    r = route(torch.randn(T, E), K)
-    want = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
+    E, gu, dn, x, r, want = _packed_view_case(quant_type, T, dtype)
 
     def strided(t):  # the same values as the leading columns of a wider, NaN/garbage-filled buffer
         wide = torch.full((t.shape[0], t.shape[1] + 8), 7, dtype=t.dtype) if not t.is_floating_point() else \
