@@ -193,6 +193,33 @@ def test_profile_experts_dry_run(tmp_path):
     assert "Quantized decode, kernel by kernel" in md
 
 
+def test_host_overhead_dry_run(tmp_path):
+    """scripts/host_overhead.py (the GPU session's host-vs-device cost per decode call) runs end to end on CPU:
+    a row per (model, T, op) with a positive host time, a cProfile per (model, T) whose share by place adds up
+    to its functions' own time, and a budget that skips what it cannot start."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "scripts", "host_overhead.py")
+    proc = subprocess.run([sys.executable, script, "--dry-run", "--models", "tiny,tiny-many", "--tokens", "1,3",
+                           "--calls", "5", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "host_overhead.json").read_text())
+    got = [(r["model"], r["tokens"], r["op"]) for r in res["rows"]]
+    assert got == [(m, t, op) for m in ("tiny", "tiny-many") for t in (1, 3) for op in ("moe:torch", "route:torch")]
+    assert all(r["host_us"] > 0 and "error" not in r for r in res["rows"])
+    assert len(res["profiles"]) == 4
+    for p in res["profiles"]:
+        assert p["op"] == "moe:torch" and p["by_where_us"]["h3moe"] > 0 and p["top"]
+        assert sum(p["by_where_us"].values()) >= max(r["own_us"] for r in p["top"])
+    assert "| tiny-many | 3 | moe:torch |" in (tmp_path / "host_overhead.md").read_text()
+    proc = subprocess.run([sys.executable, script, "--dry-run", "--models", "tiny", "--tokens", "1", "--budget-s",
+                           "0", "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and json.loads((tmp_path / "b" / "host_overhead.json").read_text())["skipped"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graph_rows_equal_eager_rows():

@@ -13,6 +13,8 @@
 #   quant/profile_experts.{json,md} scripts/profile_experts.py --quant nf4,int8: the quantized decode (Mixtral,
 #                        Qwen3; T = 1, 16) kernel by kernel, GB/s against the copy bandwidth: both 4-bit
 #                        lookups, the GEMV against the tensor-core kernels, their words 1 or 2 K steps ahead
+#   host/host_overhead.{json,md} scripts/host_overhead.py: per decode call (T = 1, 16; Qwen3, OLMoE, Mixtral)
+#                        the host's cost against the device's, and where the host's time goes (cProfile)
 #   profile_experts.{json,md} scripts/profile_experts.py --candidates at T=4096 with those configs (backward
 #                        saved / recomputed, combine fp32 / lowp / atomic): per kernel
 #                        role, every candidate timed; and the torch backend's kernel table on Mixtral
@@ -66,6 +68,12 @@ say "profile (quantized decode): limit ${Q}s"
 timeout -k 10 "$Q" "$PY" scripts/profile_experts.py --out "$OUT/quant" --models mixtral,qwen3 --tokens "" \
   --quant nf4,int8 --quant-tokens 1,16 --budget-s $(( Q - 15 )) >> "$LOG" 2>&1
 say "profile (quantized decode): rc=$?"
+# 4. host cost per decode call against its device time (is an eager decode step waiting on Python?)
+HO=$(min 60 $(( $(left) / 3 )))
+say "host overhead: limit ${HO}s"
+timeout -k 10 "$HO" "$PY" scripts/host_overhead.py --out "$OUT/host" --models qwen3,olmoe,mixtral --tokens 1,16 \
+  --calls 200 --budget-s $(( HO - 25 )) >> "$LOG" 2>&1
+say "host overhead: rc=$?"
 P=$(( $(left) - 5 ))
 say "profile: limit ${P}s"
 timeout -k 10 "$P" "$PY" scripts/profile_experts.py --out "$OUT" --candidates --tokens 4096 \
@@ -75,4 +83,5 @@ say "profile: rc=$?"
 say "done in $(( $(date +%s) - START ))s of ${TOTAL}s"
 [ -f "$OUT/compare_tuned.md" ] && grep -E "^\(against|^\| (fwd|fwdbwd|decode)" "$OUT/compare_tuned.md" | head -60
 [ -f "$OUT/quant/profile_experts.md" ] && cat "$OUT/quant/profile_experts.md"
+[ -f "$OUT/host/host_overhead.md" ] && head -60 "$OUT/host/host_overhead.md"
 [ -f "$OUT/profile_experts.md" ] && cat "$OUT/profile_experts.md"
