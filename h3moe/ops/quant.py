@@ -173,6 +173,11 @@ def _dense(name: str, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.contiguous()
 
 
+def _all_dense(p: "Packed") -> bool:
+    """Every tensor of p contiguous (the usual case: one cheap check per call on the decode path)."""
+    return all(t is None or t.is_contiguous() for t in (p.qweight, p.absmax, p.code, p.absmax2, p.code2, p.offset))
+
+
 def _warn_once(msg: str) -> None:
     if msg not in _WARNED:
         _WARNED.add(msg)
@@ -450,7 +455,8 @@ def _quant_moe_triton(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing,
     why = _triton_layout_problem(gu, dn)
     if why:
         raise ValueError(why)
-    gu, dn = (p._replace(**{f: _dense(f, getattr(p, f)) for f in _TENSOR_FIELDS}) for p in (gu, dn))
+    gu, dn = (p if _all_dense(p) else p._replace(**{f: _dense(f, getattr(p, f)) for f in _TENSOR_FIELDS})
+              for p in (gu, dn))
     T, H = x.shape
     K = routing.top_k
     I = dn.shape[2]
