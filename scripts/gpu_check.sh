@@ -87,8 +87,9 @@ timeout 60 "$PY" -c "import h3moe; [print(' ', s) for s in h3moe.backends().valu
 
 # ------------------------------------------------------------------------------------------ gpu tests
 TO=""; "$PY" -c "import pytest_timeout" 2>/dev/null && TO="--timeout=120"
-# The gpu-marked tests of tests/ and bench/ (the bench smoke file's CUDA-graph and lowp rows). One pytest process per test file, three at a time (all at once ran the GPU out of memory): a kernel fault
-# stays in its file, and Triton's compiles (CPU-bound) spread over the cores. Heaviest files first.
+# The gpu-marked tests of tests/ and bench/ (the bench smoke file's CUDA-graph and lowp rows). One pytest
+# process per test file, three at a time (all at once ran the GPU out of memory): a kernel fault stays in its
+# file, and Triton's compiles (CPU-bound) spread over the cores. Heaviest files first.
 gpu_tests() {
   local files f
   files=$(for f in $(grep -l "pytest.mark.gpu" tests/test_*.py bench/test_*.py); do echo "$(wc -c < "$f") $f"; done | sort -rn | cut -d' ' -f2)
