@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import json
 import os
 import pstats
@@ -37,11 +38,12 @@ import torch  # noqa: E402
 SMALL = 128
 
 
-def _experts(E: int, H: int, I: int, dev, dt, seed: int, quant: bool) -> dict:
-    """Random experts w_gate_up (E, 2I, H), w_down (E, H, I), and (quant) their NF4 packing, blocksize 64."""
-    g = torch.Generator(device=dev).manual_seed(seed)
-    w = {"wgu": (torch.randn(E, 2 * I, H, device=dev, generator=g) / H**0.5).to(dt),
-         "wd": (torch.randn(E, H, I, device=dev, generator=g) / I**0.5).to(dt)}
+def _experts(m, dev, dt, quant: bool) -> dict:
+    """Model m's random experts (bench.cases.make_weights) and (quant) their NF4 packing, blocksize 64."""
+    from bench.cases import make_weights
+
+    w = make_weights(m, dt, dev, seed=m.E)
+    w = {"wgu": w["w_gate_up"], "wd": w["w_down"]}
     if quant:
         from h3moe.integrations.bitsandbytes import quantize_weight
 
@@ -103,21 +105,16 @@ def _events_us(fn, n: int) -> float:
 
 
 def _graph_us(fn, n: int) -> float | None:
-    """fn replayed from a CUDA graph (warmed up on a side stream first), n replays, over n (µs); None where the
-    call cannot be captured."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
+    """fn replayed from a CUDA graph (the bench's capture: bench.impls._graphed, warm-up on a side stream
+    first), n replays, over n (µs); None where the call cannot be captured."""
+    from bench.impls import Impl, Skip, _graphed
+
+    g = _graphed(Impl("op", lambda s: fn()))
     try:
-        with torch.cuda.graph(g):
-            fn()
-    except Exception:  # noqa: BLE001 — reported as not capturable
+        st = g.prepare({})
+    except Skip:
         return None
-    return _events_us(g.replay, n)
+    return _events_us(lambda: g.run(st), n)
 
 
 def _where(filename: str, name: str) -> str:
@@ -174,8 +171,8 @@ def run(models: list, tokens: list[int], calls: int, dry: bool, budget_s: float 
         if time.perf_counter() > deadline:
             res["skipped"].append(f"{m.name} (budget)")
             continue
-        w_small = _experts(m.E, SMALL, SMALL, dev, dt, m.E, quant)
-        w_real = _experts(m.E, m.H, m.I, dev, dt, m.E, quant) if cuda else w_small
+        w_small = _experts(dataclasses.replace(m, H=SMALL, I=SMALL), dev, dt, quant)
+        w_real = _experts(m, dev, dt, quant) if cuda else w_small
         for T in tokens:
             if time.perf_counter() > deadline:
                 res["skipped"].append(f"{m.name} T={T} (budget)")

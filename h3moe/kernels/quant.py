@@ -199,22 +199,36 @@ def _act(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT: tl.constexpr):
-    """gate_up epilogue: act(gate)*up of the (M, BN) fp32 accumulators into out (S, I) rows rows_m (M,),
-    columns n (BN,), in out's dtype."""
+def _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT: tl.constexpr, TRANS: tl.constexpr):
+    """gate_up epilogue: act(gate)*up of the (M, BN) fp32 accumulators ((BN, M) when TRANS: the tensor-core
+    kernels' swapped operands) into out (S, I) rows rows_m (M,), columns n (BN,), in out's dtype."""
     a = _act(acc_g, ACT) * acc_u
-    op = out_ptr + rows_m[:, None].to(tl.int64) * I + n[None, :]
-    tl.store(op, a.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if TRANS:
+        op = out_ptr + rows_m[None, :].to(tl.int64) * I + n[:, None]
+        tl.store(op, a.to(out_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_n[:, None])
+    else:
+        op = out_ptr + rows_m[:, None].to(tl.int64) * I + n[None, :]
+        tl.store(op, a.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
-def _store_slots(out_ptr, acc, rows_m, mask_m, n, mask_n, slots_ptr, w_ptr, base, H):
-    """down epilogue: acc (M, BN) fp32 times each row's routing weight into out[base + slot, n] (fp32, slot
-    order; base: the K-split's offset, in rows)."""
+def _store_slots(out_ptr, acc, rows_m, mask_m, n, mask_n, slots_ptr, w_ptr, base, H, TRANS: tl.constexpr):
+    """down epilogue: acc (M, BN) fp32 ((BN, M) when TRANS) times each row's routing weight into
+    out[base + slot, n] (fp32, slot order; base: the K-split's offset, in rows)."""
     slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)  # (M,)
     rw = tl.load(w_ptr + slot, mask=mask_m, other=0.0)  # (M,) fp32
-    op = out_ptr + (base + slot[:, None]) * H + n[None, :]
-    tl.store(op, acc * rw[:, None], mask=mask_m[:, None] & mask_n[None, :])
+    if TRANS:
+        op = out_ptr + (base + slot[None, :]) * H + n[:, None]
+        tl.store(op, acc * rw[None, :], mask=mask_m[None, :] & mask_n[:, None])
+    else:
+        op = out_ptr + (base + slot[:, None]) * H + n[None, :]
+        tl.store(op, acc * rw[:, None], mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _gate_up_halves(acc, BN: tl.constexpr, BM: tl.constexpr):
+    """(gate, up), each (BN, BM), of a tensor-core gate_up accumulator (2BN, BM): gate rows, then up rows."""
+    return tl.split(tl.permute(tl.reshape(acc, (2, BN, BM)), (1, 2, 0)))
 
 
 @triton.jit
@@ -289,7 +303,7 @@ def w4_gate_up_kernel(
         acc_g = tl.dot(x_odd, wg_lo, acc_g, input_precision=DOT_PREC)
         acc_u = tl.dot(x_even, wu_hi, acc_u, input_precision=DOT_PREC)
         acc_u = tl.dot(x_odd, wu_lo, acc_u, input_precision=DOT_PREC)
-    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT)
+    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT, False)
 
 
 @triton.jit
@@ -330,7 +344,7 @@ def w4_down_kernel(
         w_hi, w_lo = _w4_tile(q_e, code_ptr, am, n, k0 // 2 + kh, mask_n, I, dtype, LOOKUP)
         acc = tl.dot(a_even, w_hi, acc, input_precision=DOT_PREC)
         acc = tl.dot(a_odd, w_lo, acc, input_precision=DOT_PREC)
-    _store_slots(out_ptr, acc, rows_m, mask_m, n, mask_n, slots_ptr, w_ptr, 0, H)
+    _store_slots(out_ptr, acc, rows_m, mask_m, n, mask_n, slots_ptr, w_ptr, 0, H, False)
 
 
 @triton.jit
@@ -372,7 +386,7 @@ def w8_gate_up_kernel(
         wu = _w8_tile(q_e, su, n + I, k0 + kk, mask_n, H, dtype)
         acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PREC)
         acc_u = tl.dot(xt, wu, acc_u, input_precision=DOT_PREC)
-    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT)
+    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT, False)
 
 
 @triton.jit
@@ -402,7 +416,7 @@ def w8_down_kernel(
         at = tl.load(a_ptr + rows_m[:, None].to(tl.int64) * I + k0 + kk[None, :], mask=mask_m[:, None], other=0.0)
         w = _w8_tile(q_e, s, n, k0 + kk, mask_n, I, dtype)
         acc = tl.dot(at, w, acc, input_precision=DOT_PREC)
-    _store_slots(out_ptr, acc, rows_m, mask_m, n, mask_n, slots_ptr, w_ptr, 0, H)
+    _store_slots(out_ptr, acc, rows_m, mask_m, n, mask_n, slots_ptr, w_ptr, 0, H, False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -585,7 +599,7 @@ def w4_gate_up_gemv_kernel(
                 acc_u = _acc_row(acc_u, _rowdot(cu, au, x_ptr + tok * H, k0, NBLK, SUB), m, ROWS)
         bg, ag, bu, au = bg2, ag2, bu2, au2
     rows_m = start + tl.arange(0, ROWS)
-    _store_act(out_ptr, acc_g, acc_u, rows_m, rows_m < end, n, mask_n, I, ACT)
+    _store_act(out_ptr, acc_g, acc_u, rows_m, rows_m < end, n, mask_n, I, ACT, False)
 
 
 # batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
@@ -630,7 +644,7 @@ def w4_down_gemv_kernel(
                                ROWS)
         b, am = b2, am2
     rows_m = start + tl.arange(0, ROWS)
-    _store_slots(out_ptr, acc, rows_m, rows_m < end, n, mask_n, slots_ptr, w_ptr, ks * TK, H)
+    _store_slots(out_ptr, acc, rows_m, rows_m < end, n, mask_n, slots_ptr, w_ptr, ks * TK, H, False)
 
 
 @triton.jit
@@ -688,7 +702,7 @@ def w8_gate_up_gemv_kernel(
                 acc_u = _acc_row(acc_u, _rowdot8(wu, x_ptr + tok * H, k0, BK), m, ROWS)
     rows_m = start + tl.arange(0, ROWS)
     _store_act(out_ptr, acc_g * (sg * 7.874015718698502e-3)[None, :], acc_u * (su * 7.874015718698502e-3)[None, :],
-               rows_m, rows_m < end, n, mask_n, I, ACT)
+               rows_m, rows_m < end, n, mask_n, I, ACT, False)
 
 
 # batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
@@ -722,7 +736,7 @@ def w8_down_gemv_kernel(
                 acc = _acc_row(acc, _rowdot8(w, a_ptr + (start + m).to(tl.int64) * I, k0, BK), m, ROWS)
     rows_m = start + tl.arange(0, ROWS)
     _store_slots(out_ptr, acc * (s * 7.874015718698502e-3)[None, :], rows_m, rows_m < end, n, mask_n, slots_ptr,
-                 w_ptr, ks * TK, H)
+                 w_ptr, ks * TK, H, False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -812,10 +826,8 @@ def w4_gate_up_tc_kernel(
             w, w2, xt = w2, wn, xn
         else:
             w = wn
-    acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (2, BN, BM)), (1, 2, 0)))  # (BN, BM) each
-    a = _act(acc_g, ACT) * acc_u
-    op = out_ptr + rows_m[None, :].to(tl.int64) * I + n[:, None]
-    tl.store(op, a.to(out_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_n[:, None])
+    acc_g, acc_u = _gate_up_halves(acc, BN, BM)  # (BN, BM) each
+    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT, True)
 
 
 # batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
@@ -870,10 +882,7 @@ def w4_down_tc_kernel(
             w, w2, at = w2, wn, an
         else:
             w = wn
-    slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)  # (BM,)
-    rw = tl.load(w_ptr + slot, mask=mask_m, other=0.0)  # (BM,)
-    op = out_ptr + (ks * TK + slot[None, :]) * H + n[:, None]
-    tl.store(op, acc * rw[None, :], mask=mask_m[None, :] & mask_n[:, None])
+    _store_slots(out_ptr, acc, rows_m, mask_m, n, mask_n, slots_ptr, w_ptr, ks * TK, H, True)
 
 
 @triton.jit
@@ -931,10 +940,8 @@ def w8_gate_up_tc_kernel(
             w = wn
     sc = tl.load(scale_ptr + e64 * 2 * I + row, mask=mask_r, other=0.0) * 7.874015718698502e-3  # (2BN,)
     acc = acc * sc[:, None]
-    acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (2, BN, BM)), (1, 2, 0)))  # (BN, BM) each
-    a = _act(acc_g, ACT) * acc_u
-    op = out_ptr + rows_m[None, :].to(tl.int64) * I + n[:, None]
-    tl.store(op, a.to(out_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_n[:, None])
+    acc_g, acc_u = _gate_up_halves(acc, BN, BM)  # (BN, BM) each
+    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT, True)
 
 
 # batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
@@ -982,10 +989,7 @@ def w8_down_tc_kernel(
         else:
             w = wn
     sc = tl.load(scale_ptr + e64 * H + n, mask=mask_n, other=0.0) * 7.874015718698502e-3  # (BN,)
-    slot = tl.load(slots_ptr + rows_m, mask=mask_m, other=0).to(tl.int64)  # (BM,)
-    rw = tl.load(w_ptr + slot, mask=mask_m, other=0.0)  # (BM,)
-    op = out_ptr + (ks * TK + slot[None, :]) * H + n[:, None]
-    tl.store(op, acc * sc[:, None] * rw[None, :], mask=mask_m[None, :] & mask_n[:, None])
+    _store_slots(out_ptr, acc * sc[:, None], rows_m, mask_m, n, mask_n, slots_ptr, w_ptr, ks * TK, H, True)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def _dense(name: str, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _all_dense(p: "Packed") -> bool:
     """Every tensor of p contiguous (the usual case: one cheap check per call on the decode path)."""
-    return all(t is None or t.is_contiguous() for t in (p.qweight, p.absmax, p.code, p.absmax2, p.code2, p.offset))
+    return all(t is None or t.is_contiguous() for t in map(p.__getattribute__, _TENSOR_FIELDS))
 
 
 def _warn_once(msg: str) -> None:
@@ -512,9 +512,7 @@ def quant_moe(
     if be == "triton" and backend == "auto":  # a layout the kernels cannot read: the per-expert fallback, said once
         why = _triton_layout_problem(gate_up, down)
         if why:
-            if why not in _WARNED:
-                _WARNED.add(why)
-                warnings.warn(f"h3moe.quant_moe: {why}; dequantizing one expert at a time instead (slow)")
+            _warn_once(f"h3moe.quant_moe: {why}; dequantizing one expert at a time instead (slow)")
             be = "torch"
     routing = as_routing(routing, E, "triton" if be == "triton" else "torch")
     _validate.routing(routing.weights, routing.ids, x.shape[0], E)
