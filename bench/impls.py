@@ -11,7 +11,9 @@ T <= 16, on CUDA) add '<name>+graph' for h3moe and torch:grouped_mm: the same ca
 h3moe:triton-recompute, the Triton backward that recomputes gate/up instead of reading the saved
 pre-activation (H3MOE_RECOMPUTE=1: less memory, more FLOPs). fwd adds h3moe:triton-lowp from 128 tokens on
 (K > 1): the K slot rows kept in x's dtype instead of fp32 before their sum (H3MOE_COMBINE=lowp, as eager
-PyTorch and vLLM round them), to price the default fp32 combine on many-expert models. nf4 adds the 4-bit kernels with their other nibble
+PyTorch and vLLM round them), to price the default fp32 combine on many-expert models. fwd and fwdbwd add
+h3moe:triton-tma from TMA_MIN_T tokens on, on Hopper: every launch through tensor descriptors
+(H3MOE_TMA=1), the A/B that decides whether the Tma candidates become defaults. nf4 adds the 4-bit kernels with their other nibble
 lookup (H3MOE_W4_LOOKUP): h3moe:triton-load (the GEMV and tensor-core kernels' default is the warp shuffle;
 h3moe:triton-shfl where the tl.dot kernels' table load is the default); nf4 and int8 add the kernels the
 default does not take at that T (H3MOE_QUANT_KERNEL): h3moe:triton-tc at T=1 (where the GEMV is the default),
@@ -56,8 +58,9 @@ _HF = ["hf:eager", "hf:batched_mm", "hf:grouped_mm", "hf:h3moe", "torch:grouped_
 #: The implementations each case can have (which of them run is decided here and now by implementations()).
 _GRAPH = [f"{n}+graph" for n in _H3]  # decode only (T <= 16, CUDA): see _with_graphs
 CANDIDATES = {
-    "route": _H3 + ["torch:eager"], "fwd": _H3 + ["h3moe:triton-lowp"] + _HF + _GRAPH + ["torch:grouped_mm+graph"],
-    "fwdbwd": _H3 + ["h3moe:triton-recompute"] + _HF, "layer": _H3 + _HF,
+    "route": _H3 + ["torch:eager"],
+    "fwd": _H3 + ["h3moe:triton-lowp", "h3moe:triton-tma"] + _HF + _GRAPH + ["torch:grouped_mm+graph"],
+    "fwdbwd": _H3 + ["h3moe:triton-recompute", "h3moe:triton-tma"] + _HF, "layer": _H3 + _HF,
     "gating": _H3 + ["torch:eager"],
     "nf4": _H3 + ["h3moe:triton-load", "h3moe:triton-shfl", "h3moe:triton-tc", "h3moe:triton-gemv",
                   "h3moe:triton-dot", "bnb:dequant+mm"] + _GRAPH
@@ -69,6 +72,13 @@ CANDIDATES = {
 #: fwd rows from this many tokens on add h3moe:triton-lowp (K > 1): the fp32 slot buffer's bytes matter there
 #: (S*H*4 written and read again: ~0.27 GB of Qwen3-30B-A3B's layer at 4096 tokens, K=8).
 LOWP_MIN_T = 128
+
+#: fwd / fwdbwd rows from this many tokens on add h3moe:triton-tma on sm_90+ (the large-tile regime).
+TMA_MIN_T = 1024
+
+
+def _tma_row(c: Case, device) -> bool:
+    return device.type == "cuda" and c.T >= TMA_MIN_T and torch.cuda.get_device_capability(device)[0] >= 9
 
 #: Above this many bytes of gathered weights hf:batched_mm is skipped (it would not fit, or thrash).
 BATCHED_MM_CAP = {"cuda": 8 * 2**30, "cpu": 256 * 2**20}
@@ -261,6 +271,9 @@ def _fwd_impls(c: Case, device, fns, interpreter):
             impls.append(Impl("h3moe:triton-lowp", lambda s: _with_env(
                 "H3MOE_COMBINE", "lowp", h3moe.moe, s["x"], s["w_gate_up"], s["w_down"], s["routing"],
                 backend="triton")))
+        if b == "triton" and _tma_row(c, device):  # every launch through tensor descriptors (H3MOE_TMA=1)
+            impls.append(Impl("h3moe:triton-tma", lambda s: _with_env(
+                "H3MOE_TMA", "1", h3moe.moe, s["x"], s["w_gate_up"], s["w_down"], s["routing"], backend="triton")))
     for name in ("hf:eager", "hf:batched_mm", "hf:grouped_mm", "hf:h3moe"):
         if name not in fns:
             continue
@@ -307,6 +320,11 @@ def _fwdbwd_impls(c: Case, device, fns, interpreter):
             fwd = lambda s: triton_experts.moe(s["x"], s["w_gate_up"], s["w_down"], s["routing"],  # noqa: E731
                                                recompute=True)
             impls.append(Impl("h3moe:triton-recompute", _fwdbwd(fwd), _fwdbwd_prepare))
+            if _tma_row(c, device):  # forward and backward through tensor descriptors (H3MOE_TMA=1)
+                tma = _fwdbwd(lambda s: h3moe.moe(s["x"], s["w_gate_up"], s["w_down"], s["routing"],
+                                                  backend="triton"))
+                impls.append(Impl("h3moe:triton-tma", lambda s, run=tma: _with_env("H3MOE_TMA", "1", run, s)[0],
+                                  _fwdbwd_prepare))
     for name in ("hf:eager", "hf:batched_mm", "hf:grouped_mm", "hf:h3moe"):
         if name in fns:
             fn = fns[name]

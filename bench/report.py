@@ -21,7 +21,8 @@ ROW_FIELDS = ("case", "model", "tokens", "dtype", "impl", "ms", "ms_p20", "ms_p8
 
 #: Column order and short names of the implementations in the tables and plots.
 IMPL_ORDER = {
-    "h3moe:torch": "torch", "h3moe:triton": "triton", "h3moe:triton-recompute": "tr-rc", "h3moe:triton-lowp": "tr-lowp", "h3moe:cuda": "cuda",
+    "h3moe:torch": "torch", "h3moe:triton": "triton", "h3moe:triton-recompute": "tr-rc", "h3moe:triton-lowp": "tr-lowp",
+    "h3moe:triton-tma": "tr-tma", "h3moe:cuda": "cuda",
     "hf:eager": "eager", "hf:batched_mm": "bmm", "hf:grouped_mm": "gmm", "hf:h3moe": "hf:h3",
     "torch:grouped_mm": "t.gmm", "torch:eager": "t.eager", "bnb:dequant+mm": "bnb",
     # decode rows replayed from a CUDA graph (bench.impls._with_graphs)

@@ -272,6 +272,37 @@ def test_lowp_combine_row():
     assert "h3moe:triton-lowp" not in {i.name for i in implementations(c1, dev)[0]}
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tma_rows():
+    """fwd and fwdbwd from TMA_MIN_T tokens on, on sm_90+, add h3moe:triton-tma (H3MOE_TMA=1 around the
+    forward and the backward): within bf16 rounding of the default rows; the variable set back afterwards."""
+    import os
+
+    from bench.driver import flatten
+    from bench.impls import TMA_MIN_T, implementations
+
+    dev = torch.device("cuda")
+    for case in ("fwd", "fwdbwd"):
+        c = C.Case(case, C.MODELS["olmoe"], TMA_MIN_T, torch.bfloat16)
+        by = {i.name: i for i in implementations(c, dev)[0]}
+        if torch.cuda.get_device_capability()[0] < 9:
+            assert "h3moe:triton-tma" not in by
+            continue
+        assert "h3moe:triton-tma" in by
+        s = C.input_sets(c, dev, C.make_weights(c.model, c.dtype, dev, seed=6))[0]
+        before = os.environ.get("H3MOE_TMA")
+        outs = {}
+        for name in ("h3moe:triton-tma", "h3moe:triton"):
+            impl = by[name]
+            outs[name] = [t.float() for t in flatten(case, impl.run(impl.prepare(s)))]
+        assert os.environ.get("H3MOE_TMA") == before
+        for a, b in zip(outs["h3moe:triton-tma"], outs["h3moe:triton"]):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+        c1 = C.Case(case, C.MODELS["olmoe"], TMA_MIN_T // 2, torch.bfloat16)
+        assert "h3moe:triton-tma" not in {i.name for i in implementations(c1, dev)[0]}
+
+
 def test_compare_two_results(tmp_path, capsys):
     """python -m bench --compare OLD NEW: targets old → new (a target newly met is flagged), and the h3moe
     rows that moved, on two files differing in one row."""

@@ -122,6 +122,19 @@ def test_gemms_use_tensor_cores(rows):
     assert not bad, "\n".join(bad)
 
 
+def test_tma_specs_load_through_tma(rows):
+    """The Tma candidates (sm_90 only) issue TMA loads (cp.async.bulk.tensor); the sample holds one per
+    experts kernel function; the others load through pointers (the check tells them apart)."""
+    ok = [r for r in rows if "error" not in r]
+    tma = [r for r in ok if r["tma_spec"]]
+    assert {r["fn"] for r in tma} >= {"_gate_up_kernel", "_down_kernel", "_wgrad_kernel"}
+    assert all(r["arch"] == 90 for r in tma)
+    bad = [f"{r['kernel']}: no cp.async.bulk.tensor in the PTX" for r in tma if not r["tma"]]
+    bad += [f"{r['kernel']}: TMA loads in a pointer-load config" for r in ok
+            if r["module"] == "h3moe.kernels.experts" and not r["tma_spec"] and r["tma"]]
+    assert not bad, "\n".join(bad)
+
+
 def test_routing_kernels_are_not_gemms(rows):
     # The static checks can tell kernels apart: routing and gating are reductions, not tensor-core GEMMs.
     for r in rows:

@@ -147,6 +147,72 @@ def test_forward_and_grads(T, H, I, E, K, dtype, act, mode, recompute, monkeypat
     _assert_close(outs, eager, ref, ATOL[dtype])
 
 
+# (T, H, I, E, K, mode): 16-bit rows of 16-byte multiples, as tensor descriptors need
+TMA_CASES = [
+    (6, 40, 24, 4, 2, "topk"),  # H % BK != 0: the descriptors zero-fill the K tail, the x gather is masked
+    (70, 32, 80, 3, 2, "topk"),  # "small" tiles, 2 N tiles of I, an A tile ending inside its expert
+    (8, 32, 16, 5, 2, "skip_last"),  # an empty expert: its descriptors load nothing, its dW is zeros
+]
+
+
+@needs_triton
+@pytest.mark.interpreter
+@pytest.mark.parametrize("recompute", ["0", "1"], ids=["saved", "recompute"])
+@pytest.mark.parametrize("T,H,I,E,K,mode", TMA_CASES)
+def test_tma_descriptors_equal_pointer_loads(T, H, I, E, K, mode, recompute, monkeypatch):
+    """H3MOE_TMA=1: every kernel reads its dense operands through per-expert tensor descriptors (zero past
+    the expert's rows and the tensor's edges). The same tiles read the same values as the pointer loads, so
+    the forward and every gradient equal H3MOE_TMA=0's to rounding, and stay within the reference's bound."""
+    monkeypatch.setenv("H3MOE_RECOMPUTE", recompute)
+    monkeypatch.setattr(te, "torch", _PoisonTorch())
+    dtype = torch.float16
+    x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32)
+    ids = _ids(mode, T, E, K, logits)
+    dy = torch.randn(T, H, device=DEV)
+    used = []
+    real = te._use_tma
+    monkeypatch.setattr(te, "_use_tma", lambda *a: used.append(real(*a)) or used[-1])
+    outs = {}
+    for mode_tma in ("0", "1"):
+        monkeypatch.setenv("H3MOE_TMA", mode_tma)
+        used.clear()
+        outs[mode_tma] = _run(te.moe, x, wgu, wd, logits, ids, "silu", dy, dtype)
+        # gate_up, down, the backward's act, d(x) and both weight gradients: all through descriptors or none
+        assert used == [mode_tma == "1"] * 6, used
+    for name, a, b in zip(("y", "dx", "dw_gate_up", "dw_down", "dlogits"), outs["0"], outs["1"]):
+        # equal up to the order of the interpreter's sums (numpy reads a transposed tile in another order)
+        assert (a.double() - b.double()).abs().max() <= 2**-10 * a.double().abs().max(), name
+    ref = _run(_ref, x, wgu, wd, logits, ids, "silu", dy, torch.float64)
+    eager = _run(_ref, x, wgu, wd, logits, ids, "silu", dy, dtype)
+    _assert_close(outs["1"], eager, ref, ATOL[dtype])
+
+
+@needs_triton
+@pytest.mark.interpreter
+def test_tma_only_where_it_can_run(monkeypatch):
+    """Descriptors need 16-bit data, 16-byte aligned pointers and row strides; a config's TMA flag, or
+    H3MOE_TMA=1, falls back to pointer loads elsewhere; H3MOE_TMA=0 turns every config's off."""
+    from h3moe.kernels.experts import Config, Tma
+
+    t = torch.randn(4, 64, device=DEV).half()
+    plain, tma = Config(64, 64, 32), Tma(128, 128, 64, 8, 8, 3)
+    assert tma.TMA and tma.hopper_only and not plain.TMA and "tma" in repr(tma)
+    assert Config.from_dict(tma.as_dict()) == tma and "TMA" not in plain.as_dict()
+    assert tma.with_tma(False)[:6] == tma[:6] and not tma.with_tma(False).TMA
+    monkeypatch.setenv("H3MOE_TMA", "auto")
+    assert te._use_tma(tma, (t,), (64,)) and not te._use_tma(plain, (t,), (64,))
+    assert not te._use_tma(tma, (t,), (60,))  # 120-byte rows
+    assert not te._use_tma(tma, (t.view(-1)[4:],), (64,))  # pointer 8 bytes off
+    assert not te._use_tma(tma, (t.float(),), (64,))  # fp32: the candidates with TMA are 16-bit
+    monkeypatch.setenv("H3MOE_TMA", "1")
+    assert te._use_tma(plain, (t,), (64,))
+    monkeypatch.setenv("H3MOE_TMA", "0")
+    assert not te._use_tma(tma, (t,), (64,))
+    monkeypatch.setenv("H3MOE_TMA", "yes")
+    with pytest.raises(ValueError, match="H3MOE_TMA"):
+        te._use_tma(tma, (t,), (64,))
+
+
 def _saved_shapes(fn):
     """Shapes of the tensors autograd saves while fn() runs its forward."""
     shapes = []
@@ -627,6 +693,37 @@ def test_gpu_poisoned_outputs(T, H, I, E, K, empty):
             for o in outs:
                 if o.dim() == 3 and o.shape[0] == E:
                     assert not o[[0, 5]].any() and o[1].abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H,I,E,K", [
+    (2048, 1024, 768, 8, 2),  # "large" tiles: the Tma candidates' regime
+    (333, 1004, 700, 7, 3),  # rows of 2008 and 1400 bytes: no descriptor can run, the same tiles without
+])
+def test_gpu_tma_descriptors(T, H, I, E, K, monkeypatch):
+    """H3MOE_TMA=1 (tensor descriptors, TMA on sm_90+; pointer loads where they cannot run): within eager's
+    error; the forward captures in a CUDA graph (the descriptors' scratch from the graph's pool) and replays
+    to the eager result; a poisoned allocator shows no unwritten element."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors: sm_90+")
+    monkeypatch.setenv("H3MOE_TMA", "1")
+    junk = torch.full((64 << 20,), float("nan"), device="cuda")
+    del junk
+    x, wgu, wd, logits, ids, dy, outs = _gpu_case(T, H, I, E, K, torch.bfloat16)
+    ref = _run(_loop_ref, x, wgu, wd, logits, ids, "silu", dy, torch.float32)
+    eager = _run(_loop_ref, x, wgu, wd, logits, ids, "silu", dy, torch.bfloat16)
+    _assert_close(outs, eager, ref, 1e-2)
+    xb, wgub, wdb = (t.to(torch.bfloat16) for t in (x, wgu, wd))
+    r = h3moe.route(logits, K, backend="torch")
+    y0 = te.moe(xb, wgub, wdb, r, "silu")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = te.moe(xb, wgub, wdb, r, "silu")
+    xb.copy_(torch.randn_like(xb))
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(yg, te.moe(xb, wgub, wdb, r, "silu"), rtol=0, atol=0)
+    assert not torch.equal(yg, y0)
 
 
 @pytest.mark.gpu

@@ -42,6 +42,9 @@ class AotSpec:
     # Argument names compiled as multiples of 16 (tt.divisibility), as Triton's JIT specializes 16-byte aligned
     # pointers and ints divisible by 16 at run time: without them the compile shows scalar, unpipelined loads.
     divisible: tuple = ()
+    # Loads through tensor descriptors (TMA): sm_90 only, and its PTX must hold cp.async.bulk.tensor. The
+    # CI sample takes one of these per kernel function on top of its max_per_kernel others.
+    tma: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,6 +199,8 @@ def compile_spec(spec: AotSpec, arch: int, sass: bool = False) -> dict:
     row["shared"] = int(getattr(k.metadata, "shared", 0) or 0)  # bytes Triton requests at launch
     row["wgmma"] = "wgmma" in ptx
     row["mma"] = "mma.sync" in ptx
+    row["tma"] = "cp.async.bulk.tensor" in ptx
+    row["tma_spec"] = spec.tma
     row["lane_asm"] = lane_asm_problem(k.asm["ttgir"])
     if sass:
         row["sass"] = sass_histogram(k.asm["cubin"])
@@ -236,7 +241,8 @@ def compile_all(
     """Compile every spec of `modules` for each of its archs (or `archs`), `jobs` processes at a time.
 
     max_per_kernel > 0 keeps, per kernel function, that many specs evenly spaced over the module's list (the
-    CI compile tier's time budget); 0 compiles all of them (scripts/kernel_report.py's default).
+    CI compile tier's time budget), and one TMA spec more where the function has some; 0 compiles all of
+    them (scripts/kernel_report.py's default).
     """
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -247,10 +253,10 @@ def compile_all(
         for i, (_, spec) in enumerate(collect_specs((mod,))):
             if name_filter and name_filter not in spec.name:
                 continue
-            groups.setdefault(fn_name(spec), []).append(i)
+            groups.setdefault((fn_name(spec), spec.tma), []).append(i)
         specs = collect_specs((mod,))
-        for idx in groups.values():
-            for i in _sample(idx, max_per_kernel):
+        for (_, tma), idx in groups.items():
+            for i in _sample(idx, min(max_per_kernel, 1) if tma else max_per_kernel):
                 for arch in archs or specs[i][1].archs:
                     work.append((mod, i, arch, sass))
     if jobs <= 1:

@@ -47,6 +47,13 @@ Kernels (all accumulate in fp32; fp32 inputs use tl.dot's "tf32x3", about fp32 a
                  routing-weight scale kept the left tile off cp.async: 1.5-2 stages of shared memory instead
                  of 3 (49-66 KB vs 96 KB at 128x128x64, compile tier).
 
+TMA (constexpr, Config.TMA; Hopper): the dense operands come through tensor descriptors made per program
+over its expert only (tl.make_tensor_descriptor: the TMA unit loads the tiles and zero-fills past the
+expert's rows and the tensor's edges, so those loads need no mask): the weights in every kernel, the
+sorted A / dH rows in _down_kernel (from the tile's first row to its expert's end) and both operands of
+_wgrad_kernel (the expert's rows). The gathered x / dy rows stay pointer loads (Hopper's TMA cannot gather
+rows). Same values into the same tiles as the pointer loads; fewer instructions per K step.
+
 FLOPs and bytes (bf16, per layer): forward 6*S*H*I FLOPs; bytes ~ E_used*3*H*I*2 (weights) + S*(H+I)*2
 + T*K*H*4 (slot buffer) (+ S*2I*2 for the saved h). Backward: bwd-act 2*S*H*I (6 when recomputing),
 d(x) 4*S*H*I, d(W) 6*S*H*I -> 12*S*H*I, twice the forward (16, 2.7x, when recomputing). Decode (S small)
@@ -146,20 +153,27 @@ def _swizzle(pid, M_SLOTS, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, acc_g, acc_u, acc_d, H, I, offs_k, nmask,
-                  BWD: tl.constexpr, RECOMPUTE: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                  PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One BK step of the K-loop over H of _gate_up_kernel."""
+def _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, wgu_desc, wd_desc, n0, acc_g, acc_u, acc_d, H, I, offs_k,
+                  nmask, BWD: tl.constexpr, RECOMPUTE: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                  TMA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One BK step of the K-loop over H of _gate_up_kernel. TMA: the weight tiles come through the expert's
+    tensor descriptors (wgu_desc (2I, H) blocks (BN, BK); wd_desc (H, I) blocks (BK, BN); zero past the
+    edges), the gathered x / dy rows through pointers as always."""
     k0 = kk * BK
     if not EVEN_K:
         kmask = offs_k < H - k0
     if RECOMPUTE or not BWD:  # the gate/up GEMM (forward, or the backward that recomputes it)
         if EVEN_K:
             xa = tl.load(x_ptrs + k0)
+        else:
+            xa = tl.load(x_ptrs + k0, mask=kmask[None, :], other=0.0)
+        if TMA:
+            wg = tl.trans(wgu_desc.load([n0, k0]))  # (BK, BN)
+            wu = tl.trans(wgu_desc.load([I + n0, k0]))
+        elif EVEN_K:
             wg = tl.load(wg_ptrs + k0)
             wu = tl.load(wg_ptrs + I * H + k0)
         else:
-            xa = tl.load(x_ptrs + k0, mask=kmask[None, :], other=0.0)
             wg = tl.load(wg_ptrs + k0, mask=kmask[:, None], other=0.0)
             wu = tl.load(wg_ptrs + I * H + k0, mask=kmask[:, None], other=0.0)
         if UPCAST:
@@ -171,9 +185,13 @@ def _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, acc_g, acc_u, acc_d, H,
     if BWD:
         if EVEN_K:
             dya = tl.load(dy_ptrs + k0)
-            wd = tl.load(wd_ptrs + k0 * I, mask=nmask[None, :], other=0.0)  # n contiguous: masked, not clamped
         else:
             dya = tl.load(dy_ptrs + k0, mask=kmask[None, :], other=0.0)
+        if TMA:
+            wd = wd_desc.load([k0, n0])  # (BK, BN)
+        elif EVEN_K:
+            wd = tl.load(wd_ptrs + k0 * I, mask=nmask[None, :], other=0.0)  # n contiguous: masked, not clamped
+        else:
             wd = tl.load(wd_ptrs + k0 * I, mask=kmask[:, None] & nmask[None, :], other=0.0)
         if UPCAST:
             dya = dya.to(tl.float32)
@@ -211,6 +229,7 @@ def _gate_up_kernel(
     GROUP_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
     EVEN_K: tl.constexpr,  # H % BK == 0
+    TMA: tl.constexpr,  # weight tiles through tensor descriptors (Hopper TMA; the launcher checks alignment)
     PREC: tl.constexpr,  # tl.dot input_precision ("tf32x3" for fp32; ignored for 16-bit)
     UPCAST: tl.constexpr,  # cast dot operands to fp32 (interpreter only)
     INTERP: tl.constexpr,  # running under TRITON_INTERPRET=1
@@ -236,19 +255,29 @@ def _gate_up_kernel(
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         acc_d = tl.zeros((BM, BN), dtype=tl.float32)  # dy @ Wd (BWD only; dead code otherwise)
+        n0 = pid_n * BN
+        wgu_desc = wg_ptrs  # placeholders where a descriptor is not used
+        wd_desc = wd_ptrs
+        if TMA:  # one descriptor per weight this program reads, over its expert only
+            if RECOMPUTE or not BWD:
+                wgu_desc = tl.make_tensor_descriptor(wgu_ptr + e64 * 2 * I * H, shape=[2 * I, H], strides=[H, 1],
+                                                     block_shape=[BN, BK])
+            if BWD:
+                wd_desc = tl.make_tensor_descriptor(wd_ptr + e64 * H * I, shape=[H, I], strides=[I, 1],
+                                                    block_shape=[BK, BN])
         nk = tl.cdiv(H, BK)
         if INTERP:  # the interpreter cannot take a runtime range bound (numpy >= 2.4): a while loop there
             kk = 0
             while kk < nk:
-                acc_g, acc_u, acc_d = _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, acc_g, acc_u, acc_d,
-                                                    H, I, offs_k, nmask, BWD, RECOMPUTE, BK, EVEN_K, PREC,
-                                                    UPCAST)
+                acc_g, acc_u, acc_d = _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, wgu_desc, wd_desc, n0,
+                                                    acc_g, acc_u, acc_d, H, I, offs_k, nmask, BWD, RECOMPUTE, BK,
+                                                    EVEN_K, TMA, PREC, UPCAST)
                 kk += 1
         else:
             for kk in range(0, nk):
-                acc_g, acc_u, acc_d = _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, acc_g, acc_u, acc_d,
-                                                    H, I, offs_k, nmask, BWD, RECOMPUTE, BK, EVEN_K, PREC,
-                                                    UPCAST)
+                acc_g, acc_u, acc_d = _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, wgu_desc, wd_desc, n0,
+                                                    acc_g, acc_u, acc_d, H, I, offs_k, nmask, BWD, RECOMPUTE, BK,
+                                                    EVEN_K, TMA, PREC, UPCAST)
         rows64 = rows.to(tl.int64)
         omask = rmask[:, None] & nmask[None, :]
         h_ptrs = h_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]  # (BM, BN) gate; + I: up
@@ -287,11 +316,20 @@ def _gate_up_kernel(
 
 
 @triton.jit
-def _down_step(kk, a_ptrs, w_ptrs, w_step, acc, KD, offs_k, nmask, MASK_N: tl.constexpr, BK: tl.constexpr,
-               EVEN_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One BK step of the K-loop of _down_kernel; w_step: weight elements per unit of k."""
+def _down_step(kk, a_ptrs, w_ptrs, w_step, a_desc, w_desc, n0, acc, KD, offs_k, nmask, MASK_N: tl.constexpr,
+               BK: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, TRANS_W: tl.constexpr, PREC: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """One BK step of the K-loop of _down_kernel; w_step: weight elements per unit of k. TMA: both tiles
+    through tensor descriptors (a_desc: the tile's rows to its expert's end, blocks (BM, BK); w_desc: the
+    expert's weight, blocks (BK, BN) if TRANS_W else (BN, BK); zero past the edges: no masks)."""
     k0 = kk * BK
-    if EVEN_K:
+    if TMA:
+        aa = a_desc.load([0, k0])
+        if TRANS_W:
+            ww = w_desc.load([k0, n0])
+        else:
+            ww = tl.trans(w_desc.load([n0, k0]))
+    elif EVEN_K:
         aa = tl.load(a_ptrs + k0)
         if MASK_N:
             ww = tl.load(w_ptrs + k0 * w_step, mask=nmask[None, :], other=0.0)
@@ -333,6 +371,7 @@ def _down_kernel(
     GROUP_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
     EVEN_K: tl.constexpr,  # KD % BK == 0
+    TMA: tl.constexpr,  # A and weight tiles through tensor descriptors (Hopper TMA; the launcher checks alignment)
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     INTERP: tl.constexpr,
@@ -357,18 +396,29 @@ def _down_kernel(
         else:
             w_ptrs = w_base + offs_nc[None, :] * KD + offs_k[:, None]  # (BK, BN)
             w_step = 1
+        a_desc = a_ptrs  # placeholders where a descriptor is not used
+        w_desc = w_ptrs
+        if TMA:
+            # the A rows from this tile's first to its expert's last: the rows past BM are never loaded
+            a_desc = tl.make_tensor_descriptor(a_ptr + row0.to(tl.int64) * KD, shape=[row_end - row0, KD],
+                                               strides=[KD, 1], block_shape=[BM, BK])
+            if TRANS_W:
+                w_desc = tl.make_tensor_descriptor(w_base, shape=[KD, N], strides=[N, 1], block_shape=[BK, BN])
+            else:
+                w_desc = tl.make_tensor_descriptor(w_base, shape=[N, KD], strides=[KD, 1], block_shape=[BN, BK])
+        n0 = pid_n * BN
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         nk = tl.cdiv(KD, BK)
         if INTERP:
             kk = 0
             while kk < nk:
-                acc = _down_step(kk, a_ptrs, w_ptrs, w_step, acc, KD, offs_k, nmask, TRANS_W, BK, EVEN_K, PREC,
-                                 UPCAST)
+                acc = _down_step(kk, a_ptrs, w_ptrs, w_step, a_desc, w_desc, n0, acc, KD, offs_k, nmask, TRANS_W,
+                                 BK, EVEN_K, TMA, TRANS_W, PREC, UPCAST)
                 kk += 1
         else:
             for kk in range(0, nk):
-                acc = _down_step(kk, a_ptrs, w_ptrs, w_step, acc, KD, offs_k, nmask, TRANS_W, BK, EVEN_K, PREC,
-                                 UPCAST)
+                acc = _down_step(kk, a_ptrs, w_ptrs, w_step, a_desc, w_desc, n0, acc, KD, offs_k, nmask, TRANS_W,
+                                 BK, EVEN_K, TMA, TRANS_W, PREC, UPCAST)
         slot = tl.load(slots_ptr + rows, mask=rmask, other=0)
         if SCALE:
             w = tl.load(rw_ptr + slot, mask=rmask, other=0.0)  # (BM,) fp32
@@ -402,6 +452,18 @@ def _wgrad_step(r0, hi, l_ptr, r_ptr, acc, M, N, offs_m, offs_n, mmask, nmask, o
 
 
 @triton.jit
+def _wgrad_step_tma(r, l_desc, r_desc, acc, m0, n0, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One step of _wgrad_kernel's loop through the expert's tensor descriptors (rows past its last are
+    zeros: no mask). r: the step's first row, counted from the expert's first."""
+    lt = tl.trans(l_desc.load([r, m0]))  # (BM, BK)
+    rt = r_desc.load([r, n0])  # (BK, BN)
+    if UPCAST:
+        lt = lt.to(tl.float32)
+        rt = rt.to(tl.float32)
+    return tl.dot(lt, rt, acc, input_precision=PREC)
+
+
+@triton.jit
 def _wgrad_kernel(
     l_ptr,  # (S, M) x dtype, sorted rows of the left operand: dH (S, 2I) | w * dy[token] (S, H)
     r_ptr,  # (S, N) x dtype, sorted rows of the right operand: x[token] (S, H) | A (S, I)
@@ -413,6 +475,7 @@ def _wgrad_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,  # rows per step
     GROUP_M: tl.constexpr,
+    TMA: tl.constexpr,  # both operands through tensor descriptors over the expert's rows (Hopper TMA)
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     INTERP: tl.constexpr,
@@ -431,7 +494,22 @@ def _wgrad_kernel(
     nmask = offs_n < N
     offs_r = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if INTERP:
+    if TMA:
+        # descriptors over this expert's rows only (at least one row: an empty expert loads nothing)
+        n_e = tl.maximum(hi - lo, 1)
+        l_desc = tl.make_tensor_descriptor(l_ptr + lo.to(tl.int64) * M, shape=[n_e, M], strides=[M, 1],
+                                           block_shape=[BK, BM])
+        r_desc = tl.make_tensor_descriptor(r_ptr + lo.to(tl.int64) * N, shape=[n_e, N], strides=[N, 1],
+                                           block_shape=[BK, BN])
+        if INTERP:
+            r = 0
+            while r < hi - lo:
+                acc = _wgrad_step_tma(r, l_desc, r_desc, acc, pid_m * BM, pid_n * BN, PREC, UPCAST)
+                r += BK
+        else:
+            for r in range(0, hi - lo, BK):
+                acc = _wgrad_step_tma(r, l_desc, r_desc, acc, pid_m * BM, pid_n * BN, PREC, UPCAST)
+    elif INTERP:
         r0 = lo
         while r0 < hi:
             acc = _wgrad_step(r0, hi, l_ptr, r_ptr, acc, M, N, offs_m, offs_n, mmask, nmask, offs_r, PREC, UPCAST)
@@ -455,13 +533,17 @@ KERNELS = ("gate_up", "down", "bwd_act", "bwd_act_saved", "dx", "wgrad_gu", "wgr
 
 
 class Config(tuple):
-    """(BM, BN, BK, GROUP_M, num_warps, num_stages)"""
+    """(BM, BN, BK, GROUP_M, num_warps, num_stages, TMA). TMA: the dense operands (the weights; the down and
+    wgrad kernels' sorted rows too) go through tensor descriptors, loaded by Hopper's TMA unit instead of
+    per-thread cp.async: fewer instructions per K step (wgrad 128x128x64: 69 in the main loop against 149,
+    compile tier). Hopper and later only; a launch whose strides or pointers are not 16-byte aligned runs
+    the same tiles without it."""
 
     __slots__ = ()
     hopper_only = False
 
-    def __new__(cls, BM, BN, BK, GROUP_M=8, num_warps=4, num_stages=3):
-        return super().__new__(cls, (BM, BN, BK, GROUP_M, num_warps, num_stages))
+    def __new__(cls, BM, BN, BK, GROUP_M=8, num_warps=4, num_stages=3, TMA=False):
+        return super().__new__(cls, (BM, BN, BK, GROUP_M, num_warps, num_stages, bool(TMA)))
 
     BM = property(lambda s: s[0])
     BN = property(lambda s: s[1])
@@ -469,17 +551,26 @@ class Config(tuple):
     GROUP_M = property(lambda s: s[3])
     num_warps = property(lambda s: s[4])
     num_stages = property(lambda s: s[5])
+    TMA = property(lambda s: s[6])
 
     def as_dict(self) -> dict:
-        return dict(zip(("BM", "BN", "BK", "GROUP_M", "num_warps", "num_stages"), self))
+        d = dict(zip(("BM", "BN", "BK", "GROUP_M", "num_warps", "num_stages"), self))
+        if self.TMA:  # absent from the files of configs without it
+            d["TMA"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        cls = _HopperConfig if d.get("TMA") else cls
         return cls(int(d["BM"]), int(d["BN"]), int(d["BK"]), int(d.get("GROUP_M", 8)), int(d["num_warps"]),
-                   int(d["num_stages"]))
+                   int(d["num_stages"]), bool(d.get("TMA", False)))
+
+    def with_tma(self, on: bool) -> "Config":
+        """The same tiles with or without tensor descriptors."""
+        return (_HopperConfig if on or self.hopper_only else Config)(*self[:6], TMA=on)
 
     def __repr__(self) -> str:
-        return "BM={},BN={},BK={},G={},w{},s{}".format(*self)
+        return "BM={},BN={},BK={},G={},w{},s{}".format(*self) + (",tma" if self.TMA else "")
 
 
 class _HopperConfig(Config):
@@ -490,7 +581,15 @@ class _HopperConfig(Config):
 C = Config
 Hp = _HopperConfig
 
+
+def Tma(*tile) -> Config:
+    """A Hopper candidate whose dense operands go through tensor descriptors (Config.TMA)."""
+    return _HopperConfig(*tile, TMA=True)
+
+
 # 16-bit dtypes. Row tiles by regime: "decode" (<= 16 rows per used expert), "small" (<= 64), "large".
+# Tma(...) candidates come last: not a default until a GPU run has timed them (the autotuner and
+# scripts/profile_experts.py --candidates do).
 # 16 is tl.dot's smallest M; decode is bandwidth bound, so its tiles are narrow in N (many programs stream
 # the weights) and deep in K (many bytes in flight per program). The first candidate that runs on the
 # device's architecture is the pinned default.
@@ -498,12 +597,14 @@ _CANDIDATES = {
     "gate_up": {  # BN counts gate columns (the tile computes BN gate + BN up columns)
         "decode": [C(16, 64, 128, 1, 4, 4), C(16, 32, 128, 1, 4, 4), C(16, 64, 64, 1, 4, 5)],
         "small": [C(64, 64, 64, 8, 4, 4), C(32, 64, 128, 8, 4, 3), C(64, 128, 64, 8, 8, 3)],
-        "large": [Hp(128, 128, 64, 8, 8, 3), C(128, 64, 64, 8, 8, 4), C(64, 128, 64, 8, 8, 3)],
+        "large": [Hp(128, 128, 64, 8, 8, 3), C(128, 64, 64, 8, 8, 4), C(64, 128, 64, 8, 8, 3),
+                  Tma(128, 128, 64, 8, 8, 3)],
     },
     "down": {
         "decode": [C(16, 64, 128, 1, 4, 4), C(16, 32, 128, 1, 4, 4), C(16, 64, 64, 1, 4, 5)],
         "small": [C(64, 64, 64, 8, 4, 4), C(32, 64, 128, 8, 4, 3), C(64, 128, 64, 8, 4, 3)],
-        "large": [Hp(128, 256, 64, 8, 8, 3), C(128, 128, 64, 8, 8, 4), Hp(128, 128, 64, 8, 4, 3)],
+        "large": [Hp(128, 256, 64, 8, 8, 3), C(128, 128, 64, 8, 8, 4), Hp(128, 128, 64, 8, 4, 3),
+                  Tma(128, 256, 64, 8, 8, 3), Tma(128, 128, 64, 8, 8, 4)],
     },
     "bwd_act": {  # three accumulators (gate, up, dy @ Wd)
         "decode": [C(16, 64, 64, 1, 4, 3), C(16, 32, 128, 1, 4, 3)],
@@ -516,19 +617,22 @@ _CANDIDATES = {
         "small": [C(64, 64, 64, 8, 4, 4), C(32, 64, 128, 8, 4, 3)],
         # (BM, BN) tiles of 64 fp32 elements per thread spill hundreds of bytes in this epilogue (the
         # compiler keeps the loaded gate/up chain in two layouts): 32 per thread at most, so 8 warps
-        "large": [C(128, 64, 64, 8, 8, 4), C(64, 128, 64, 8, 8, 3), C(128, 64, 32, 8, 8, 4)],
+        "large": [C(128, 64, 64, 8, 8, 4), C(64, 128, 64, 8, 8, 3), C(128, 64, 32, 8, 8, 4),
+                  Tma(128, 64, 64, 8, 8, 4)],
     },
     "dx": {
         "decode": [C(16, 64, 128, 1, 4, 4), C(16, 32, 128, 1, 4, 4)],
         "small": [C(64, 64, 64, 8, 4, 4), C(64, 128, 64, 8, 4, 3)],
-        "large": [C(128, 128, 64, 8, 8, 4), C(128, 256, 64, 8, 8, 3), Hp(128, 128, 64, 8, 4, 3)],
+        "large": [C(128, 128, 64, 8, 8, 4), C(128, 256, 64, 8, 8, 3), Hp(128, 128, 64, 8, 4, 3),
+                  Tma(128, 128, 64, 8, 8, 4), Tma(128, 256, 64, 8, 8, 3)],
     },
     # weight gradients: a BM x BN tile of dW[e], BK of the expert's rows per step; both roles run the same
     # kernel on sorted operands, so they share one list (tuned separately: their shapes differ)
     "wgrad_gu": {
         "decode": [C(64, 64, 16, 8, 4, 3), C(32, 64, 32, 8, 4, 3)],
         "small": [C(64, 64, 32, 8, 4, 3), C(64, 128, 32, 8, 4, 3)],
-        "large": [C(128, 128, 64, 8, 8, 3), C(128, 128, 32, 8, 4, 4), Hp(128, 256, 64, 8, 8, 3)],
+        "large": [C(128, 128, 64, 8, 8, 3), C(128, 128, 32, 8, 4, 4), Hp(128, 256, 64, 8, 8, 3),
+                  Tma(128, 128, 64, 8, 8, 3), Tma(128, 256, 64, 8, 8, 3), Tma(128, 128, 64, 8, 8, 4)],
     },
 }
 _CANDIDATES["wgrad_down"] = _CANDIDATES["wgrad_gu"]
@@ -618,7 +722,7 @@ def _spec(name: str, fn, sig: dict, const: dict, cfg: Config):
     # BM < 64 (decode tiles) is below wgmma's M: those use mma.sync on sm_90 too, by design.
     return AotSpec(name=name, fn=fn, signature={n: sig[n] for n in fn.arg_names}, constexprs=const,
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, gemm=cfg.BM >= 64,
-                   archs=(90,) if cfg.hopper_only else (80, 90), **_divisible(fn))
+                   archs=(90,) if cfg.hopper_only else (80, 90), tma=cfg.TMA, **_divisible(fn))
 
 
 def aot_specs() -> list:
@@ -638,7 +742,7 @@ def aot_specs() -> list:
                            "dy_ptr": p, "wd_ptr": p, "rw_ptr": "*fp32", "dh_ptr": p, "dw_ptr": "*fp32",
                            "h_ptr": p, "H": "i32", "I": "i32", "E": "i32", "M_SLOTS": "i32", "K": "i32"}
                     const = dict(ACT=0, BWD=bwd, SAVE_H=not bwd, RECOMPUTE=role == "bwd_act", **tile, BLOCK_E=8,
-                                 EVEN_K=True, PREC=prec, UPCAST=False, INTERP=False)
+                                 EVEN_K=True, TMA=cfg.TMA, PREC=prec, UPCAST=False, INTERP=False)
                     specs.append(_spec(name, _gate_up_kernel, sig, const, cfg))
                     if not bwd:  # and as inference runs it (no h stored), with a many-expert schedule (E=128)
                         specs.append(_spec(f"experts_{role}_infer[{dt},{cfg!r}]", _gate_up_kernel, sig,
@@ -648,13 +752,13 @@ def aot_specs() -> list:
                     sig = {"a_ptr": p, "w_ptr": p, "slots_ptr": "*i32", "offsets_ptr": "*i32", "rw_ptr": "*fp32",
                            "out_ptr": "*fp32", "N": "i32", "KD": "i32", "E": "i32", "M_SLOTS": "i32", "K": "i32"}
                     const = dict(TRANS_W=dx, SCALE=not dx, ATOMIC=False, **tile, BLOCK_E=8, EVEN_K=True,
-                                 PREC=prec, UPCAST=False, INTERP=False)
+                                 TMA=cfg.TMA, PREC=prec, UPCAST=False, INTERP=False)
                     specs.append(_spec(name, _down_kernel, sig, const, cfg))
                     if not fp32:  # H3MOE_COMBINE=lowp: slot rows stored in the activations' dtype
                         specs.append(_spec(f"experts_{role}_lowp[{dt},{cfg!r}]", _down_kernel, {**sig, "out_ptr": p},
                                            const, cfg))
                 else:
                     sig = {"l_ptr": p, "r_ptr": p, "offsets_ptr": "*i32", "out_ptr": p, "M": "i32", "N": "i32"}
-                    const = dict(**tile, PREC=prec, UPCAST=False, INTERP=False)
+                    const = dict(**tile, TMA=cfg.TMA, PREC=prec, UPCAST=False, INTERP=False)
                     specs.append(_spec(name, _wgrad_kernel, sig, const, cfg))
     return specs

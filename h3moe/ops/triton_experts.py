@@ -39,6 +39,14 @@ Configs, per kernel role and key (role, S-bucket, H, I, E, K, dtype) — S = T*K
 So H3MOE_AUTOTUNE=0 means "no benchmarking at run time" (committed tuned files still apply); with
 H3MOE_TUNED=0 as well, every launch takes the pinned default.
 Candidates and defaults depend on the GPU architecture (Hopper-only tiles are left out on sm_80).
+
+Tensor descriptors (TMA, Config.TMA): the "large" candidates include Hopper configs that load the dense
+operands (weights; the down / d(x) / weight-gradient kernels' sorted rows too) through per-expert tensor
+descriptors made on the device (tl.make_tensor_descriptor: 128 bytes of global scratch per descriptor and
+program, from triton.set_allocator: h3moe sets a torch allocator where none is set). They are candidates,
+not defaults, until a GPU run has timed them. H3MOE_TMA=0 runs every config without descriptors, =1 with
+them wherever they can run (16-bit, sm_90+, 16-byte aligned pointers and row strides; the interpreter too);
+a launch that cannot use them runs the same tiles without.
 Tune and save for one model shape: `python -m h3moe.ops.triton_experts --E 8 --H 4096 --I 14336 --K 2`.
 """
 from __future__ import annotations
@@ -285,6 +293,53 @@ def _launch(role, S, H, I, E, K, dtype, device, run):
     raise first
 
 
+def _tma_mode() -> str:
+    mode = os.environ.get("H3MOE_TMA", "auto")
+    if mode not in ("0", "1", "auto"):
+        raise ValueError(f"H3MOE_TMA: expected 0, 1 or auto, got {mode!r}")
+    return mode
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Triton's global scratch (tensor descriptors made on the device), from torch's caching allocator on
+    the current device and stream (inside a CUDA graph capture, its private pool)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _ensure_allocator() -> None:
+    """Set _scratch as Triton's allocator where none is set (per thread: Triton keeps it in a ContextVar,
+    and autograd runs the backward in a thread of its own). A user's allocator is left alone."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        import triton
+
+        triton.set_allocator(_scratch)
+
+
+def _use_tma(cfg, tensors, row_elems) -> bool:
+    """Whether a launch of `cfg` reads `tensors` through tensor descriptors: the config asks for it (or
+    H3MOE_TMA=1), the dtype is 16-bit, the GPU is sm_90+ (or the interpreter runs), and every pointer and
+    row stride (`row_elems`, in elements) is a multiple of 16 bytes, as TMA requires."""
+    mode = _tma_mode()
+    if not (cfg.TMA if mode == "auto" else mode == "1"):
+        return False
+    t0 = tensors[0]
+    if t0.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if t0.device.type == "cuda":
+        if _arch(t0.device) < 90:
+            return False
+    elif not _backend.interpreter_enabled():
+        return False
+    es = t0.element_size()
+    if any(t.data_ptr() % 16 for t in tensors) or any(n * es % 16 for n in row_elems):
+        return False
+    if t0.device.type == "cuda":
+        _ensure_allocator()
+    return True
+
+
 def _check(x, w_gate_up, w_down):
     if x.dtype not in _DTYPES:
         raise NotImplementedError(
@@ -331,8 +386,8 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool
         k._gate_up_kernel[grid](
             x, w_gate_up, slots, offsets, a, x, w_down, rw_flat, a, rw_flat, h if save_h else a, H, I, E, m,
             K=K, ACT=act_id, BWD=False, SAVE_H=save_h, RECOMPUTE=False, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
-            GROUP_M=cfg.GROUP_M,
-            BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0, PREC=_prec(x.dtype), UPCAST=interp, INTERP=interp,
+            GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0,
+            TMA=_use_tma(cfg, (w_gate_up,), (H,)), PREC=_prec(x.dtype), UPCAST=interp, INTERP=interp,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     _launch("gate_up", S, H, I, E, K, x.dtype, x.device, run_gate_up)
@@ -352,8 +407,8 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool
         k._down_kernel[grid](
             a, w_down, slots, offsets, rw_flat, out, H, I, E, m,
             K=K, TRANS_W=False, SCALE=True, ATOMIC=atomic, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
-            BLOCK_E=_block_e(E), EVEN_K=I % cfg.BK == 0, PREC=_prec(x.dtype), UPCAST=interp, INTERP=interp,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            BLOCK_E=_block_e(E), EVEN_K=I % cfg.BK == 0, TMA=_use_tma(cfg, (a, w_down), (I,)),
+            PREC=_prec(x.dtype), UPCAST=interp, INTERP=interp, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     _launch("down", S, H, I, E, K, x.dtype, x.device, run_down)
     if K == 1:
@@ -400,9 +455,9 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
         k._gate_up_kernel[(m * nb,)](
             x, w_gate_up, slots, offsets, a, dy, w_down, rw_flat, dh, dwp, h if saved else dh, H, I, E, m,
             K=K, ACT=act_id, BWD=True, SAVE_H=False, RECOMPUTE=not saved, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
-            GROUP_M=cfg.GROUP_M,
-            BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0, PREC=prec, UPCAST=interp, INTERP=interp,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0,
+            TMA=_use_tma(cfg, (w_down, w_gate_up) if not saved else (w_down,), (H, I)), PREC=prec, UPCAST=interp,
+            INTERP=interp, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     _launch("bwd_act_saved" if saved else "bwd_act", S, H, I, E, K, dt, dev, run_act)
     if need_w:
@@ -418,8 +473,9 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
             k._down_kernel[(m * _cdiv(H, cfg.BN),)](
                 dh, w_gate_up, slots, offsets, rw_flat, buf, H, 2 * I, E, m,
                 K=K, TRANS_W=True, SCALE=False, ATOMIC=False, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
-                GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=(2 * I) % cfg.BK == 0, PREC=prec,
-                UPCAST=interp, INTERP=interp, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=(2 * I) % cfg.BK == 0,
+                TMA=_use_tma(cfg, (dh, w_gate_up), (2 * I, H)), PREC=prec, UPCAST=interp, INTERP=interp,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
         _launch("dx", S, H, I, E, K, dt, dev, run_dx)
         if K > 1:
@@ -429,8 +485,9 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
         def run(cfg):
             grid = (E * _cdiv(M, cfg.BM) * _cdiv(N, cfg.BN),)
             k._wgrad_kernel[grid](
-                left, right, offsets, out, M, N, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, PREC=prec,
-                UPCAST=interp, INTERP=interp, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                left, right, offsets, out, M, N, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+                TMA=_use_tma(cfg, (left, right), (M, N)), PREC=prec, UPCAST=interp, INTERP=interp,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
         _launch(role, S, H, I, E, K, dt, dev, run)
 
