@@ -213,6 +213,27 @@ def test_tma_only_where_it_can_run(monkeypatch):
         te._use_tma(tma, (t,), (64,))
 
 
+@needs_triton
+@pytest.mark.interpreter
+def test_saved_backward_epilogue_in_column_halves(monkeypatch):
+    """bwd_act_saved tiles from BN=128 run their epilogue in two column halves (the Hopper default
+    128x128): forced here with a BN=128 config, on an I whose second tile has a partly and a wholly masked
+    half, against the reference."""
+    from h3moe.kernels.experts import Config
+
+    real = te.config_for
+    forced = Config(16, 128, 32, 1, 4, 2)
+    monkeypatch.setattr(te, "config_for", lambda role, *a, **kw: forced if role == "bwd_act_saved" else real(role, *a, **kw))
+    monkeypatch.setattr(te, "torch", _PoisonTorch())
+    T, H, I, E, K = 9, 32, 160, 3, 2
+    x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32)
+    ids = torch.topk(logits, K, -1).indices
+    dy = torch.randn(T, H, device=DEV)
+    outs = _run(te.moe, x, wgu, wd, logits, ids, "silu", dy, torch.float32)
+    ref = _run(_ref, x, wgu, wd, logits, ids, "silu", dy, torch.float64)
+    _assert_close(outs, ref, ref, ATOL[torch.float32])
+
+
 def _saved_shapes(fn):
     """Shapes of the tensors autograd saves while fn() runs its forward."""
     shapes = []

@@ -200,6 +200,24 @@ def _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, wgu_desc, wd_desc, n0, 
     return acc_g, acc_u, acc_d
 
 
+@triton.jit
+def _bwd_saved_cols(acc_d, w, rows64, rmask, offs_n, I, h_ptr, a_ptr, dh_ptr, ACT: tl.constexpr):
+    """The saved-h backward epilogue over the columns offs_n of I: reads gate/up from h, stores a and dH
+    there; returns the rows' partial d(routing weight) over these columns (BM,)."""
+    omask = rmask[:, None] & (offs_n < I)[None, :]
+    h_ptrs = h_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]
+    act, dact = _act_bwd(tl.load(h_ptrs, mask=omask, other=0.0).to(tl.float32), ACT)
+    u = tl.load(h_ptrs + I, mask=omask, other=0.0).to(tl.float32)
+    a = act * u  # masked elements were loaded as 0: a = act(0) * 0 = 0 there
+    tl.store(a_ptr + rows64[:, None] * I + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=omask)
+    part = tl.sum(acc_d * a, 1)
+    da = acc_d * w[:, None]
+    dh_ptrs = dh_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]
+    tl.store(dh_ptrs + I, (da * act).to(dh_ptr.dtype.element_ty), mask=omask)  # d up
+    tl.store(dh_ptrs, (da * u * dact).to(dh_ptr.dtype.element_ty), mask=omask)  # d gate
+    return part
+
+
 # Values that change with the batch (T) or the model are not specialized: one compile serves them all.
 @triton.jit(do_not_specialize=["E", "M_SLOTS", "K"])
 def _gate_up_kernel(
@@ -282,7 +300,17 @@ def _gate_up_kernel(
         omask = rmask[:, None] & nmask[None, :]
         h_ptrs = h_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]  # (BM, BN) gate; + I: up
         a_ptrs = a_ptr + rows64[:, None] * I + offs_n[None, :]
-        if BWD:
+        if BWD and not RECOMPUTE and BN >= 128:
+            # the saved form's epilogue in two column halves: each loads its half of h, so only half of
+            # the loaded gate/up chain is live at a time (one 128x128 pass spills hundreds of bytes)
+            w = tl.load(rw_ptr + slot, mask=rmask, other=0.0)  # (BM,) fp32
+            d_lo, d_hi = tl.split(tl.permute(tl.reshape(acc_d, (BM, 2, BN // 2)), (0, 2, 1)))
+            part = _bwd_saved_cols(d_lo, w, rows64, rmask, pid_n * BN + tl.arange(0, BN // 2),
+                                   I, h_ptr, a_ptr, dh_ptr, ACT)
+            part += _bwd_saved_cols(d_hi, w, rows64, rmask, pid_n * BN + BN // 2 + tl.arange(0, BN // 2),
+                                    I, h_ptr, a_ptr, dh_ptr, ACT)
+            tl.store(dw_ptr + rows64 * num_pid_n + pid_n, part, mask=rmask)
+        elif BWD:
             if RECOMPUTE:
                 act, dact = _act_bwd(acc_g, ACT)
                 u = acc_u
@@ -615,10 +643,12 @@ _CANDIDATES = {
     "bwd_act_saved": {  # one accumulator (dy @ Wd); gate/up read from the saved pre-activation
         "decode": [C(16, 64, 128, 1, 4, 4), C(16, 32, 128, 1, 4, 4)],
         "small": [C(64, 64, 64, 8, 4, 4), C(32, 64, 128, 8, 4, 3)],
-        # (BM, BN) tiles of 64 fp32 elements per thread spill hundreds of bytes in this epilogue (the
-        # compiler keeps the loaded gate/up chain in two layouts): 32 per thread at most, so 8 warps
-        "large": [C(128, 64, 64, 8, 8, 4), C(64, 128, 64, 8, 8, 3), C(128, 64, 32, 8, 8, 4),
-                  Tma(128, 64, 64, 8, 8, 4)],
+        # 8 warps: 64 fp32 accumulators per thread at most. From BN=128 the epilogue runs in two column
+        # halves (one pass spilled 408 B at 128x128 on sm_90; the halves spill nothing there, 191
+        # registers, and 64 FLOP per byte of tile loads against 43 at 128x64); sm_80's mma.sync still
+        # spills 144 B at 128x128, so Ampere keeps 128x64.
+        "large": [Hp(128, 128, 64, 8, 8, 4), C(128, 64, 64, 8, 8, 4), Hp(128, 128, 64, 8, 8, 3),
+                  C(64, 128, 64, 8, 8, 3), C(128, 64, 32, 8, 8, 4), Tma(128, 128, 64, 8, 8, 4)],
     },
     "dx": {
         "decode": [C(16, 64, 128, 1, 4, 4), C(16, 32, 128, 1, 4, 4)],
