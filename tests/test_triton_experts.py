@@ -234,6 +234,26 @@ def test_saved_backward_epilogue_in_column_halves(monkeypatch):
     _assert_close(outs, ref, ref, ATOL[torch.float32])
 
 
+@needs_triton
+@pytest.mark.interpreter
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+def test_routing_weights_without_grad(recompute, monkeypatch):
+    """Routing weights that need no gradient (a frozen router): the backward skips the partial
+    d(routing weight) (NEED_W=False: no (S, NB) buffer, no store); the other gradients are unchanged."""
+    T, H, I, E, K = 7, 32, 24, 4, 2
+    x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32)
+    ids = torch.topk(logits, K, -1).indices
+    dy = torch.randn(T, H, device=DEV)
+    grads = {}
+    for need_w in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, wgu, wd)]
+        lg = logits.detach().clone().requires_grad_(need_w)
+        y = te.moe(*leaves, _routing(lg, ids), "silu", recompute=recompute)
+        grads[need_w] = torch.autograd.grad(y, leaves, dy)
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.equal(a, b)
+
+
 def _saved_shapes(fn):
     """Shapes of the tensors autograd saves while fn() runs its forward."""
     shapes = []

@@ -241,6 +241,7 @@ def _gate_up_kernel(
     BWD: tl.constexpr,
     SAVE_H: tl.constexpr,  # forward: also store the gate/up pre-activation into h (for a backward)
     RECOMPUTE: tl.constexpr,  # backward: recompute gate/up (True) or read them from h (False)
+    NEED_W: tl.constexpr,  # backward: store the partial d(routing weight) (False: the weights need no grad)
     BM: tl.constexpr,
     BN: tl.constexpr,  # columns of I per tile (gate and up each)
     BK: tl.constexpr,
@@ -309,7 +310,8 @@ def _gate_up_kernel(
                                    I, h_ptr, a_ptr, dh_ptr, ACT)
             part += _bwd_saved_cols(d_hi, w, rows64, rmask, pid_n * BN + BN // 2 + tl.arange(0, BN // 2),
                                     I, h_ptr, a_ptr, dh_ptr, ACT)
-            tl.store(dw_ptr + rows64 * num_pid_n + pid_n, part, mask=rmask)
+            if NEED_W:
+                tl.store(dw_ptr + rows64 * num_pid_n + pid_n, part, mask=rmask)
         elif BWD:
             if RECOMPUTE:
                 act, dact = _act_bwd(acc_g, ACT)
@@ -324,7 +326,8 @@ def _gate_up_kernel(
                 part = tl.sum(tl.where(omask, acc_d * a, 0.0), 1)  # (BM,) partial d(routing weight)
             else:  # masked elements were loaded as 0: a = act(0) * 0 = 0 there
                 part = tl.sum(acc_d * a, 1)
-            tl.store(dw_ptr + rows64 * num_pid_n + pid_n, part, mask=rmask)
+            if NEED_W:
+                tl.store(dw_ptr + rows64 * num_pid_n + pid_n, part, mask=rmask)
             w = tl.load(rw_ptr + slot, mask=rmask, other=0.0)  # (BM,) fp32
             da = acc_d * w[:, None]
             dh_ptrs = dh_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]
@@ -771,7 +774,8 @@ def aot_specs() -> list:
                     sig = {"x_ptr": p, "wgu_ptr": p, "slots_ptr": "*i32", "offsets_ptr": "*i32", "a_ptr": p,
                            "dy_ptr": p, "wd_ptr": p, "rw_ptr": "*fp32", "dh_ptr": p, "dw_ptr": "*fp32",
                            "h_ptr": p, "H": "i32", "I": "i32", "E": "i32", "M_SLOTS": "i32", "K": "i32"}
-                    const = dict(ACT=0, BWD=bwd, SAVE_H=not bwd, RECOMPUTE=role == "bwd_act", **tile, BLOCK_E=8,
+                    const = dict(ACT=0, BWD=bwd, SAVE_H=not bwd, RECOMPUTE=role == "bwd_act", NEED_W=bwd, **tile,
+                                 BLOCK_E=8,
                                  EVEN_K=True, TMA=cfg.TMA, PREC=prec, UPCAST=False, INTERP=False)
                     specs.append(_spec(name, _gate_up_kernel, sig, const, cfg))
                     if not bwd:  # and as inference runs it (no h stored), with a many-expert schedule (E=128)

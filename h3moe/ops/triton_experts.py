@@ -385,8 +385,8 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool
         grid = (m * _cdiv(I, cfg.BN),)
         k._gate_up_kernel[grid](
             x, w_gate_up, slots, offsets, a, x, w_down, rw_flat, a, rw_flat, h if save_h else a, H, I, E, m,
-            K=K, ACT=act_id, BWD=False, SAVE_H=save_h, RECOMPUTE=False, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
-            GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0,
+            K=K, ACT=act_id, BWD=False, SAVE_H=save_h, RECOMPUTE=False, NEED_W=False, BM=cfg.BM, BN=cfg.BN,
+            BK=cfg.BK, GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0,
             TMA=_use_tma(cfg, (w_gate_up,), (H,)), PREC=_prec(x.dtype), UPCAST=interp, INTERP=interp,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -451,11 +451,12 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
     def run_act(cfg):
         m = _m_slots(S, E, cfg.BM)
         nb = _cdiv(I, cfg.BN)
-        part["dw"] = dwp = torch.empty(S, nb, device=dev, dtype=torch.float32)
+        # (S, NB) partial d(routing weight) per I block, only where the routing weights need a gradient
+        part["dw"] = dwp = torch.empty(S, nb, device=dev, dtype=torch.float32) if need_w else rw_flat
         k._gate_up_kernel[(m * nb,)](
             x, w_gate_up, slots, offsets, a, dy, w_down, rw_flat, dh, dwp, h if saved else dh, H, I, E, m,
-            K=K, ACT=act_id, BWD=True, SAVE_H=False, RECOMPUTE=not saved, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
-            GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0,
+            K=K, ACT=act_id, BWD=True, SAVE_H=False, RECOMPUTE=not saved, NEED_W=need_w, BM=cfg.BM, BN=cfg.BN,
+            BK=cfg.BK, GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0,
             TMA=_use_tma(cfg, (w_down, w_gate_up) if not saved else (w_down,), (H, I)), PREC=prec, UPCAST=interp,
             INTERP=interp, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
