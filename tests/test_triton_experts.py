@@ -213,6 +213,34 @@ def test_tma_only_where_it_can_run(monkeypatch):
         te._use_tma(tma, (t,), (64,))
 
 
+def test_tma_scratch_allocator():
+    """Descriptors made on the device need Triton's scratch allocator: h3moe sets its torch one where none
+    is set, in each thread (a ContextVar: autograd's backward thread starts without it), and leaves a
+    user's own allocator in place."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    def user(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    seen = {}
+
+    def body():
+        seen["before"] = _allocation._allocator.get()
+        seen["ok"] = te._ensure_allocator()
+        seen["after"] = _allocation._allocator.get()
+        triton.set_allocator(user)
+        te._ensure_allocator()
+        seen["user"] = _allocation._allocator.get()
+
+    th = threading.Thread(target=body)
+    th.start()
+    th.join()
+    assert isinstance(seen["before"], _allocation.NullAllocator)
+    assert seen["ok"] and seen["after"] is te._scratch and seen["user"] is user
+
+
 @needs_triton
 @pytest.mark.interpreter
 def test_saved_backward_epilogue_in_column_halves(monkeypatch):

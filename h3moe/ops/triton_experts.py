@@ -306,15 +306,19 @@ def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
-def _ensure_allocator() -> None:
+def _ensure_allocator() -> bool:
     """Set _scratch as Triton's allocator where none is set (per thread: Triton keeps it in a ContextVar,
-    and autograd runs the backward in a thread of its own). A user's allocator is left alone."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+    and autograd runs the backward in a thread of its own). A user's allocator is left alone. False where
+    this Triton has no such allocator (then no descriptor is made on the device)."""
+    try:
         import triton
+        from triton.runtime import _allocation
 
-        triton.set_allocator(_scratch)
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            triton.set_allocator(_scratch)
+    except (ImportError, AttributeError):
+        return False
+    return True
 
 
 def _use_tma(cfg, tensors, row_elems) -> bool:
@@ -335,9 +339,7 @@ def _use_tma(cfg, tensors, row_elems) -> bool:
     es = t0.element_size()
     if any(t.data_ptr() % 16 for t in tensors) or any(n * es % 16 for n in row_elems):
         return False
-    if t0.device.type == "cuda":
-        _ensure_allocator()
-    return True
+    return t0.device.type != "cuda" or _ensure_allocator()
 
 
 def _check(x, w_gate_up, w_down):
