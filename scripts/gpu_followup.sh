@@ -38,7 +38,9 @@ left() { echo $(( TOTAL - ($(date +%s) - START) )); }
 min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 say() { echo "[gpu_followup $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
-# 1. autotune each model shape (about half the budget), in the order of the targets missed
+# 1. autotune each model shape (about half the budget), in the order of the targets missed; each first
+#    compiles every candidate in 12 processes at once on a stand-in shape (precompile(): ~40 variants per
+#    shape, which the tuner would otherwise compile one after the other), then times them
 TUNE_END=$(( TOTAL / 2 ))
 for shape in "8 4096 14336 2 mixtral" "3 4096 11008 2 h3fusion" "128 2048 768 8 qwen3" "64 2048 1024 8 olmoe"; do
   set -- $shape
@@ -46,7 +48,7 @@ for shape in "8 4096 14336 2 mixtral" "3 4096 11008 2 h3fusion" "128 2048 768 8 
   if [ "$L" -lt 20 ]; then say "tune $5: skipped (budget)"; continue; fi
   say "tune $5: limit ${L}s"
   timeout -k 10 "$L" "$PY" -m h3moe.ops.triton_experts --E "$1" --H "$2" --I "$3" --K "$4" \
-    --tokens 1,16,4096 --out "$OUT/configs" >> "$LOG" 2>&1
+    --tokens 1,16,4096 --precompile-jobs 12 --out "$OUT/configs" >> "$LOG" 2>&1
   say "tune $5: rc=$?"
 done
 ls "$OUT/configs" | tee -a "$LOG"

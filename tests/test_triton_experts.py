@@ -282,6 +282,42 @@ def test_routing_weights_without_grad(recompute, monkeypatch):
         assert torch.equal(a, b)
 
 
+@needs_triton
+@pytest.mark.interpreter
+def test_precompile_forces_every_candidate():
+    """precompile() (tune --precompile-jobs N) has child processes launch every candidate a tune would time,
+    each forced on its role, so that the tuner finds them in Triton's cache: the work list holds each
+    (role, config) of the regimes of the token counts once, and running it launches exactly those."""
+    from h3moe.kernels import experts as k
+
+    E, K, tokens = 4, 2, (1, 40)
+    work = te._precompile_work(E, K, tokens)
+    pairs = [(r, c) for r, c, _ in work]
+    assert len(pairs) == len(set(pairs))
+    for T in tokens:
+        for role in te._TUNE_ROLES:
+            assert set(k.candidate_configs(role, T * K, E, K)) <= {c for r, c in pairs if r == role}
+    assert {r for r, _ in pairs} == set(te._TUNE_ROLES)
+    assert [w for w in te._precompile_work(E, K, tokens, backward=False) if w[0] not in ("gate_up", "down")] == []
+    orig = te.config_for
+    launched = te._precompile_run(E, 32, 48, K, torch.float16, work)
+    assert set(launched) == set(pairs)
+    # a child process's side of it: its work as JSON (the configs' TMA flags included)
+    spec = json.dumps({"E": E, "H": 32, "I": 48, "K": K, "dtype": "fp16", "backward": True,
+                       "work": [(r, c.as_dict(), T) for r, c, T in work[:2]] + [("down", k.Tma(16, 64, 64).as_dict(), 1)]})
+    calls = []
+    real_run = te._precompile_run
+    te._precompile_run = lambda *a: calls.append(a) or real_run(*a)
+    try:
+        te._precompile_child(spec)
+    finally:
+        te._precompile_run = real_run
+    assert [(r, c, T) for r, c, T in calls[0][5]] == work[:2] + [("down", k.Tma(16, 64, 64), 1)]
+    assert calls[0][5][-1][1].TMA and calls[0][4] == torch.float16
+    assert os.environ.get("H3MOE_AUTOTUNE") == "0"  # the autouse fixture's value, restored
+    assert te.config_for is orig
+
+
 def _saved_shapes(fn):
     """Shapes of the tensors autograd saves while fn() runs its forward."""
     shapes = []

@@ -674,6 +674,113 @@ def tune(E: int, H: int, I: int, K: int, dtype: torch.dtype = torch.bfloat16, to
     return save_tuned(directory)
 
 
+#: Kernel roles a tune() run launches (the saved-h backward; bwd_act only runs with H3MOE_RECOMPUTE=1).
+_TUNE_ROLES = ("gate_up", "down", "bwd_act_saved", "dx", "wgrad_gu", "wgrad_down")
+
+
+def _precompile_work(E: int, K: int, tokens, backward: bool = True, fp32: bool = False, arch: int = 90):
+    """(role, config, T) for every candidate a tune() at these token counts can time, each once, with a T
+    of its regime."""
+    k = _kernels()
+    roles = _TUNE_ROLES if backward else _TUNE_ROLES[:2]
+    work, seen = [], set()
+    for T in tokens:
+        for role in roles:
+            for cfg in k.candidate_configs(role, T * K, E, K, fp32, arch):
+                if (role, cfg) not in seen:
+                    seen.add((role, cfg))
+                    work.append((role, cfg, T))
+    return work
+
+
+def _precompile_run(E: int, H: int, I: int, K: int, dtype: torch.dtype, work, backward: bool = True) -> list:
+    """Launch each (role, config, T) of `work` once: a forward (and backward) at T tokens with that config
+    forced on its role and the pinned defaults elsewhere. Returns the (role, config) pairs launched."""
+    import h3moe.ops.triton_experts as te  # the module itself: its config_for is what _launch calls
+
+    from .routing import sort_by_expert
+
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    launched = []
+    real = te.config_for
+    forced = {}
+
+    def config_for(role, *args, **kwargs):
+        if role in forced:
+            launched.append((role, forced[role]))
+            return forced[role]
+        return real(role, *args, **kwargs)
+
+    old = {v: os.environ.get(v) for v in ("H3MOE_AUTOTUNE", "H3MOE_TUNED")}
+    os.environ.update(H3MOE_AUTOTUNE="0", H3MOE_TUNED="0")
+    te.config_for = config_for
+    try:
+        wgu = (torch.randn(E, 2 * I, H, device=dev) / H**0.5).to(dtype).requires_grad_(backward)
+        wd = (torch.randn(E, H, I, device=dev) / I**0.5).to(dtype).requires_grad_(backward)
+        for role, cfg, T in work:
+            forced.clear()
+            forced[role] = cfg
+            x = torch.randn(T, H, device=dev, dtype=dtype, requires_grad=backward)
+            logits = torch.randn(T, E, device=dev)
+            w, ids = torch.topk(torch.softmax(logits, -1), K, dim=-1)
+            counts, offsets, slots = sort_by_expert(ids, E)
+            y = moe(x, wgu, wd, Routing(w, ids, counts, offsets, slots))
+            if backward:
+                y.backward(torch.randn_like(y))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    finally:
+        te.config_for = real
+        for v, val in old.items():
+            if val is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = val
+    return launched
+
+
+def _precompile_child(spec: str) -> None:
+    """A precompile() child process: `spec` is the JSON of its share of the work."""
+    d = json.loads(spec)
+    k = _kernels()
+    work = [(r, k.Config.from_dict(c), T) for r, c, T in d["work"]]
+    dtype = {v: t for t, v in _DTYPES.items()}[d["dtype"]]
+    print(len(_precompile_run(d["E"], d["H"], d["I"], d["K"], dtype, work, d["backward"])))
+
+
+def precompile(E: int, H: int, I: int, K: int, dtype: torch.dtype = torch.bfloat16, tokens=(1, 16, 4096),
+               backward: bool = True, jobs: int = 8) -> int:
+    """Compile every kernel variant a tune() of this shape will time, in `jobs` processes at once, into
+    Triton's on-disk cache (which the tuning process then reads instead of compiling one variant after the
+    other). The children run a small stand-in shape, H' = 128 + H % 128 and I' = 128 + I % 128: the same
+    E, K and row regimes, and the same specializations (every K-tail flag, divisibility by 16, 16-byte row
+    alignment), so the same variants, at a few microseconds of GPU time each. Returns the launches run."""
+    import subprocess
+    import sys
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("precompile() needs a CUDA GPU")
+    arch = _arch(torch.device("cuda"))
+    work = _precompile_work(E, K, tokens, backward, dtype == torch.float32, arch)
+    Hs, Is = 128 + H % 128, 128 + I % 128
+    chunks = [c for c in (work[i::max(1, jobs)] for i in range(max(1, jobs))) if c]
+    # plain child interpreters (not multiprocessing: its spawn re-runs a `python -m` main module, which
+    # would register this module's custom ops twice)
+    code = "import sys; from h3moe.ops.triton_experts import _precompile_child; _precompile_child(sys.argv[1])"
+    procs = []
+    for c in chunks:
+        spec = json.dumps({"E": E, "H": Hs, "I": Is, "K": K, "dtype": _DTYPES[dtype], "backward": backward,
+                           "work": [(r, cfg.as_dict(), T) for r, cfg, T in c]})
+        procs.append(subprocess.Popen([sys.executable, "-c", code, spec], stdout=subprocess.PIPE, text=True))
+    done = 0
+    for p in procs:
+        out, _ = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"precompile: a child failed (rc={p.returncode})")
+        done += int(out.strip().splitlines()[-1])
+    return done
+
+
 def _main(argv=None) -> None:
     import argparse
 
@@ -688,9 +795,18 @@ def _main(argv=None) -> None:
     ap.add_argument("--tokens", default="1,4,16,64,256,1024,4096", help="comma-separated token counts T")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--out", default=None, help="directory (default: h3moe/configs/)")
+    ap.add_argument("--precompile-jobs", type=int, default=0,
+                    help="first compile every candidate in N processes at once (precompile()); 0: no")
     a = ap.parse_args(argv)
     dtype = {v: k for k, v in _DTYPES.items()}[a.dtype]
-    paths = tune(a.E, a.H, a.I, a.K, dtype, [int(t) for t in a.tokens.split(",")], not a.no_backward, a.out)
+    tokens = [int(t) for t in a.tokens.split(",")]
+    if a.precompile_jobs > 0:
+        import time
+
+        t0 = time.perf_counter()
+        n = precompile(a.E, a.H, a.I, a.K, dtype, tokens, not a.no_backward, a.precompile_jobs)
+        print(f"precompiled: {n} launches in {time.perf_counter() - t0:.1f}s ({a.precompile_jobs} processes)")
+    paths = tune(a.E, a.H, a.I, a.K, dtype, tokens, not a.no_backward, a.out)
     for p in paths:
         print(p)
 
