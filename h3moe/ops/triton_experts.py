@@ -657,21 +657,31 @@ def tune(E: int, H: int, I: int, K: int, dtype: torch.dtype = torch.bfloat16, to
     if not torch.cuda.is_available():
         raise RuntimeError("tune() needs a CUDA GPU")
     os.environ["H3MOE_AUTOTUNE"] = "1"
-    from .routing import sort_by_expert
-
-    dev = torch.device("cuda")
-    wgu = (torch.randn(E, 2 * I, H, device=dev) / H**0.5).to(dtype).requires_grad_(backward)
-    wd = (torch.randn(E, H, I, device=dev) / I**0.5).to(dtype).requires_grad_(backward)
+    wgu, wd = _random_weights(E, H, I, dtype, torch.device("cuda"), backward)
     for T in tokens:
-        x = torch.randn(T, H, device=dev, dtype=dtype, requires_grad=backward)
-        logits = torch.randn(T, E, device=dev)
-        w, ids = torch.topk(torch.softmax(logits, -1), K, dim=-1)
-        counts, offsets, slots = sort_by_expert(ids, E)
-        y = moe(x, wgu, wd, Routing(w, ids, counts, offsets, slots))
-        if backward:
-            y.backward(torch.randn_like(y))
+        _random_call(wgu, wd, T, K, backward)
         torch.cuda.synchronize()
     return save_tuned(directory)
+
+
+def _random_weights(E: int, H: int, I: int, dtype: torch.dtype, device: torch.device, grad: bool):
+    wgu = (torch.randn(E, 2 * I, H, device=device) / H**0.5).to(dtype).requires_grad_(grad)
+    wd = (torch.randn(E, H, I, device=device) / I**0.5).to(dtype).requires_grad_(grad)
+    return wgu, wd
+
+
+def _random_call(wgu: torch.Tensor, wd: torch.Tensor, T: int, K: int, backward: bool) -> None:
+    """One moe() call on fresh random tokens and top-K routing (and its backward): every role launches."""
+    from .routing import sort_by_expert
+
+    E, H = wd.shape[0], wd.shape[1]
+    x = torch.randn(T, H, device=wd.device, dtype=wd.dtype, requires_grad=backward)
+    logits = torch.randn(T, E, device=wd.device)
+    w, ids = torch.topk(torch.softmax(logits, -1), K, dim=-1)
+    counts, offsets, slots = sort_by_expert(ids, E)
+    y = moe(x, wgu, wd, Routing(w, ids, counts, offsets, slots))
+    if backward:
+        y.backward(torch.randn_like(y))
 
 
 #: Kernel roles a tune() run launches (the saved-h backward; bwd_act only runs with H3MOE_RECOMPUTE=1).
@@ -698,8 +708,6 @@ def _precompile_run(E: int, H: int, I: int, K: int, dtype: torch.dtype, work, ba
     forced on its role and the pinned defaults elsewhere. Returns the (role, config) pairs launched."""
     import h3moe.ops.triton_experts as te  # the module itself: its config_for is what _launch calls
 
-    from .routing import sort_by_expert
-
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     launched = []
     real = te.config_for
@@ -715,18 +723,11 @@ def _precompile_run(E: int, H: int, I: int, K: int, dtype: torch.dtype, work, ba
     os.environ.update(H3MOE_AUTOTUNE="0", H3MOE_TUNED="0")
     te.config_for = config_for
     try:
-        wgu = (torch.randn(E, 2 * I, H, device=dev) / H**0.5).to(dtype).requires_grad_(backward)
-        wd = (torch.randn(E, H, I, device=dev) / I**0.5).to(dtype).requires_grad_(backward)
+        wgu, wd = _random_weights(E, H, I, dtype, dev, backward)
         for role, cfg, T in work:
             forced.clear()
             forced[role] = cfg
-            x = torch.randn(T, H, device=dev, dtype=dtype, requires_grad=backward)
-            logits = torch.randn(T, E, device=dev)
-            w, ids = torch.topk(torch.softmax(logits, -1), K, dim=-1)
-            counts, offsets, slots = sort_by_expert(ids, E)
-            y = moe(x, wgu, wd, Routing(w, ids, counts, offsets, slots))
-            if backward:
-                y.backward(torch.randn_like(y))
+            _random_call(wgu, wd, T, K, backward)
         if dev.type == "cuda":
             torch.cuda.synchronize()
     finally:
