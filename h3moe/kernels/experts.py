@@ -347,10 +347,10 @@ def _gate_up_kernel(
 
 
 @triton.jit
-def _down_step(kk, a_ptrs, w_ptrs, w_step, a_desc, w_desc, n0, acc, KD, offs_k, nmask, MASK_N: tl.constexpr,
-               BK: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, TRANS_W: tl.constexpr, PREC: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """One BK step of the K-loop of _down_kernel; w_step: weight elements per unit of k. TMA: both tiles
+def _down_step(kk, a_ptrs, w_ptrs, w_step, a_desc, w_desc, n0, acc, KD, offs_k, nmask, TRANS_W: tl.constexpr,
+               BK: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One BK step of the K-loop of _down_kernel; w_step: weight elements per unit of k; TRANS_W: the weight
+    is n-contiguous (masked in n: a clamp would hide the contiguity). TMA: both tiles
     through tensor descriptors (a_desc: the tile's rows to its expert's end, blocks (BM, BK); w_desc: the
     expert's weight, blocks (BK, BN) if TRANS_W else (BN, BK); zero past the edges: no masks)."""
     k0 = kk * BK
@@ -362,14 +362,14 @@ def _down_step(kk, a_ptrs, w_ptrs, w_step, a_desc, w_desc, n0, acc, KD, offs_k, 
             ww = tl.trans(w_desc.load([n0, k0]))
     elif EVEN_K:
         aa = tl.load(a_ptrs + k0)
-        if MASK_N:
+        if TRANS_W:
             ww = tl.load(w_ptrs + k0 * w_step, mask=nmask[None, :], other=0.0)
         else:
             ww = tl.load(w_ptrs + k0 * w_step)
     else:
         kmask = offs_k < KD - k0
         aa = tl.load(a_ptrs + k0, mask=kmask[None, :], other=0.0)
-        if MASK_N:
+        if TRANS_W:
             ww = tl.load(w_ptrs + k0 * w_step, mask=kmask[:, None] & nmask[None, :], other=0.0)
         else:
             ww = tl.load(w_ptrs + k0 * w_step, mask=kmask[:, None], other=0.0)
@@ -444,12 +444,12 @@ def _down_kernel(
             kk = 0
             while kk < nk:
                 acc = _down_step(kk, a_ptrs, w_ptrs, w_step, a_desc, w_desc, n0, acc, KD, offs_k, nmask, TRANS_W,
-                                 BK, EVEN_K, TMA, TRANS_W, PREC, UPCAST)
+                                 BK, EVEN_K, TMA, PREC, UPCAST)
                 kk += 1
         else:
             for kk in range(0, nk):
                 acc = _down_step(kk, a_ptrs, w_ptrs, w_step, a_desc, w_desc, n0, acc, KD, offs_k, nmask, TRANS_W,
-                                 BK, EVEN_K, TMA, TRANS_W, PREC, UPCAST)
+                                 BK, EVEN_K, TMA, PREC, UPCAST)
         slot = tl.load(slots_ptr + rows, mask=rmask, other=0)
         if SCALE:
             w = tl.load(rw_ptr + slot, mask=rmask, other=0.0)  # (BM,) fp32
