@@ -77,8 +77,17 @@ LOWP_MIN_T = 128
 TMA_MIN_T = 1024
 
 
-def _tma_row(c: Case, device) -> bool:
-    return device.type == "cuda" and c.T >= TMA_MIN_T and torch.cuda.get_device_capability(device)[0] >= 9
+def _tma_row(c: Case, device, skipped: list) -> bool:
+    """Whether case c gets an h3moe:triton-tma row: Hopper, T >= TMA_MIN_T, and the descriptor kernels passed
+    their smoke run in a child process (triton_experts.tma_smoke(): a fault cannot end this run)."""
+    if device.type != "cuda" or c.T < TMA_MIN_T or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    from h3moe.ops import triton_experts
+
+    why = triton_experts.tma_smoke()
+    if why:
+        skipped.append(("h3moe:triton-tma", f"the descriptor kernels failed their smoke run: {why}"))
+    return why is None
 
 #: Above this many bytes of gathered weights hf:batched_mm is skipped (it would not fit, or thrash).
 BATCHED_MM_CAP = {"cuda": 8 * 2**30, "cpu": 256 * 2**20}
@@ -271,7 +280,7 @@ def _fwd_impls(c: Case, device, fns, interpreter):
             impls.append(Impl("h3moe:triton-lowp", lambda s: _with_env(
                 "H3MOE_COMBINE", "lowp", h3moe.moe, s["x"], s["w_gate_up"], s["w_down"], s["routing"],
                 backend="triton")))
-        if b == "triton" and _tma_row(c, device):  # every launch through tensor descriptors (H3MOE_TMA=1)
+        if b == "triton" and _tma_row(c, device, skipped):  # every launch through tensor descriptors
             impls.append(Impl("h3moe:triton-tma", lambda s: _with_env(
                 "H3MOE_TMA", "1", h3moe.moe, s["x"], s["w_gate_up"], s["w_down"], s["routing"], backend="triton")))
     for name in ("hf:eager", "hf:batched_mm", "hf:grouped_mm", "hf:h3moe"):
@@ -320,7 +329,7 @@ def _fwdbwd_impls(c: Case, device, fns, interpreter):
             fwd = lambda s: triton_experts.moe(s["x"], s["w_gate_up"], s["w_down"], s["routing"],  # noqa: E731
                                                recompute=True)
             impls.append(Impl("h3moe:triton-recompute", _fwdbwd(fwd), _fwdbwd_prepare))
-            if _tma_row(c, device):  # forward and backward through tensor descriptors (H3MOE_TMA=1)
+            if _tma_row(c, device, skipped):  # forward and backward through tensor descriptors (H3MOE_TMA=1)
                 tma = _fwdbwd(lambda s: h3moe.moe(s["x"], s["w_gate_up"], s["w_down"], s["routing"],
                                                   backend="triton"))
                 impls.append(Impl("h3moe:triton-tma", lambda s, run=tma: _with_env("H3MOE_TMA", "1", run, s)[0],

@@ -285,11 +285,12 @@ def test_tma_rows():
     dev = torch.device("cuda")
     for case in ("fwd", "fwdbwd"):
         c = C.Case(case, C.MODELS["olmoe"], TMA_MIN_T, torch.bfloat16)
-        by = {i.name: i for i in implementations(c, dev)[0]}
+        impls, skipped = implementations(c, dev)
+        by = {i.name: i for i in impls}
         if torch.cuda.get_device_capability()[0] < 9:
             assert "h3moe:triton-tma" not in by
             continue
-        assert "h3moe:triton-tma" in by
+        assert "h3moe:triton-tma" in by, skipped  # a failed smoke run says why here
         s = C.input_sets(c, dev, C.make_weights(c.model, c.dtype, dev, seed=6))[0]
         before = os.environ.get("H3MOE_TMA")
         outs = {}

@@ -38,6 +38,15 @@ left() { echo $(( TOTAL - ($(date +%s) - START) )); }
 min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 say() { echo "[gpu_followup $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
+# 0. the descriptor (TMA) kernels, once, in a child process: where they run and agree, the tuner and the
+#    profile below also time the Tma candidates (H3MOE_TMA=auto; the default leaves them out)
+if timeout -k 5 200 "$PY" -c "import sys; from h3moe.ops.triton_experts import tma_smoke; r = tma_smoke(); \
+print('tma smoke:', r or 'ok'); sys.exit(1 if r else 0)" >> "$LOG" 2>&1; then
+  export H3MOE_TMA=auto; say "tma: smoke ok, H3MOE_TMA=auto"
+else
+  say "tma: smoke failed (see followup.log): Tma candidates left out"
+fi
+
 # 1. autotune each model shape (about half the budget), in the order of the targets missed; each first
 #    compiles every candidate in 12 processes at once on a stand-in shape (precompile(): ~40 variants per
 #    shape, which the tuner would otherwise compile one after the other), then times them

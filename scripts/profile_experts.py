@@ -85,8 +85,6 @@ class _Recorder:
         self.cands: dict[str, list[tuple[str, float]]] = {}
 
     def __call__(self, role, S, H, I, E, K, dtype, device, run):
-        from h3moe.kernels import experts as k
-
         if self.candidates and role not in self.cands:
             from triton.testing import do_bench
 
@@ -99,7 +97,7 @@ class _Recorder:
 
             fp32 = dtype == torch.float32
             out = []
-            for c in k.candidate_configs(role, S, E, K, fp32, self.te._arch(device)):
+            for c in self.te._candidates(role, S, E, K, fp32, self.te._arch(device)):
                 try:
                     out.append((repr(c), bench(lambda c=c: run(c))))
                 except Exception as err:  # noqa: BLE001 — out of resources on this GPU: record and go on

@@ -211,6 +211,32 @@ def test_tma_only_where_it_can_run(monkeypatch):
     monkeypatch.setenv("H3MOE_TMA", "yes")
     with pytest.raises(ValueError, match="H3MOE_TMA"):
         te._use_tma(tma, (t,), (64,))
+    # the default (until a GPU run has checked them): the tuner leaves the Tma candidates out
+    monkeypatch.delenv("H3MOE_TMA")
+    assert te._tma_mode() == "0" and not te._use_tma(tma, (t,), (64,))
+    large = te._candidates("wgrad_gu", 8192, 8, 2, False, 90)
+    assert large and not any(c.TMA for c in large)
+    monkeypatch.setenv("H3MOE_TMA", "auto")
+    assert any(c.TMA for c in te._candidates("wgrad_gu", 8192, 8, 2, False, 90))
+    assert not any(c.TMA for c in te._candidates("wgrad_gu", 8192, 8, 2, False, 80))  # Hopper only
+
+
+@needs_triton
+@pytest.mark.interpreter
+def test_tma_smoke_child(monkeypatch, capsys):
+    """tma_smoke()'s child (a GPU run's first look at the descriptor kernels, in a process of its own):
+    forward and backward with and without descriptors agree -> "tma ok"; a difference exits with its name.
+    Here on CPU tensors through the interpreter; tma_smoke() itself wants a GPU."""
+    monkeypatch.delenv("H3MOE_TMA", raising=False)
+    te._tma_smoke_child(shapes=((3, 32, 48, 3, 2),))
+    assert capsys.readouterr().out.strip() == "tma ok"
+    assert "H3MOE_TMA" not in os.environ  # restored
+    real = te.moe
+    monkeypatch.setattr(te, "moe", lambda *a, **kw: real(*a, **kw) * (1.5 if os.environ["H3MOE_TMA"] == "1" else 1))
+    with pytest.raises(SystemExit, match="y differs"):
+        te._tma_smoke_child(shapes=((3, 32, 48, 3, 2),))
+    if not HAS_CUDA:
+        assert te.tma_smoke() == "needs a CUDA GPU"
 
 
 def test_tma_scratch_allocator():
@@ -576,8 +602,9 @@ def test_autotune_selection(monkeypatch):
     monkeypatch.setattr(te, "_CONFIG_DIR", te._CONFIG_DIR / "no-such-dir")
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    cands = candidate_configs("down", 8192, 8, 2)
-    assert len(cands) >= 2
+    monkeypatch.delenv("H3MOE_TMA", raising=False)
+    cands = te._candidates("down", 8192, 8, 2, False, 90)  # the default H3MOE_TMA=0: no Tma candidate
+    assert len(cands) >= 2 and cands == [c for c in candidate_configs("down", 8192, 8, 2) if not c.TMA]
     timed = []
 
     class OutOfResources(Exception):
@@ -801,37 +828,6 @@ def test_gpu_poisoned_outputs(T, H, I, E, K, empty):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,H,I,E,K", [
-    (2048, 1024, 768, 8, 2),  # "large" tiles: the Tma candidates' regime
-    (333, 1004, 700, 7, 3),  # rows of 2008 and 1400 bytes: no descriptor can run, the same tiles without
-])
-def test_gpu_tma_descriptors(T, H, I, E, K, monkeypatch):
-    """H3MOE_TMA=1 (tensor descriptors, TMA on sm_90+; pointer loads where they cannot run): within eager's
-    error; the forward captures in a CUDA graph (the descriptors' scratch from the graph's pool) and replays
-    to the eager result; a poisoned allocator shows no unwritten element."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("tensor descriptors: sm_90+")
-    monkeypatch.setenv("H3MOE_TMA", "1")
-    junk = torch.full((64 << 20,), float("nan"), device="cuda")
-    del junk
-    x, wgu, wd, logits, ids, dy, outs = _gpu_case(T, H, I, E, K, torch.bfloat16)
-    ref = _run(_loop_ref, x, wgu, wd, logits, ids, "silu", dy, torch.float32)
-    eager = _run(_loop_ref, x, wgu, wd, logits, ids, "silu", dy, torch.bfloat16)
-    _assert_close(outs, eager, ref, 1e-2)
-    xb, wgub, wdb = (t.to(torch.bfloat16) for t in (x, wgu, wd))
-    r = h3moe.route(logits, K, backend="torch")
-    y0 = te.moe(xb, wgub, wdb, r, "silu")
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        yg = te.moe(xb, wgub, wdb, r, "silu")
-    xb.copy_(torch.randn_like(xb))
-    g.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(yg, te.moe(xb, wgub, wdb, r, "silu"), rtol=0, atol=0)
-    assert not torch.equal(yg, y0)
-
-
-@pytest.mark.gpu
 def test_gpu_activations():
     for act in ("gelu", "gelu_tanh", "relu"):
         x, wgu, wd, logits, ids, dy, outs = _gpu_case(64, 512, 256, 8, 2, torch.bfloat16, act)
@@ -893,3 +889,36 @@ def test_gpu_compile_fullgraph():
     torch.testing.assert_close(lc, le, rtol=1e-3, atol=1e-3)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H,I,E,K", [
+    (2048, 1024, 768, 8, 2),  # "large" tiles: the Tma candidates' regime
+    (333, 1004, 700, 7, 3),  # rows of 2008 and 1400 bytes: no descriptor can run, the same tiles without
+])
+def test_gpu_tma_descriptors(T, H, I, E, K, monkeypatch):
+    """(Last in this file: the first GPU run of the descriptor kernels.) H3MOE_TMA=1 (tensor descriptors, TMA on sm_90+; pointer loads where they cannot run): within eager's
+    error; the forward captures in a CUDA graph (the descriptors' scratch from the graph's pool) and replays
+    to the eager result; a poisoned allocator shows no unwritten element."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors: sm_90+")
+    why = te.tma_smoke()  # in a child process first: a fault there ends that process, not this file's run
+    assert why is None, why
+    monkeypatch.setenv("H3MOE_TMA", "1")
+    junk = torch.full((64 << 20,), float("nan"), device="cuda")
+    del junk
+    x, wgu, wd, logits, ids, dy, outs = _gpu_case(T, H, I, E, K, torch.bfloat16)
+    ref = _run(_loop_ref, x, wgu, wd, logits, ids, "silu", dy, torch.float32)
+    eager = _run(_loop_ref, x, wgu, wd, logits, ids, "silu", dy, torch.bfloat16)
+    _assert_close(outs, eager, ref, 1e-2)
+    xb, wgub, wdb = (t.to(torch.bfloat16) for t in (x, wgu, wd))
+    r = h3moe.route(logits, K, backend="torch")
+    y0 = te.moe(xb, wgub, wdb, r, "silu")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = te.moe(xb, wgub, wdb, r, "silu")
+    xb.copy_(torch.randn_like(xb))
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(yg, te.moe(xb, wgub, wdb, r, "silu"), rtol=0, atol=0)
+    assert not torch.equal(yg, y0)

@@ -619,8 +619,8 @@ def Tma(*tile) -> Config:
 
 
 # 16-bit dtypes. Row tiles by regime: "decode" (<= 16 rows per used expert), "small" (<= 64), "large".
-# Tma(...) candidates come last: not a default until a GPU run has timed them (the autotuner and
-# scripts/profile_experts.py --candidates do).
+# Tma(...) candidates come last: not a default until a GPU run has timed them; the launcher leaves them out
+# unless H3MOE_TMA=auto or 1 (ops/triton_experts.py; scripts/gpu_followup.sh tunes and profiles with auto).
 # 16 is tl.dot's smallest M; decode is bandwidth bound, so its tiles are narrow in N (many programs stream
 # the weights) and deep in K (many bytes in flight per program). The first candidate that runs on the
 # device's architecture is the pinned default.

@@ -43,10 +43,14 @@ Candidates and defaults depend on the GPU architecture (Hopper-only tiles are le
 Tensor descriptors (TMA, Config.TMA): the "large" candidates include Hopper configs that load the dense
 operands (weights; the down / d(x) / weight-gradient kernels' sorted rows too) through per-expert tensor
 descriptors made on the device (tl.make_tensor_descriptor: 128 bytes of global scratch per descriptor and
-program, from triton.set_allocator: h3moe sets a torch allocator where none is set). They are candidates,
-not defaults, until a GPU run has timed them. H3MOE_TMA=0 runs every config without descriptors, =1 with
-them wherever they can run (16-bit, sm_90+, 16-byte aligned pointers and row strides; the interpreter too);
-a launch that cannot use them runs the same tiles without.
+program, from triton.set_allocator: h3moe sets a torch allocator where none is set). H3MOE_TMA:
+  0 (default, until a GPU run has checked them): the Tma candidates are left out, every launch loads through
+    pointers (a tuned file's Tma config runs its tiles without descriptors);
+  auto: the tuner also times the Tma candidates, and a config with TMA uses descriptors;
+  1: every launch that can uses them (16-bit, sm_90+, 16-byte aligned pointers and row strides; the
+    interpreter too); a launch that cannot runs the same tiles without.
+tma_smoke() runs them once in a child process and says whether they run and agree on this GPU (the bench's
+h3moe:triton-tma rows and scripts/gpu_followup.sh's H3MOE_TMA=auto wait for it).
 Tune and save for one model shape: `python -m h3moe.ops.triton_experts --E 8 --H 4096 --I 14336 --K 2`.
 """
 from __future__ import annotations
@@ -186,7 +190,7 @@ def config_for(role: str, S: int, H: int, I: int, E: int, K: int, dtype: torch.d
     if not autotune or bench is None or torch.cuda.is_current_stream_capturing():
         return k.default_config(role, S, E, K, fp32, arch)
     timings = []
-    for c in k.candidate_configs(role, S, E, K, fp32, arch):
+    for c in _candidates(role, S, E, K, fp32, arch):
         try:
             timings.append((bench(c), c))
         except Exception as err:  # out of shared memory / registers on this GPU: skip the candidate
@@ -273,10 +277,11 @@ def _launch(role, S, H, I, E, K, dtype, device, run):
         first = err
     k = _kernels()
     fp32, arch = dtype == torch.float32, _arch(device)
-    regime = k.candidate_configs(role, S, E, K, fp32, arch)
+    regime = _candidates(role, S, E, K, fp32, arch)
     # this regime's candidates first, then the role's other tiles (every tile computes the same result; the
     # decode tiles need the least shared memory)
-    rest = [c for c in k.all_configs(role, fp32) if c not in regime and (arch >= 90 or not c.hopper_only)]
+    rest = [c for c in k.all_configs(role, fp32)
+            if c not in regime and (arch >= 90 or not c.hopper_only) and not (c.TMA and _tma_mode() == "0")]
     for c in regime + sorted(rest, key=lambda c: (c.BM * c.BK + c.BK * c.BN) * c.num_stages, reverse=True):
         if c == cfg:
             continue
@@ -293,11 +298,95 @@ def _launch(role, S, H, I, E, K, dtype, device, run):
     raise first
 
 
+#: H3MOE_TMA's default. "0" until a GPU run has checked the descriptor kernels (tma_smoke(), the bench's
+#: h3moe:triton-tma rows): autotuning is on by default, so "auto" would put them in every Hopper user's tuning.
+_TMA_DEFAULT = "0"
+
+
 def _tma_mode() -> str:
-    mode = os.environ.get("H3MOE_TMA", "auto")
+    mode = os.environ.get("H3MOE_TMA", _TMA_DEFAULT)
     if mode not in ("0", "1", "auto"):
         raise ValueError(f"H3MOE_TMA: expected 0, 1 or auto, got {mode!r}")
     return mode
+
+
+def _candidates(role: str, S: int, E: int, K: int, fp32: bool, arch: int) -> list:
+    """The role's candidates for this launch, less the Tma ones where H3MOE_TMA=0 (they would run as
+    their pointer-load twins)."""
+    cands = _kernels().candidate_configs(role, S, E, K, fp32, arch)
+    return cands if _tma_mode() != "0" else [c for c in cands if not c.TMA]
+
+
+_TMA_SMOKE: dict[int, str | None] = {}
+
+
+def tma_smoke(timeout: float = 180.0) -> str | None:
+    """Run the descriptor kernels once on this GPU, in a child process (a fault there cannot take this
+    process's CUDA context with it): forward and backward at a decode and a large-tile shape with
+    H3MOE_TMA=1 against H3MOE_TMA=0. None if they ran and agree, else why not. Cached per device."""
+    import subprocess
+    import sys
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    index = torch.cuda.current_device()
+    if index not in _TMA_SMOKE:
+        if _arch_of(index) < 90:
+            _TMA_SMOKE[index] = f"tensor descriptors need sm_90+, this GPU is sm_{_arch_of(index)}"
+        else:
+            code = "from h3moe.ops.triton_experts import _tma_smoke_child; _tma_smoke_child()"
+            env = {**os.environ, "H3MOE_TMA_SMOKE_DEVICE": f"cuda:{index}"}
+            try:
+                p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                                   env=env)
+                ok = p.returncode == 0 and p.stdout.strip().endswith("tma ok")
+                why = None if ok else f"rc={p.returncode}: " + (p.stderr.strip() or p.stdout.strip())[-600:]
+            except subprocess.TimeoutExpired:
+                why = f"the smoke run took over {timeout:.0f}s"
+            _TMA_SMOKE[index] = why
+    return _TMA_SMOKE[index]
+
+
+def _tma_smoke_child(shapes=((4, 256, 384, 4, 2), (512, 256, 384, 4, 2))) -> None:
+    """tma_smoke()'s child (also run on CPU tensors under the interpreter by the tests): each (T, H, I, E, K)
+    forward + backward in bf16 with and without descriptors, on the same random inputs; prints "tma ok"."""
+    from .routing import sort_by_expert
+
+    dev = torch.device(os.environ.get("H3MOE_TMA_SMOKE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    os.environ["H3MOE_AUTOTUNE"] = "0"
+    old = os.environ.get("H3MOE_TMA")
+    try:
+        for T, H, I, E, K in shapes:
+            g = torch.Generator(device=dev).manual_seed(T)
+            x = torch.randn(T, H, device=dev, generator=g)
+            wgu = torch.randn(E, 2 * I, H, device=dev, generator=g) / H**0.5
+            wd = torch.randn(E, H, I, device=dev, generator=g) / I**0.5
+            logits = torch.randn(T, E, device=dev, generator=g)
+            dy = torch.randn(T, H, device=dev, generator=g)
+            outs = {}
+            for mode in ("0", "1"):
+                os.environ["H3MOE_TMA"] = mode
+                leaves = [t.to(torch.bfloat16).requires_grad_() for t in (x, wgu, wd)]
+                lg = logits.clone().requires_grad_()
+                w, ids = torch.topk(torch.softmax(lg, -1), K, dim=-1)
+                counts, offsets, slots = sort_by_expert(ids, E)
+                y = moe(*leaves, Routing(w, ids, counts, offsets, slots))
+                grads = torch.autograd.grad(y, (*leaves, lg), dy.to(y.dtype))
+                outs[mode] = [t.float() for t in (y, *grads)]
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            for name, a, b in zip(("y", "dx", "dw_gate_up", "dw_down", "dlogits"), outs["0"], outs["1"]):
+                err = (a - b).abs().max().item()
+                if not (torch.isfinite(b).all() and err <= 1e-2 * max(a.abs().max().item(), 1e-3)):
+                    raise SystemExit(f"T={T}: {name} differs by {err:.3g} with descriptors")
+    finally:
+        if old is None:
+            os.environ.pop("H3MOE_TMA", None)
+        else:
+            os.environ["H3MOE_TMA"] = old
+    print("tma ok")
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -691,12 +780,11 @@ _TUNE_ROLES = ("gate_up", "down", "bwd_act_saved", "dx", "wgrad_gu", "wgrad_down
 def _precompile_work(E: int, K: int, tokens, backward: bool = True, fp32: bool = False, arch: int = 90):
     """(role, config, T) for every candidate a tune() at these token counts can time, each once, with a T
     of its regime."""
-    k = _kernels()
     roles = _TUNE_ROLES if backward else _TUNE_ROLES[:2]
     work, seen = [], set()
     for T in tokens:
         for role in roles:
-            for cfg in k.candidate_configs(role, T * K, E, K, fp32, arch):
+            for cfg in _candidates(role, T * K, E, K, fp32, arch):
                 if (role, cfg) not in seen:
                     seen.add((role, cfg))
                     work.append((role, cfg, T))
