@@ -55,6 +55,7 @@ Tune and save for one model shape: `python -m h3moe.ops.triton_experts --E 8 --H
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -317,6 +318,21 @@ def _candidates(role: str, S: int, E: int, K: int, fp32: bool, arch: int) -> lis
     return cands if _tma_mode() != "0" else [c for c in cands if not c.TMA]
 
 
+@contextlib.contextmanager
+def _environ(**values: str):
+    """os.environ updated with `values` inside the block, and put back as it was after it."""
+    old = {v: os.environ.get(v) for v in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for v, val in old.items():
+            if val is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = val
+
+
 _TMA_SMOKE: dict[int, str | None] = {}
 
 
@@ -355,9 +371,7 @@ def _tma_smoke_child(shapes=((4, 256, 384, 4, 2), (512, 256, 384, 4, 2))) -> Non
     dev = torch.device(os.environ.get("H3MOE_TMA_SMOKE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    os.environ["H3MOE_AUTOTUNE"] = "0"
-    old = os.environ.get("H3MOE_TMA")
-    try:
+    with _environ(H3MOE_AUTOTUNE="0", H3MOE_TMA="0"):  # the pinned defaults: no timing of candidates
         for T, H, I, E, K in shapes:
             g = torch.Generator(device=dev).manual_seed(T)
             x = torch.randn(T, H, device=dev, generator=g)
@@ -381,11 +395,6 @@ def _tma_smoke_child(shapes=((4, 256, 384, 4, 2), (512, 256, 384, 4, 2))) -> Non
                 err = (a - b).abs().max().item()
                 if not (torch.isfinite(b).all() and err <= 1e-2 * max(a.abs().max().item(), 1e-3)):
                     raise SystemExit(f"T={T}: {name} differs by {err:.3g} with descriptors")
-    finally:
-        if old is None:
-            os.environ.pop("H3MOE_TMA", None)
-        else:
-            os.environ["H3MOE_TMA"] = old
     print("tma ok")
 
 
@@ -807,24 +816,18 @@ def _precompile_run(E: int, H: int, I: int, K: int, dtype: torch.dtype, work, ba
             return forced[role]
         return real(role, *args, **kwargs)
 
-    old = {v: os.environ.get(v) for v in ("H3MOE_AUTOTUNE", "H3MOE_TUNED")}
-    os.environ.update(H3MOE_AUTOTUNE="0", H3MOE_TUNED="0")
     te.config_for = config_for
     try:
-        wgu, wd = _random_weights(E, H, I, dtype, dev, backward)
-        for role, cfg, T in work:
-            forced.clear()
-            forced[role] = cfg
-            _random_call(wgu, wd, T, K, backward)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        with _environ(H3MOE_AUTOTUNE="0", H3MOE_TUNED="0"):
+            wgu, wd = _random_weights(E, H, I, dtype, dev, backward)
+            for role, cfg, T in work:
+                forced.clear()
+                forced[role] = cfg
+                _random_call(wgu, wd, T, K, backward)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
     finally:
         te.config_for = real
-        for v, val in old.items():
-            if val is None:
-                os.environ.pop(v, None)
-            else:
-                os.environ[v] = val
     return launched
 
 
