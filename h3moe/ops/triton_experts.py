@@ -363,9 +363,11 @@ def tma_smoke(timeout: float = 180.0) -> str | None:
     return _TMA_SMOKE[index]
 
 
-def _tma_smoke_child(shapes=((4, 256, 384, 4, 2), (512, 256, 384, 4, 2))) -> None:
+def _tma_smoke_child(shapes=((4, 256, 384, 8, 2), (512, 256, 384, 8, 2))) -> None:
     """tma_smoke()'s child (also run on CPU tensors under the interpreter by the tests): each (T, H, I, E, K)
-    forward + backward in bf16 with and without descriptors, on the same random inputs; prints "tma ok"."""
+    forward + backward in bf16 with and without descriptors, on the same random inputs; prints "tma ok".
+    The default shapes compile the variants Mixtral-8x7B's decode and large tiles run (E=8, K=2, H and I
+    multiples of 128), so Triton's cache holds them for the runs that follow."""
     from .routing import sort_by_expert
 
     dev = torch.device(os.environ.get("H3MOE_TMA_SMOKE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
