@@ -336,7 +336,7 @@ def _environ(**values: str):
 _TMA_SMOKE: dict[int, str | None] = {}
 
 
-def tma_smoke(timeout: float = 180.0) -> str | None:
+def tma_smoke(timeout: float = 120.0) -> str | None:
     """Run the descriptor kernels once on this GPU, in a child process (a fault there cannot take this
     process's CUDA context with it): forward and backward at a decode and a large-tile shape with
     H3MOE_TMA=1 against H3MOE_TMA=0. None if they ran and agree, else why not. Cached per device."""
