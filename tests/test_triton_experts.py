@@ -344,6 +344,60 @@ def test_precompile_forces_every_candidate():
     assert te.config_for is orig
 
 
+@needs_triton
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weight_gradients_through_torch_grouped_mm(dtype, monkeypatch):
+    """H3MOE_WGRAD_GMM=1: both weight gradients from torch's grouped matmul (a tuner candidate on sm_90,
+    TORCH_GMM) instead of _wgrad_kernel: within the reference's bound, an expert with no row gets zeros;
+    =0 never calls it."""
+    monkeypatch.setattr(te, "torch", _PoisonTorch())
+    T, H, I, E, K = 8, 32, 16, 5, 2
+    x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32)
+    ids = _ids("skip_last", T, E, K, logits)
+    dy = torch.randn(T, H, device=DEV)
+    calls = []
+    real = te._wgrad_gmm
+    monkeypatch.setattr(te, "_wgrad_gmm", lambda *a: calls.append(a[0].shape) or real(*a))
+    outs = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("H3MOE_WGRAD_GMM", mode)
+        calls.clear()
+        outs[mode] = _run(te.moe, x, wgu, wd, logits, ids, "silu", dy, dtype)
+        assert calls == ([(T * K, 2 * I), (T * K, H)] if mode == "1" else [])
+    assert outs["1"][2][E - 1].abs().max() == 0 and outs["1"][3][E - 1].abs().max() == 0
+    for a, b in zip(outs["0"], outs["1"]):
+        assert torch.equal(a, b) or (a.double() - b.double()).abs().max() <= 2**-7 * a.double().abs().max()
+    ref = _run(_ref, x, wgu, wd, logits, ids, "silu", dy, torch.float64)
+    eager = _run(_ref, x, wgu, wd, logits, ids, "silu", dy, dtype)
+    _assert_close(outs["1"], eager, ref, ATOL[dtype] if dtype != torch.bfloat16 else 1e-2)
+
+
+@needs_triton
+@pytest.mark.interpreter
+def test_torch_grouped_mm_candidate(tmp_path, monkeypatch):
+    """TORCH_GMM joins the weight gradients' large-tile candidates on sm_90 in 16 bits (not on other GPUs,
+    in fp32, in other regimes, or with H3MOE_WGRAD_GMM=0), and round-trips through a tuned file."""
+    monkeypatch.delenv("H3MOE_WGRAD_GMM", raising=False)
+    assert te._candidates("wgrad_gu", 8192, 8, 2, False, 90)[-1] == te.TORCH_GMM
+    assert te._candidates("wgrad_down", 8192, 8, 2, False, 90)[-1] == te.TORCH_GMM
+    for args in [("wgrad_gu", 8192, 8, 2, False, 80), ("wgrad_gu", 8192, 8, 2, True, 90),
+                 ("wgrad_gu", 16, 8, 2, False, 90), ("dx", 8192, 8, 2, False, 90)]:
+        assert te.TORCH_GMM not in te._candidates(*args), args
+    assert te.TORCH_GMM not in [c for _, c, _ in te._precompile_work(8, 2, (4096,))]  # nothing to compile
+    monkeypatch.setenv("H3MOE_WGRAD_GMM", "0")
+    assert te.TORCH_GMM not in te._candidates("wgrad_gu", 8192, 8, 2, False, 90)
+    monkeypatch.setenv("H3MOE_WGRAD_GMM", "2")
+    with pytest.raises(ValueError, match="H3MOE_WGRAD_GMM"):
+        te._candidates("wgrad_gu", 8192, 8, 2, False, 90)
+    monkeypatch.setattr(te, "_TUNED", {("wgrad_gu", 8192, 4096, 14336, 8, 2, "bf16", "FAKE_GPU"): te.TORCH_GMM})
+    monkeypatch.setattr(te, "_CONFIG_DIR", tmp_path)
+    (path,) = te.save_tuned(tmp_path)
+    assert json.loads(path.read_text())["wgrad_gu"]["K=2,S=8192"] == {"impl": "torch.grouped_mm"}
+    assert te._from_json("wgrad_gu", ("wgrad_gu", 8192, 4096, 14336, 8, 2, "bf16", "FAKE_GPU")) is te.TORCH_GMM
+    assert repr(te.TORCH_GMM) == "torch.grouped_mm" and not te.TORCH_GMM.TMA
+
+
 def _saved_shapes(fn):
     """Shapes of the tensors autograd saves while fn() runs its forward."""
     shapes = []
@@ -889,6 +943,33 @@ def test_gpu_compile_fullgraph():
     torch.testing.assert_close(lc, le, rtol=1e-3, atol=1e-3)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_wgrad_grouped_mm(monkeypatch):
+    """H3MOE_WGRAD_GMM=1 (the weight gradients from torch's grouped matmul, sm_90 only): within eager's
+    error at a large-tile shape, and exact zeros for two experts with no row after the allocator was filled
+    with NaN (Blackwell's grouped_mm leaves garbage there, hence sm_90 only)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the grouped_mm weight gradient runs on sm_90 only")
+    monkeypatch.setenv("H3MOE_WGRAD_GMM", "1")
+    calls = []
+    real = te._wgrad_gmm
+    monkeypatch.setattr(te, "_wgrad_gmm", lambda *a: calls.append(1) or real(*a))
+    junk = torch.full((64 << 20,), float("nan"), device="cuda")
+    del junk
+    T, H, I, E, K = 1024, 1024, 768, 8, 2
+    torch.manual_seed(3)
+    x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32, "cuda")
+    logits[:, [0, 5]] = -1e4
+    ids = torch.topk(logits, K, -1).indices
+    dy = torch.randn(T, H, device="cuda")
+    outs = _run(te.moe, x, wgu, wd, logits, ids, "silu", dy, torch.bfloat16)
+    assert len(calls) == 2
+    assert not outs[2][[0, 5]].any() and not outs[3][[0, 5]].any() and outs[2][1].abs().sum() > 0
+    ref = _run(_loop_ref, x, wgu, wd, logits, ids, "silu", dy, torch.float32)
+    eager = _run(_loop_ref, x, wgu, wd, logits, ids, "silu", dy, torch.bfloat16)
+    _assert_close(outs, eager, ref, 1e-2)
 
 
 @pytest.mark.gpu

@@ -51,6 +51,13 @@ program, from triton.set_allocator: h3moe sets a torch allocator where none is s
     interpreter too); a launch that cannot runs the same tiles without.
 tma_smoke() runs them once in a child process and says whether they run and agree on this GPU (the bench's
 h3moe:triton-tma rows and scripts/gpu_followup.sh's H3MOE_TMA=auto wait for it).
+
+Weight gradients through torch's grouped matmul (TORCH_GMM, H3MOE_WGRAD_GMM): on sm_90 in 16 bits, the
+large-tile candidates of wgrad_gu / wgrad_down also hold torch.nn.functional.grouped_mm (CUTLASS), dW_e =
+left_e^T @ right_e on the same sorted operands, its result in the weight's own layout; the tuner keeps
+whichever is faster, a tuned file writes it as {"impl": "torch.grouped_mm"}. H3MOE_WGRAD_GMM=0 leaves it
+out, =1 takes it wherever it runs (the interpreter's CPU tensors too). Not on Blackwell: its grouped_mm
+writes garbage into the gradient of an expert with no row (pytorch/pytorch#172439).
 Tune and save for one model shape: `python -m h3moe.ops.triton_experts --E 8 --H 4096 --I 14336 --K 2`.
 """
 from __future__ import annotations
@@ -156,7 +163,12 @@ def _from_json(role: str, key: tuple):
         d = abs(int(parts["S"]).bit_length() - sb.bit_length())
         if best_d is None or d < best_d:
             best, best_d = cfg, d
-    return None if best is None else _kernels().Config.from_dict(best)
+    return None if best is None else _config_from_dict(best)
+
+
+def _config_from_dict(d: dict):
+    """A tuned file's entry: a Triton Config, or {"impl": "torch.grouped_mm"} (TORCH_GMM)."""
+    return TORCH_GMM if d.get("impl") == "torch.grouped_mm" else _kernels().Config.from_dict(d)
 
 
 _FILE_CFG: dict[tuple, object] = {}  # (config dir, key) -> Config from a JSON file, or None: one lookup per key
@@ -311,11 +323,68 @@ def _tma_mode() -> str:
     return mode
 
 
+class _TorchGroupedMM(tuple):
+    """The weight-gradient roles' one candidate that is not a Triton config: torch's grouped matmul
+    (torch.nn.functional.grouped_mm: CUTLASS on sm_90), dW = left_e^T @ right_e per expert."""
+
+    __slots__ = ()
+    TMA = False
+    hopper_only = True
+
+    def __new__(cls):
+        return super().__new__(cls, ("torch.grouped_mm",))
+
+    def as_dict(self) -> dict:
+        return {"impl": "torch.grouped_mm"}
+
+    def __repr__(self) -> str:
+        return "torch.grouped_mm"
+
+
+TORCH_GMM = _TorchGroupedMM()
+
+
+def _wgrad_gmm_mode() -> str:
+    """H3MOE_WGRAD_GMM: auto (default): torch's grouped matmul is one more weight-gradient candidate the
+    tuner times (large tiles, 16-bit, sm_90); 0: never; 1: every weight gradient where it runs."""
+    mode = os.environ.get("H3MOE_WGRAD_GMM", "auto")
+    if mode not in ("0", "1", "auto"):
+        raise ValueError(f"H3MOE_WGRAD_GMM: expected 0, 1 or auto, got {mode!r}")
+    return mode
+
+
+def _wgrad_gmm_runs(left: torch.Tensor, right: torch.Tensor) -> bool:
+    """grouped_mm for a weight gradient: 16-bit, 16-byte aligned, and on sm_90 exactly (Blackwell's
+    grouped_mm leaves garbage in the gradient of an expert with no rows: pytorch/pytorch#172439; Hopper
+    and the CPU give zeros) or on CPU tensors (the interpreter's tests)."""
+    from .experts import _use_torch_gmm
+
+    if left.dtype not in (torch.float16, torch.bfloat16) or left.shape[0] == 0:
+        return False
+    if left.device.type == "cuda" and _arch(left.device) != 90:
+        return False
+    return _use_torch_gmm(left.t(), right)
+
+
+def _wgrad_gmm(left: torch.Tensor, right: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(E, M, N): left (S, M) and right (S, N) rows sorted by expert, offsets (E+1,) int32."""
+    from .experts import _torch_grouped_mm
+
+    return _torch_grouped_mm(left.t(), right, offsets[1:])
+
+
 def _candidates(role: str, S: int, E: int, K: int, fp32: bool, arch: int) -> list:
-    """The role's candidates for this launch, less the Tma ones where H3MOE_TMA=0 (they would run as
-    their pointer-load twins)."""
-    cands = _kernels().candidate_configs(role, S, E, K, fp32, arch)
-    return cands if _tma_mode() != "0" else [c for c in cands if not c.TMA]
+    """The role's candidates for this launch: the Triton configs, less the Tma ones where H3MOE_TMA=0 (they
+    would run as their pointer-load twins), and for the weight gradients' large tiles on sm_90 (16-bit),
+    torch's grouped matmul unless H3MOE_WGRAD_GMM=0."""
+    k = _kernels()
+    cands = k.candidate_configs(role, S, E, K, fp32, arch)
+    if _tma_mode() == "0":
+        cands = [c for c in cands if not c.TMA]
+    if (role in ("wgrad_gu", "wgrad_down") and not fp32 and arch == 90 and k.regime(S, E, K) == "large"
+            and _wgrad_gmm_mode() != "0"):
+        cands = cands + [TORCH_GMM]
+    return cands
 
 
 @contextlib.contextmanager
@@ -535,8 +604,9 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
     # they start empty: a memset of d(w_gate_up) alone would be 1.9 GB for Mixtral-8x7B.
     new = torch.zeros_like if S == 0 else torch.empty_like
     dx = new(x) if need_x else x.new_empty(0)
-    dwgu = new(w_gate_up) if need_gu else w_gate_up.new_empty(0)
-    dwd = new(w_down) if need_down else w_down.new_empty(0)
+    # the weight gradients are allocated by their launch (torch's grouped_mm returns its own), or here
+    dwgu = torch.zeros_like(w_gate_up) if need_gu and S == 0 else w_gate_up.new_empty(0)
+    dwd = torch.zeros_like(w_down) if need_down and S == 0 else w_down.new_empty(0)
     drw = new(rw, dtype=torch.float32) if need_w else rw.new_empty(0, dtype=torch.float32)
     if S == 0 or not (need_x or need_gu or need_down or need_w):
         return dx, dwgu, dwd, drw
@@ -584,27 +654,39 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
         if K > 1:
             dx = combine(buf, T, K, dt)
 
-    def wgrad(role, left, right, out, M, N):
+    def wgrad(role, left, right, M, N):
+        """(E, M, N) = per expert left_e^T @ right_e, by the role's config: _wgrad_kernel, or torch's grouped
+        matmul (TORCH_GMM, H3MOE_WGRAD_GMM)."""
+        out = {}
+
         def run(cfg):
+            if (cfg == TORCH_GMM or _wgrad_gmm_mode() == "1") and _wgrad_gmm_runs(left, right):
+                out["w"] = _wgrad_gmm(left, right, offsets)
+                return
+            if cfg == TORCH_GMM:  # where grouped_mm cannot run: the pinned Triton config
+                cfg = k.default_config(role, S, E, K, dt == torch.float32, _arch(dev))
+            if "w" not in out:  # (a grouped_mm result of an earlier candidate is as good a buffer)
+                out["w"] = torch.empty(E, M, N, device=dev, dtype=dt)
             grid = (E * _cdiv(M, cfg.BM) * _cdiv(N, cfg.BN),)
             k._wgrad_kernel[grid](
-                left, right, offsets, out, M, N, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
+                left, right, offsets, out["w"], M, N, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
                 TMA=_use_tma(cfg, (left, right), (M, N)), PREC=prec, UPCAST=interp, INTERP=interp,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
         _launch(role, S, H, I, E, K, dt, dev, run)
+        return out["w"]
 
     # the weight gradients read both operands in sorted row order (see _wgrad_kernel): gathered here
     tok = slots64 // K if (need_gu or need_down) else None  # (S,) token of each sorted row
     if need_gu:  # d(w_gate_up)[e] = dH_e^T @ x[token]_e  (E, 2I, H)
         xs = x.index_select(0, tok)  # (S, H)
-        wgrad("wgrad_gu", dh, xs, dwgu, 2 * I, H)
+        dwgu = wgrad("wgrad_gu", dh, xs, 2 * I, H)
         del xs
     dh = None  # (S, 2I) no longer needed: freed before d(w_down)'s temporaries (the closures share this cell)
     if need_down:  # d(w_down)[e] = (w * dy[token])_e^T @ A_e  (E, H, I)
         dys = dy.index_select(0, tok)  # (S, H), scaled in place: fp32 product, one rounding
         dys.mul_(rw_flat.index_select(0, slots64).unsqueeze(1))
-        wgrad("wgrad_down", dys, a, dwd, H, I)
+        dwd = wgrad("wgrad_down", dys, a, H, I)
     return dx, dwgu, dwd, drw
 
 
@@ -796,7 +878,7 @@ def _precompile_work(E: int, K: int, tokens, backward: bool = True, fp32: bool =
     for T in tokens:
         for role in roles:
             for cfg in _candidates(role, T * K, E, K, fp32, arch):
-                if (role, cfg) not in seen:
+                if cfg != TORCH_GMM and (role, cfg) not in seen:  # (torch's op: nothing to compile)
                     seen.add((role, cfg))
                     work.append((role, cfg, T))
     return work
@@ -836,8 +918,7 @@ def _precompile_run(E: int, H: int, I: int, K: int, dtype: torch.dtype, work, ba
 def _precompile_child(spec: str) -> None:
     """A precompile() child process: `spec` is the JSON of its share of the work."""
     d = json.loads(spec)
-    k = _kernels()
-    work = [(r, k.Config.from_dict(c), T) for r, c, T in d["work"]]
+    work = [(r, _config_from_dict(c), T) for r, c, T in d["work"]]
     dtype = {v: t for t, v in _DTYPES.items()}[d["dtype"]]
     print(len(_precompile_run(d["E"], d["H"], d["I"], d["K"], dtype, work, d["backward"])))
 
