@@ -40,7 +40,7 @@ say() { echo "[gpu_followup $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
 # 0. the descriptor (TMA) kernels, once, in a child process: where they run and agree, the tuner and the
 #    profile below also time the Tma candidates (H3MOE_TMA=auto; the default leaves them out)
-if timeout -k 5 120 "$PY" -c "import sys; from h3moe.ops.triton_experts import tma_smoke; r = tma_smoke(); \
+if timeout -k 5 135 "$PY" -c "import sys; from h3moe.ops.triton_experts import tma_smoke; r = tma_smoke(); \
 print('tma smoke:', r or 'ok'); sys.exit(1 if r else 0)" >> "$LOG" 2>&1; then
   export H3MOE_TMA=auto; say "tma: smoke ok, H3MOE_TMA=auto"
 else

@@ -398,6 +398,36 @@ def test_torch_grouped_mm_candidate(tmp_path, monkeypatch):
     assert repr(te.TORCH_GMM) == "torch.grouped_mm" and not te.TORCH_GMM.TMA
 
 
+def test_autotune_skips_a_failing_torch_gmm_and_takes_ties(monkeypatch):
+    """The tuner over the weight gradients' candidates with TORCH_GMM among them: any error of torch's op is
+    a skip (a Triton config's must be out of resources), and a tie of times picks the earlier candidate
+    instead of comparing a Config with TORCH_GMM."""
+    monkeypatch.setenv("H3MOE_AUTOTUNE", "1")
+    monkeypatch.delenv("H3MOE_WGRAD_GMM", raising=False)
+    monkeypatch.setattr(te, "_TUNED", {})
+    monkeypatch.setattr(te, "_arch", lambda device: 90)
+    monkeypatch.setattr(te, "_device_name", lambda device: "FAKE_GPU")
+    monkeypatch.setattr(te, "_CONFIG_DIR", te._CONFIG_DIR / "no-such-dir")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cands = te._candidates("wgrad_gu", 8192, 8, 2, False, 90)
+    assert cands[-1] == te.TORCH_GMM
+    dev = torch.device("cuda")
+
+    def failing(cfg):
+        if cfg == te.TORCH_GMM:
+            raise RuntimeError("Can't process more than 1024 groups")
+        return 2.0 if cfg == cands[0] else 3.0
+
+    assert te.config_for("wgrad_gu", 8192, 4096, 14336, 8, 2, torch.bfloat16, dev, failing) == cands[0]
+    te._TUNED.clear()
+    assert te.config_for("wgrad_gu", 8192, 4096, 14336, 8, 2, torch.bfloat16, dev, lambda cfg: 1.0) == cands[0]
+    # where it cannot run as one kernel: not bf16 on the GPU, 1024 experts or more, fp32 anywhere
+    left = torch.randn(64, 32, device=DEV).half()
+    assert te._wgrad_gmm_runs(left, left, 8) == (DEV == "cpu")
+    assert not te._wgrad_gmm_runs(left.bfloat16(), left.bfloat16(), 1024)
+    assert not te._wgrad_gmm_runs(left.float(), left.float(), 8)
+
+
 def _saved_shapes(fn):
     """Shapes of the tensors autograd saves while fn() runs its forward."""
     shapes = []
@@ -596,7 +626,7 @@ def test_configs_json_roundtrip(tmp_path, monkeypatch):
     from h3moe.kernels.experts import Config, default_config
 
     monkeypatch.setattr(te, "_CONFIG_DIR", tmp_path)
-    te._load_json.cache_clear()
+    te._load_json_at.cache_clear()
     name = te._json_name(8, 4096, 14336, "bf16", "FAKE_GPU")
     cfg = Config(64, 128, 32, 4, 4, 2)
     (tmp_path / name).write_text(json.dumps({"gate_up": {"K=2,S=8192": cfg.as_dict(),
@@ -613,7 +643,7 @@ def test_configs_json_roundtrip(tmp_path, monkeypatch):
     te.save_tuned(tmp_path)
     table = json.loads((tmp_path / name).read_text())
     assert set(table) == {"gate_up", "down"} and Config.from_dict(table["down"]["K=2,S=8192"]) == cfg
-    te._load_json.cache_clear()
+    te._load_json_at.cache_clear()
     monkeypatch.setenv("H3MOE_AUTOTUNE", "0")
     got = te.config_for("gate_up", 8192, 4096, 14336, 8, 2, torch.bfloat16, torch.device("cpu"))
     assert got == default_config("gate_up", 8192, 8, 2)
@@ -626,7 +656,7 @@ def test_tuned_files_apply_without_autotuning(tmp_path, monkeypatch):
     monkeypatch.setattr(te, "_CONFIG_DIR", tmp_path)
     monkeypatch.setattr(te, "_arch", lambda device: 90)
     monkeypatch.setattr(te, "_device_name", lambda device: "FAKE_GPU")
-    te._load_json.cache_clear()
+    te._load_json_at.cache_clear()
     cfg = Config(64, 128, 32, 4, 4, 2)
     (tmp_path / te._json_name(8, 4096, 14336, "bf16", "FAKE_GPU")).write_text(
         json.dumps({"down": {"K=2,S=8192": cfg.as_dict()}}))
@@ -641,7 +671,7 @@ def test_tuned_files_apply_without_autotuning(tmp_path, monkeypatch):
     assert te.config_for("gate_up", *args[1:], bench) == default_config("gate_up", 8192, 8, 2)  # no entry
     monkeypatch.setenv("H3MOE_TUNED", "0")
     assert te.config_for(*args, bench) == default_config("down", 8192, 8, 2)
-    te._load_json.cache_clear()
+    te._load_json_at.cache_clear()
 
 
 def test_autotune_selection(monkeypatch):
@@ -697,6 +727,8 @@ def test_regimes_and_configs():
         for fp32 in (False, True):
             for c in k.all_configs(role, fp32):
                 assert c.BM in (16, 32, 64, 128) and c.BK >= 16 and c.num_warps in (4, 8)
+        for cands in k._CANDIDATES[role].values():  # each Tma candidate's fallback is compiled too
+            assert all(c.with_tma(False) in cands for c in cands if c.TMA), role
     assert te._m_slots(1, 64, 16) == 1
     assert te._m_slots(100, 4, 16) == 11
 

@@ -619,7 +619,8 @@ def Tma(*tile) -> Config:
 
 
 # 16-bit dtypes. Row tiles by regime: "decode" (<= 16 rows per used expert), "small" (<= 64), "large".
-# Tma(...) candidates come last: not a default until a GPU run has timed them; the launcher leaves them out
+# Every Tma(...) candidate has its pointer-load twin in the same list (what it runs as where descriptors
+# cannot run, so the compile tier covers that too). Tma(...) candidates come last: not a default until a GPU run has timed them; the launcher leaves them out
 # unless H3MOE_TMA=auto or 1 (ops/triton_experts.py; scripts/gpu_followup.sh tunes and profiles with auto).
 # 16 is tl.dot's smallest M; decode is bandwidth bound, so its tiles are narrow in N (many programs stream
 # the weights) and deep in K (many bytes in flight per program). The first candidate that runs on the
@@ -665,7 +666,8 @@ _CANDIDATES = {
         "decode": [C(64, 64, 16, 8, 4, 3), C(32, 64, 32, 8, 4, 3)],
         "small": [C(64, 64, 32, 8, 4, 3), C(64, 128, 32, 8, 4, 3)],
         "large": [C(128, 128, 64, 8, 8, 3), C(128, 128, 32, 8, 4, 4), Hp(128, 256, 64, 8, 8, 3),
-                  Tma(128, 128, 64, 8, 8, 3), Tma(128, 256, 64, 8, 8, 3), Tma(128, 128, 64, 8, 8, 4)],
+                  Hp(128, 128, 64, 8, 8, 4), Tma(128, 128, 64, 8, 8, 3), Tma(128, 256, 64, 8, 8, 3),
+                  Tma(128, 128, 64, 8, 8, 4)],
     },
 }
 _CANDIDATES["wgrad_down"] = _CANDIDATES["wgrad_gu"]

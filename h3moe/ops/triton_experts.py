@@ -134,9 +134,15 @@ def _json_name(E: int, H: int, I: int, dt: str, device_name: str) -> str:
     return f"E={E},H={H},I={I},dtype={dt},device_name={device_name}.json"
 
 
-@functools.lru_cache(maxsize=None)
 def _load_json(name: str) -> dict | None:
-    path = _CONFIG_DIR / name
+    return _load_json_at(str(_CONFIG_DIR / name))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_json_at(path: str) -> dict | None:
+    """A tuned file's table, read once per path (the folder is part of the key: H3MOE_CONFIG_DIR and
+    _CONFIG_DIR can differ between calls)."""
+    path = Path(path)
     if not path.is_file():
         return None
     try:
@@ -207,9 +213,10 @@ def config_for(role: str, S: int, H: int, I: int, E: int, K: int, dtype: torch.d
         try:
             timings.append((bench(c), c))
         except Exception as err:  # out of shared memory / registers on this GPU: skip the candidate
-            if not _out_of_resources(err):
+            if not _out_of_resources(err) and c != TORCH_GMM:  # (torch's op: any refusal of it is a skip)
                 raise
-    cfg = min(timings)[1] if timings else k.default_config(role, S, E, K, fp32, arch)
+    # the fastest; on a tie the earlier candidate (configs do not compare with TORCH_GMM)
+    cfg = min(timings, key=lambda t: t[0])[1] if timings else k.default_config(role, S, E, K, fp32, arch)
     _TUNED[key] = cfg
     return cfg
 
@@ -231,7 +238,7 @@ def save_tuned(directory: str | os.PathLike | None = None) -> list[Path]:
         path = out_dir / name
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
         paths.append(path)
-    _load_json.cache_clear()
+    _load_json_at.cache_clear()
     _FILE_CFG.clear()
     return paths
 
@@ -325,7 +332,8 @@ def _tma_mode() -> str:
 
 class _TorchGroupedMM(tuple):
     """The weight-gradient roles' one candidate that is not a Triton config: torch's grouped matmul
-    (torch.nn.functional.grouped_mm: CUTLASS on sm_90), dW = left_e^T @ right_e per expert."""
+    (torch.nn.functional.grouped_mm: CUTLASS on sm_90), dW = left_e^T @ right_e per expert. Where it cannot
+    run (_wgrad_gmm_runs), the launch takes the role's pinned Triton config."""
 
     __slots__ = ()
     TMA = False
@@ -353,15 +361,20 @@ def _wgrad_gmm_mode() -> str:
     return mode
 
 
-def _wgrad_gmm_runs(left: torch.Tensor, right: torch.Tensor) -> bool:
-    """grouped_mm for a weight gradient: 16-bit, 16-byte aligned, and on sm_90 exactly (Blackwell's
-    grouped_mm leaves garbage in the gradient of an expert with no rows: pytorch/pytorch#172439; Hopper
-    and the CPU give zeros) or on CPU tensors (the interpreter's tests)."""
+def _wgrad_gmm_runs(left: torch.Tensor, right: torch.Tensor, E: int) -> bool:
+    """grouped_mm for a weight gradient, where torch runs it as one CUTLASS kernel: bf16 (other dtypes take
+    its per-expert fallback, which copies the offsets to the host: a sync, and an error inside a CUDA graph
+    capture), fewer than 1024 experts (its group limit), 16-byte aligned, not while capturing, and on sm_90
+    exactly (Blackwell's grouped_mm leaves garbage in the gradient of an expert with no row:
+    pytorch/pytorch#172439; Hopper gives zeros). On CPU tensors (the interpreter's tests) fp16 and bf16."""
     from .experts import _use_torch_gmm
 
-    if left.dtype not in (torch.float16, torch.bfloat16) or left.shape[0] == 0:
+    if left.shape[0] == 0 or E >= 1024:
         return False
-    if left.device.type == "cuda" and _arch(left.device) != 90:
+    if left.device.type == "cuda":
+        if left.dtype != torch.bfloat16 or _arch(left.device) != 90 or torch.cuda.is_current_stream_capturing():
+            return False
+    elif left.dtype not in (torch.float16, torch.bfloat16):
         return False
     return _use_torch_gmm(left.t(), right)
 
@@ -660,7 +673,7 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
         out = {}
 
         def run(cfg):
-            if (cfg == TORCH_GMM or _wgrad_gmm_mode() == "1") and _wgrad_gmm_runs(left, right):
+            if (cfg == TORCH_GMM or _wgrad_gmm_mode() == "1") and _wgrad_gmm_runs(left, right, E):
                 out["w"] = _wgrad_gmm(left, right, offsets)
                 return
             if cfg == TORCH_GMM:  # where grouped_mm cannot run: the pinned Triton config
