@@ -301,7 +301,7 @@ def _launch(role, S, H, I, E, K, dtype, device, run):
     # this regime's candidates first, then the role's other tiles (every tile computes the same result; the
     # decode tiles need the least shared memory)
     rest = [c for c in k.all_configs(role, fp32)
-            if c not in regime and (arch >= 90 or not c.hopper_only) and not (c.TMA and _tma_mode() == "0")]
+            if c not in regime and (arch >= 90 or not c.hopper_only) and not _tma_left_out(c)]
     for c in regime + sorted(rest, key=lambda c: (c.BM * c.BK + c.BK * c.BN) * c.num_stages, reverse=True):
         if c == cfg:
             continue
@@ -386,14 +386,17 @@ def _wgrad_gmm(left: torch.Tensor, right: torch.Tensor, offsets: torch.Tensor) -
     return _torch_grouped_mm(left.t(), right, offsets[1:])
 
 
+def _tma_left_out(cfg) -> bool:
+    """A Tma candidate where H3MOE_TMA=0: it would only run as its pointer-load twin."""
+    return cfg.TMA and _tma_mode() == "0"
+
+
 def _candidates(role: str, S: int, E: int, K: int, fp32: bool, arch: int) -> list:
     """The role's candidates for this launch: the Triton configs, less the Tma ones where H3MOE_TMA=0 (they
     would run as their pointer-load twins), and for the weight gradients' large tiles on sm_90 (16-bit),
     torch's grouped matmul unless H3MOE_WGRAD_GMM=0."""
     k = _kernels()
-    cands = k.candidate_configs(role, S, E, K, fp32, arch)
-    if _tma_mode() == "0":
-        cands = [c for c in cands if not c.TMA]
+    cands = [c for c in k.candidate_configs(role, S, E, K, fp32, arch) if not _tma_left_out(c)]
     if (role in ("wgrad_gu", "wgrad_down") and not fp32 and arch == 90 and k.regime(S, E, K) == "large"
             and _wgrad_gmm_mode() != "0"):
         cands = cands + [TORCH_GMM]
@@ -450,7 +453,7 @@ def _tma_smoke_child(shapes=((4, 256, 384, 8, 2), (512, 256, 384, 8, 2))) -> Non
     forward + backward in bf16 with and without descriptors, on the same random inputs; prints "tma ok".
     The default shapes compile the variants Mixtral-8x7B's decode and large tiles run (E=8, K=2, H and I
     multiples of 128), so Triton's cache holds them for the runs that follow."""
-    from .routing import sort_by_expert
+    from .routing import as_routing
 
     dev = torch.device(os.environ.get("H3MOE_TMA_SMOKE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
@@ -468,9 +471,7 @@ def _tma_smoke_child(shapes=((4, 256, 384, 8, 2), (512, 256, 384, 8, 2))) -> Non
                 os.environ["H3MOE_TMA"] = mode
                 leaves = [t.to(torch.bfloat16).requires_grad_() for t in (x, wgu, wd)]
                 lg = logits.clone().requires_grad_()
-                w, ids = torch.topk(torch.softmax(lg, -1), K, dim=-1)
-                counts, offsets, slots = sort_by_expert(ids, E)
-                y = moe(*leaves, Routing(w, ids, counts, offsets, slots))
+                y = moe(*leaves, as_routing(torch.topk(torch.softmax(lg, -1), K, dim=-1), E))
                 grads = torch.autograd.grad(y, (*leaves, lg), dy.to(y.dtype))
                 outs[mode] = [t.float() for t in (y, *grads)]
             if dev.type == "cuda":
@@ -867,14 +868,12 @@ def _random_weights(E: int, H: int, I: int, dtype: torch.dtype, device: torch.de
 
 def _random_call(wgu: torch.Tensor, wd: torch.Tensor, T: int, K: int, backward: bool) -> None:
     """One moe() call on fresh random tokens and top-K routing (and its backward): every role launches."""
-    from .routing import sort_by_expert
+    from .routing import as_routing
 
     E, H = wd.shape[0], wd.shape[1]
     x = torch.randn(T, H, device=wd.device, dtype=wd.dtype, requires_grad=backward)
     logits = torch.randn(T, E, device=wd.device)
-    w, ids = torch.topk(torch.softmax(logits, -1), K, dim=-1)
-    counts, offsets, slots = sort_by_expert(ids, E)
-    y = moe(x, wgu, wd, Routing(w, ids, counts, offsets, slots))
+    y = moe(x, wgu, wd, as_routing(torch.topk(torch.softmax(logits, -1), K, dim=-1), E))
     if backward:
         y.backward(torch.randn_like(y))
 
