@@ -1,12 +1,14 @@
 """h3moe: H³Fusion as a kernel-optimized Mixture-of-Experts library.
 
-Public API (stable): route, moe, gating_loss, drift_reg, load_balancing_loss, z_loss, MoE, backends,
+Public API (stable): route, moe, quant_moe (with Packed, built by quantize), gating_loss, drift_reg,
+load_balancing_loss, z_loss, MoE, backends,
 patch/unpatch (transformers models; importing h3moe also registers experts_implementation="h3moe").
 Backends: "torch" (vectorized, anywhere), "triton" (GPU; CPU under TRITON_INTERPRET=1), "cuda" (csrc/).
 """
 from ._backend import BackendStatus, BackendUnavailable, backends
 from .nn.moe import MoE
 from .ops.experts import moe
+from .ops.quant import Packed, quant_moe
 from .ops.losses import drift_reg, gating_loss, gating_loss_from_psums, load_balancing_loss, z_loss
 from .ops.routing import Routing, route
 from .ops.routing import route_with_gating
@@ -32,6 +34,7 @@ __all__ = [
     "BackendStatus",
     "BackendUnavailable",
     "MoE",
+    "Packed",
     "Routing",
     "backends",
     "drift_reg",
@@ -40,6 +43,7 @@ __all__ = [
     "load_balancing_loss",
     "moe",
     "patch",
+    "quant_moe",
     "quantize",
     "route",
     "route_with_gating",

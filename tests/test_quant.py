@@ -501,6 +501,34 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(torch.ops.h3moe.quant_w8_down.default, (a, p8.qweight, p8.absmax, slots, offs, w))
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.interpreter, needs_triton])])
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_quant_moe_compiles_fullgraph(monkeypatch, backend, quant_type):
+    """torch.compile(fullgraph=True) traces quant_moe (routing included) without a graph break, the way a
+    serving stack compiles a quantized model (with CUDA graphs: the GPU test below), and gives eager's output.
+    The torch fallback's per-expert loop runs on data-dependent sizes there (no branch on an empty expert)."""
+    if backend == "triton" and not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    E, H, I, T, K = 4, 64, 32, 5, 2
+    dev = "cuda" if HAS_CUDA else "cpu"
+    gu, dn = _quantized(E, H, I, quant_type, 32, quant_type == "nf4", device=dev)
+    x = torch.randn(T, H, device=dev).to(torch.float16)
+    logits = torch.randn(T, E, device=dev)
+    logits[:, 0] = -1e4  # expert 0 gets no row: the empty case inside the compiled loop
+
+    def f(x, logits):
+        return h3moe.quant_moe(x, gu.packed, dn.packed, route(logits, K, backend=backend), backend=backend)
+
+    want = f(x, logits)
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, logits)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got.float(), _ref(x.float(), gu, dn, route(logits, K)), rtol=2e-2, atol=2e-2)
+
+
 # ------------------------------------------------------------------------------------- modules and models
 
 
@@ -833,6 +861,32 @@ def test_gpu_quantizer_runs_without_bitsandbytes():
     assert torch.isfinite(y).all()
     rel = ((y.float() - want).norm() / want.norm()).item()
     assert rel < 2e-2, rel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("int8", False)])
+def test_gpu_quant_moe_compiled_with_cuda_graphs(quant_type, nested):
+    """Serving's compile: torch.compile(fullgraph=True, mode="reduce-overhead") over routing + quant_moe
+    replays CUDA graphs (the GEMV at T=1, the tensor-core kernels at T=16) and equals eager at every call, on
+    fresh inputs each time (a replay reading the captured inputs, or a kernel the capture missed, would not)."""
+    E, H, I, K = 8, 1024, 1536, 2
+    gu, dn = _quantized(E, H, I, quant_type, 64, nested, dtype=torch.bfloat16, device="cuda")
+
+    def f(x, logits):
+        return oq.quant_moe(x, gu.packed, dn.packed, route(logits, K), backend="triton")
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, mode="reduce-overhead", dynamic=False)
+    try:
+        for T in (1, 16):
+            for _ in range(4):
+                x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+                logits = torch.randn(T, E, device="cuda")
+                want = f(x, logits)
+                got = cf(x, logits).clone()  # the graph's output buffer is reused by the next replay
+                torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3 * want.abs().max().item())
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.gpu

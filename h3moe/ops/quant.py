@@ -109,9 +109,14 @@ def _quant_moe_torch(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing, 
     order = routing.sorted_slots.long()  # (S,)
     w = routing.weights.reshape(-1).to(acc)  # (T*K,)
     out = torch.zeros(T * K, H, dtype=acc, device=x.device)
-    offs = routing.offsets.tolist()
+    offs = routing.offsets.tolist()  # a host sync (eager); data-dependent sizes under torch.compile
+    compiling = torch.compiler.is_compiling()
     for e in range(len(offs) - 1):
-        if offs[e + 1] == offs[e]:
+        if compiling:  # no branch on a data-dependent size: an empty expert runs on (0, H) rows
+            torch._check(offs[e] >= 0)
+            torch._check(offs[e] <= offs[e + 1])
+            torch._check(offs[e + 1] <= order.shape[0])
+        elif offs[e + 1] == offs[e]:
             continue
         slots = order[offs[e] : offs[e + 1]]  # (n_e,)
         xs = x.index_select(0, slots // K)  # (n_e, H)
@@ -175,7 +180,7 @@ def _dense(name: str, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _all_dense(p: "Packed") -> bool:
     """Every tensor of p contiguous (the usual case: one cheap check per call on the decode path)."""
-    return all(t is None or t.is_contiguous() for t in map(p.__getattribute__, _TENSOR_FIELDS))
+    return all(getattr(p, f) is None or getattr(p, f).is_contiguous() for f in _TENSOR_FIELDS)  # (dynamo traces getattr)
 
 
 def _warn_once(msg: str) -> None:
