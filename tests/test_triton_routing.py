@@ -313,6 +313,53 @@ def test_sort_by_expert_from_ids_equals_torch(T, E, K, mode):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("E,K", [(8, 2), (64, 8), (7, 7)])
+def test_one_block_routing_is_one_launch(monkeypatch, E, K):
+    """Where one program holds every token (T <= BLOCK_T: decode), route, sort_by_expert (ids with repeats)
+    and route_with_gating (one sample) sort in that program: no scatter launch, no ticket memset, and the
+    same outputs, bit for bit, as the two-launch path."""
+    from h3moe.kernels import routing as kr
+    from h3moe.ops import triton_routing as tr
+
+    T = kr.block_t_for(triton_next_pow2(E))  # the most tokens one block holds
+    logits = torch.randn(T, E, device=DEV)
+    g = torch.Generator().manual_seed(E)
+    ids = torch.randint(0, E, (T, K), generator=g).to(DEV)
+    ids[0, :2] = 1  # a token naming one expert twice
+
+    def run():
+        r = tr.route(logits, K)
+        rg, psum = tr.route_with_gating(logits, K, 1)
+        return (r.weights, r.ids, r.counts, r.offsets, r.sorted_slots, *tr.sort_by_expert(ids, E), rg.sorted_slots,
+                rg.offsets, psum)
+
+    scatters, zeros = [], []
+    real_scatter, real_zeros = kr.route_scatter_kernel, torch.zeros
+
+    class Counted:
+        def __getitem__(self, grid):
+            scatters.append(grid)
+            return real_scatter[grid]
+
+    monkeypatch.setattr(kr, "route_scatter_kernel", Counted())
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: zeros.append(a) or real_zeros(*a, **k))
+    one = run()
+    assert not scatters and not zeros, (scatters, zeros)
+    monkeypatch.setattr(tr, "ONE_BLOCK", False)
+    two = run()
+    assert len(scatters) == 3 and len(zeros) == 3
+    for a, b in zip(one, two):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    # and both equal the torch functions
+    want = sort_by_expert(one[1], E)
+    assert all(torch.equal(x, y) for x, y in zip(one[2:5], want))
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+@pytest.mark.interpreter
 def test_moe_with_an_ids_pair_sorts_on_triton(monkeypatch):
     """h3moe.moe(..., (weights, ids), backend="triton") builds the sort metadata with the Triton kernels."""
     from h3moe.ops import triton_routing as tr

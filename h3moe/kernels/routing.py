@@ -1,6 +1,6 @@
 """Triton kernels for softmax top-k routing and its permutation metadata (h3moe.ops.triton_routing).
 
-Algorithm (two launches, no host synchronization, every shape fixed by (T, E, K)):
+Algorithm (two launches, one at decode, no host synchronization, every shape fixed by (T, E, K)):
 
 1. `route_topk_kernel`, grid (cdiv(T, BLOCK_T),). Each program takes BLOCK_T tokens:
    - loads the (BLOCK_T, E_PAD) logits tile (columns >= E read as -inf), fp32 softmax (fp64 for fp64 logits);
@@ -36,6 +36,9 @@ places a token's repeated expert after its earlier slots (given ids need not com
 
 Why not one launch: the destination of a slot depends on the histograms of all earlier blocks, which needs
 a grid-wide barrier (a spin-wait on other programs can deadlock when the grid does not fit on the GPU).
+Except with one block (ONE_BLOCK: T <= BLOCK_T, 16-64 tokens, so every decode step): its program holds every
+token's hits, writes counts and offsets from its own histogram and places the slots itself
+(_one_block_offsets, _place_slot, the scatter's code): one launch, no scratch, no ticket and no memset.
 Why not torch.argsort: a sort is O(S log S) and several launches; a counting sort on E buckets is O(S).
 
 `route_bwd_kernel`, grid (cdiv(T, BLOCK_T),): recomputes the softmax p from the logits and writes
@@ -100,7 +103,8 @@ def route_topk_kernel(
     block_counts_ptr,  # (nb, E_PAD) int32 scratch: block histograms, then per-block exclusive prefixes
     counts_ptr,  # (E,) int32, out
     offsets_ptr,  # (E+1,) int32, out
-    ticket_ptr,  # (1,) int32, zero on entry
+    ticket_ptr,  # (1,) int32, zero on entry (not read with ONE_BLOCK)
+    sorted_slots_ptr,  # (T*K,) int32, out with ONE_BLOCK (else route_scatter_kernel writes it)
     mask_ptr,  # (T,) any int / float dtype (bool as uint8), token mask; read only with PSUM and HAS_MASK
     psum_part_ptr,  # (nb, E_PAD) fp32 (fp64), out with PSUM: sum over the program's tokens of mask * p
     T,  # i32 tokens
@@ -118,6 +122,7 @@ def route_topk_kernel(
     FP64: tl.constexpr,  # compute in fp64 (fp64 logits)
     PSUM: tl.constexpr,  # sample-aligned blocks, write the per-block gating-loss sums
     HAS_MASK: tl.constexpr,  # PSUM weighs each token by mask_ptr[t]
+    ONE_BLOCK: tl.constexpr = False,  # nb == 1: this program also writes sorted_slots (_one_block_sort)
 ):
     pid = tl.program_id(0)
     if PSUM:  # program pid = b * nbs + j: tokens [j*BLOCK_T, (j+1)*BLOCK_T) of sample b, never two samples
@@ -161,8 +166,42 @@ def route_topk_kernel(
 
     # Block histogram: experts picked by this block's real tokens.
     hits = ((work == -2.0) & row_ok[:, None]).to(tl.int32)  # (BLOCK_T, E_PAD)
-    _histogram_and_scan(tl.sum(hits, axis=0), pid, nb, cols, col_ok, block_counts_ptr, counts_ptr, offsets_ptr,
-                        ticket_ptr, E_PAD, BLOCK_B)
+    if ONE_BLOCK:
+        dest_e = _one_block_offsets(hits, cols, col_ok, counts_ptr, offsets_ptr)
+        for k in range(K):  # this token's k-th expert, from the registers that hold the ids just stored
+            e = tl.sum(tl.where(kcols[None, :] == k, sel_i, 0), axis=1)  # (BLOCK_T,)
+            dest_e = _place_slot(dest_e, e, rows, row_ok, cols, k, E, sorted_slots_ptr, K, False)
+    else:
+        _histogram_and_scan(tl.sum(hits, axis=0), pid, nb, cols, col_ok, block_counts_ptr, counts_ptr,
+                            offsets_ptr, ticket_ptr, E_PAD, BLOCK_B)
+
+
+@triton.jit
+def _one_block_offsets(hits, cols, col_ok, counts_ptr, offsets_ptr):
+    """ONE_BLOCK (every token in this one program, as at decode): counts and offsets straight from the hit
+    matrix hits (BLOCK_T, E_PAD), with no block histograms, ticket or scan; returns the destination row of
+    each (token, expert) pair, offsets[e] + the number of earlier tokens on e (the stable counting sort of
+    route_scatter_kernel, whose work this program then does itself: one launch for the whole routing)."""
+    hist = tl.sum(tl.where(col_ok[None, :], hits, 0), axis=0)  # (E_PAD,)
+    incl = tl.cumsum(hist, axis=0)
+    tl.store(counts_ptr + cols, hist, mask=col_ok)
+    tl.store(offsets_ptr + 1 + cols, incl, mask=col_ok)
+    tl.store(offsets_ptr + cols, incl - hist, mask=cols == 0)
+    return tl.cumsum(hits, axis=0) - hits + (incl - hist)[None, :]
+
+
+@triton.jit
+def _place_slot(dest_e, e, rows, row_ok, cols, k, E, sorted_slots_ptr, K: tl.constexpr, DUPS: tl.constexpr):
+    """Write slot rows*K + k of tokens rows (BLOCK_T,) to its row of sorted_slots, dest_e[t, e[t]] (dest_e
+    (BLOCK_T, E_PAD): the next free row of each (token, expert)); ids outside [0, E) are skipped. With DUPS
+    (a token may name an expert twice) the token's next slot on that expert goes one row further. Returns
+    dest_e."""
+    here = cols[None, :] == e[:, None]  # (BLOCK_T, E_PAD)
+    dest = tl.sum(tl.where(here, dest_e, 0), axis=1)  # (BLOCK_T,)
+    if DUPS:
+        dest_e += here.to(tl.int32)
+    tl.store(sorted_slots_ptr + dest, (rows * K + k).to(tl.int32), mask=row_ok & (e >= 0) & (e < E))
+    return dest_e
 
 
 @triton.jit
@@ -215,7 +254,8 @@ def ids_histogram_kernel(
     block_counts_ptr,  # (nb, E_PAD) int32 scratch, as route_topk_kernel's
     counts_ptr,  # (E,) int32, out
     offsets_ptr,  # (E+1,) int32, out
-    ticket_ptr,  # (1,) int32, zero on entry
+    ticket_ptr,  # (1,) int32, zero on entry (not read with ONE_BLOCK)
+    sorted_slots_ptr,  # (T*K,) int32, out with ONE_BLOCK (else route_scatter_kernel writes it)
     T,  # i32
     E,  # i32
     nb,  # i32 programs: cdiv(T, BLOCK_T)
@@ -223,6 +263,7 @@ def ids_histogram_kernel(
     E_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    ONE_BLOCK: tl.constexpr = False,  # nb == 1: this program also writes sorted_slots (duplicate-safe)
 ):
     """route_topk_kernel's histogram and scan for ids that are given (h3moe.moe with a (weights, ids) pair, as
     transformers' experts interface passes them): the first launch of the Triton sort_by_expert."""
@@ -231,10 +272,17 @@ def ids_histogram_kernel(
     row_ok = rows < T
     cols = tl.arange(0, E_PAD)
     col_ok = cols < E
-    hits = _ids_hits(ids_ptr, rows.to(tl.int64), row_ok, cols, K, BLOCK_T, E_PAD)
-    hist = tl.where(col_ok, tl.sum(hits, axis=0), 0)
-    _histogram_and_scan(hist, pid, nb, cols, col_ok, block_counts_ptr, counts_ptr, offsets_ptr, ticket_ptr, E_PAD,
-                        BLOCK_B)
+    rows64 = rows.to(tl.int64)
+    hits = _ids_hits(ids_ptr, rows64, row_ok, cols, K, BLOCK_T, E_PAD)
+    if ONE_BLOCK:
+        dest_e = _one_block_offsets(hits, cols, col_ok, counts_ptr, offsets_ptr)
+        for k in range(K):
+            e = tl.load(ids_ptr + rows64 * K + k, mask=row_ok, other=-1).to(tl.int32)
+            dest_e = _place_slot(dest_e, e, rows, row_ok, cols, k, E, sorted_slots_ptr, K, True)
+    else:
+        hist = tl.where(col_ok, tl.sum(hits, axis=0), 0)
+        _histogram_and_scan(hist, pid, nb, cols, col_ok, block_counts_ptr, counts_ptr, offsets_ptr, ticket_ptr,
+                            E_PAD, BLOCK_B)
 
 
 # batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
@@ -271,11 +319,7 @@ def route_scatter_kernel(
     dest_e = rank + base[None, :]  # (BLOCK_T, E_PAD) destination row of (token, expert)
     for k in range(K):
         e = tl.load(ids_ptr + rows64 * K + k, mask=row_ok, other=-1).to(tl.int32)
-        here = cols[None, :] == e[:, None]  # (BLOCK_T, E_PAD)
-        dest = tl.sum(tl.where(here, dest_e, 0), axis=1)  # (BLOCK_T,)
-        if DUPS:  # after this token's earlier slots on the same expert (the sort stays stable)
-            dest_e += here.to(tl.int32)
-        tl.store(sorted_slots_ptr + dest, (rows * K + k).to(tl.int32), mask=row_ok & (e >= 0) & (e < E))
+        dest_e = _place_slot(dest_e, e, rows, row_ok, cols, k, E, sorted_slots_ptr, K, DUPS)
 
 
 # batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
@@ -367,7 +411,7 @@ def _cfg(E: int, K: int) -> dict:
     return dict(E_PAD=e_pad, K_PAD=triton.next_power_of_2(K), BLOCK_T=block_t_for(e_pad), K=K)
 
 
-def _topk_spec(name, dt, c, nw, psum=False, mask_dt=None):
+def _topk_spec(name, dt, c, nw, psum=False, mask_dt=None, one_block=False):
     from .aot import AotSpec
 
     return AotSpec(
@@ -376,13 +420,15 @@ def _topk_spec(name, dt, c, nw, psum=False, mask_dt=None):
         signature={
             "logits_ptr": _DT[dt], "weights_ptr": "*fp32", "ids_ptr": "*i64",
             "block_counts_ptr": "*i32", "counts_ptr": "*i32", "offsets_ptr": "*i32",
-            "ticket_ptr": "*i32", "mask_ptr": _DT[mask_dt or dt], "psum_part_ptr": "*fp32",
+            "ticket_ptr": "*i32", "sorted_slots_ptr": "*i32", "mask_ptr": _DT[mask_dt or dt],
+            "psum_part_ptr": "*fp32",
             "T": "i32", "E": "i32", "stride_lt": "i32", "nb": "i32", "S": "i32", "nbs": "i32",
             "K": "constexpr", "K_PAD": "constexpr", "E_PAD": "constexpr",
             "BLOCK_T": "constexpr", "BLOCK_B": "constexpr", "RENORM": "constexpr",
-            "FP64": "constexpr", "PSUM": "constexpr", "HAS_MASK": "constexpr",
+            "FP64": "constexpr", "PSUM": "constexpr", "HAS_MASK": "constexpr", "ONE_BLOCK": "constexpr",
         },
-        constexprs=dict(c, BLOCK_B=16, RENORM=True, FP64=False, PSUM=psum, HAS_MASK=mask_dt is not None),
+        constexprs=dict(c, BLOCK_B=16, RENORM=True, FP64=False, PSUM=psum, HAS_MASK=mask_dt is not None,
+                        ONE_BLOCK=one_block),
         num_warps=nw,
         num_stages=1,
     )  # fmt: skip
@@ -428,7 +474,7 @@ def _scatter_spec(name, c, nw, sample_blocks=False, dups=False):
     )  # fmt: skip
 
 
-def _ids_hist_spec(name, c, nw):
+def _ids_hist_spec(name, c, nw, one_block=False):
     from .aot import AotSpec
 
     return AotSpec(
@@ -436,10 +482,11 @@ def _ids_hist_spec(name, c, nw):
         fn=ids_histogram_kernel,
         signature={
             "ids_ptr": "*i64", "block_counts_ptr": "*i32", "counts_ptr": "*i32", "offsets_ptr": "*i32",
-            "ticket_ptr": "*i32", "T": "i32", "E": "i32", "nb": "i32",
+            "ticket_ptr": "*i32", "sorted_slots_ptr": "*i32", "T": "i32", "E": "i32", "nb": "i32",
             "K": "constexpr", "E_PAD": "constexpr", "BLOCK_T": "constexpr", "BLOCK_B": "constexpr",
+            "ONE_BLOCK": "constexpr",
         },
-        constexprs={"K": c["K"], "E_PAD": c["E_PAD"], "BLOCK_T": c["BLOCK_T"], "BLOCK_B": 16},
+        constexprs={"K": c["K"], "E_PAD": c["E_PAD"], "BLOCK_T": c["BLOCK_T"], "BLOCK_B": 16, "ONE_BLOCK": one_block},
         num_warps=nw,
         num_stages=1,
     )  # fmt: skip
@@ -453,6 +500,7 @@ def aot_specs():
         nw = num_warps_for(c["E_PAD"])
         specs.append(_ids_hist_spec(f"ids_histogram[E={E},K={K}]", c, nw))
         specs.append(_scatter_spec(f"route_scatter_dups[E={E},K={K}]", c, nw, dups=True))
+        specs.append(_ids_hist_spec(f"ids_histogram_one_block[E={E},K={K}]", c, nw, one_block=True))
     # (E, K, logits dtypes): Mixtral-like 8/2, fine-grained 64/8, the largest E. The logits dtype only
     # changes the tile load, so fp32 is compiled once; the compile tier stays fast.
     for E, K, dts in ((8, 2, ("bf16",)), (64, 8, ("bf16", "fp32")), (256, 8, ("bf16",))):
@@ -462,6 +510,8 @@ def aot_specs():
             specs.append(_topk_spec(f"route_topk[{dt},E={E},K={K}]", dt, c, nw))
             specs.append(_bwd_spec(f"route_bwd[{dt},E={E},K={K}]", dt, c, nw))
         specs.append(_scatter_spec(f"route_scatter[E={E},K={K}]", c, nw))
+        # decode: the whole routing in one program (bf16 logits)
+        specs.append(_topk_spec(f"route_topk_one_block[bf16,E={E},K={K}]", "bf16", c, nw, one_block=True))
     # route_with_gating (PSUM): bf16 logits with a transformers int64 attention mask (and without a mask),
     # the backward with both gradients, and with the psum gradient only; fp32 logits with an fp32 mask.
     # Training shapes have S >= BLOCK_T, so BLOCK_T is block_t_for(E_PAD) as above.

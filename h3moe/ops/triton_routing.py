@@ -43,12 +43,24 @@ __all__ = ["route", "route_with_gating", "sort_by_expert"]
 def _token_blocks(T: int, E: int, dev):
     """The token-block partition of route_topk_kernel / ids_histogram_kernel and route_scatter_kernel:
     (E_PAD, BLOCK_T, programs nb, num_warps, block_counts (nb, E_PAD) int32 scratch for the block histograms
-    then their prefixes, the last-block ticket (1,) int32 zeroed)."""
+    then their prefixes, the last-block ticket (1,) int32 zeroed). One program (nb == 1: up to 16-64 tokens,
+    every decode step) sorts in registers (ONE_BLOCK): no scratch, no ticket (None, None), no scatter launch."""
     e_pad = triton.next_power_of_2(E)
     block_t = K.block_t_for(e_pad)
     nb = triton.cdiv(T, block_t)
+    if _one_block(nb):
+        return e_pad, block_t, nb, K.num_warps_for(e_pad), None, None
     block_counts = torch.empty(nb, e_pad, dtype=torch.int32, device=dev)
     return e_pad, block_t, nb, K.num_warps_for(e_pad), block_counts, torch.zeros(1, dtype=torch.int32, device=dev)
+
+
+#: Whether one-program routings sort in registers (ONE_BLOCK, one launch); tests turn it off to compare the
+#: two paths.
+ONE_BLOCK = True
+
+
+def _one_block(nb: int) -> bool:
+    return nb == 1 and ONE_BLOCK
 
 
 def _sort_by_expert_impl(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,14 +75,17 @@ def _sort_by_expert_impl(ids: torch.Tensor, num_experts: int) -> tuple[torch.Ten
         return counts, offsets, sorted_slots
     ids = ids.to(torch.int64).contiguous()
     e_pad, block_t, nb, num_warps, block_counts, ticket = _token_blocks(T, E, dev)
+    one = block_counts is None  # ONE_BLOCK: the scratch and ticket pointers are never read
     K.ids_histogram_kernel[(nb,)](
-        ids, block_counts, counts, offsets, ticket, T, E, nb,
-        K=top_k, E_PAD=e_pad, BLOCK_T=block_t, BLOCK_B=16, num_warps=num_warps, num_stages=1,
+        ids, counts if one else block_counts, counts, offsets, counts if one else ticket, sorted_slots, T, E, nb,
+        K=top_k, E_PAD=e_pad, BLOCK_T=block_t, BLOCK_B=16, ONE_BLOCK=one, num_warps=num_warps, num_stages=1,
     )  # fmt: skip
-    K.route_scatter_kernel[(nb,)](
-        ids, block_counts, offsets, sorted_slots, T, E, T, nb,
-        K=top_k, E_PAD=e_pad, BLOCK_T=block_t, SAMPLE_BLOCKS=False, DUPS=True, num_warps=num_warps, num_stages=1,
-    )  # fmt: skip
+    if not one:
+        K.route_scatter_kernel[(nb,)](
+            ids, block_counts, offsets, sorted_slots, T, E, T, nb,
+            K=top_k, E_PAD=e_pad, BLOCK_T=block_t, SAMPLE_BLOCKS=False, DUPS=True, num_warps=num_warps,
+            num_stages=1,
+        )  # fmt: skip
     return counts, offsets, sorted_slots
 
 
@@ -88,7 +103,8 @@ def _(ids, num_experts):
 
 def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h3moe.ops.routing.sort_by_expert on the Triton kernels of route() (block histograms, last-block scan,
-    a stable counting-sort scatter: 2 launches and a 4-byte memset instead of torch's argsort and ~6 more),
+    a stable counting-sort scatter: 2 launches and a 4-byte memset instead of torch's argsort and ~6 more; one
+    launch when one program holds every token, as at decode),
     for ids that are given rather than routed here (transformers' experts interface passes them). A token may
     name an expert twice. ids (T, K) integer in [0, E), E <= 256 (beyond: torch). Returns counts (E,),
     offsets (E+1,), sorted_slots (T*K,), all int32, equal to the torch function's."""
@@ -121,17 +137,20 @@ def _triton_route_impl(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     e_pad, block_t, nb, num_warps, block_counts, ticket = _token_blocks(T, E, dev)
+    one = block_counts is None  # ONE_BLOCK: the scratch and ticket pointers are never read
     K.route_topk_kernel[(nb,)](
-        logits, weights, ids, block_counts, counts, offsets, ticket, logits, weights,  # no mask, no psum
+        logits, weights, ids, counts if one else block_counts, counts, offsets, counts if one else ticket,
+        sorted_slots, logits, weights,  # no mask, no psum
         T, E, logits.stride(0), nb, T, nb,
         K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=block_t, BLOCK_B=16,  # scan rows/step
-        RENORM=renormalize, FP64=logits.dtype == torch.float64, PSUM=False, HAS_MASK=False,
+        RENORM=renormalize, FP64=logits.dtype == torch.float64, PSUM=False, HAS_MASK=False, ONE_BLOCK=one,
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip
-    K.route_scatter_kernel[(nb,)](
-        ids, block_counts, offsets, sorted_slots, T, E, T, nb,
-        K=top_k, E_PAD=e_pad, BLOCK_T=block_t, SAMPLE_BLOCKS=False, num_warps=num_warps, num_stages=1,
-    )  # fmt: skip
+    if not one:
+        K.route_scatter_kernel[(nb,)](
+            ids, block_counts, offsets, sorted_slots, T, E, T, nb,
+            K=top_k, E_PAD=e_pad, BLOCK_T=block_t, SAMPLE_BLOCKS=False, num_warps=num_warps, num_stages=1,
+        )  # fmt: skip
     return weights, ids, counts, offsets, sorted_slots
 
 
@@ -237,21 +256,24 @@ def _triton_route_gating(
     nbs = triton.cdiv(S, block_t)  # programs per sample
     nb = B * nbs
     num_warps = K.num_warps_for(e_pad)
-    block_counts = torch.empty(nb, e_pad, dtype=torch.int32, device=dev)  # histograms, then block prefixes
+    one = _one_block(nb)  # one sample of at most BLOCK_T tokens: the sort in registers, one launch
+    # histograms, then block prefixes; the last-block ticket (neither read with ONE_BLOCK)
+    block_counts = counts if one else torch.empty(nb, e_pad, dtype=torch.int32, device=dev)
+    ticket = counts if one else torch.zeros(1, dtype=torch.int32, device=dev)
     psum_part = torch.empty(nb, e_pad, dtype=acc, device=dev)  # every row written
-    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
     K.route_topk_kernel[(nb,)](
-        logits, weights, ids, block_counts, counts, offsets, ticket,
+        logits, weights, ids, block_counts, counts, offsets, ticket, sorted_slots,
         mask if mask is not None else logits, psum_part,
         T, E, logits.stride(0), nb, S, nbs,
         K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=block_t, BLOCK_B=16,
-        RENORM=renormalize, FP64=acc == torch.float64, PSUM=True, HAS_MASK=mask is not None,
+        RENORM=renormalize, FP64=acc == torch.float64, PSUM=True, HAS_MASK=mask is not None, ONE_BLOCK=one,
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip
-    K.route_scatter_kernel[(nb,)](
-        ids, block_counts, offsets, sorted_slots, T, E, S, nbs,
-        K=top_k, E_PAD=e_pad, BLOCK_T=block_t, SAMPLE_BLOCKS=True, num_warps=num_warps, num_stages=1,
-    )  # fmt: skip
+    if not one:
+        K.route_scatter_kernel[(nb,)](
+            ids, block_counts, offsets, sorted_slots, T, E, S, nbs,
+            K=top_k, E_PAD=e_pad, BLOCK_T=block_t, SAMPLE_BLOCKS=True, num_warps=num_warps, num_stages=1,
+        )  # fmt: skip
     # Per-sample sum of its nbs block partials: a fixed-order reduction, deterministic (no atomics).
     psum = psum_part.view(B, nbs, e_pad)[:, :, :E].sum(dim=1)
     return weights, ids, counts, offsets, sorted_slots, psum
