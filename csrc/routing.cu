@@ -5,7 +5,8 @@
 // Algorithm
 //   route_fwd_kernel: a warp owns a run of consecutive tokens; lane l holds experts l, l+32, ... (EPL =
 //     ceil(E/32) <= 8 registers). Softmax by two warp reductions (max, sum) in fp32; top-k by K rounds of
-//     a warp arg-max (ties: lower expert index, as torch.topk on distinct values). With psum given, each
+//     a warp arg-max (ties: lower expert index, as torch.topk on distinct values; NaN ranks below every
+//     probability, so a NaN row still picks K distinct experts, with NaN weights). With psum given, each
 //     warp sums mask[t]*p over its tokens of one sample in registers and flushes with one fp32 atomicAdd
 //     per expert when the sample changes (no (T, E) probabilities are written).
 //   sort_*: ids (S,) are cut into chunks of kChunk rows, one warp each. hist: per-chunk expert counts;
@@ -107,8 +108,11 @@ __global__ void __launch_bounds__(kRouteThreads) route_fwd_kernel(
 #pragma unroll
           for (int j = 0; j < EPL; ++j) {
             const int e = lane + 32 * j;
-            if (e < E && !((taken >> j) & 1u) && p[j] > bv) {
-              bv = p[j];
+            // NaN (a NaN or inf logit makes the whole row NaN) ranks as -0.5, below every probability: such
+            // a row still picks K distinct experts in range, so every slot gets its row of sorted_slots
+            const float v = isnan(p[j]) ? -0.5f : p[j];
+            if (e < E && !((taken >> j) & 1u) && v > bv) {
+              bv = v;
               bi = e;
             }
           }
@@ -121,9 +125,9 @@ __global__ void __launch_bounds__(kRouteThreads) route_fwd_kernel(
               bi = oi;
             }
           }
-          topv[k] = bv;
+          topv[k] = bv == -0.5f ? NAN : bv;  // a NaN pick keeps its NaN weight: the output says so
           topi[k] = bi;
-          tsum += bv;
+          tsum += topv[k];
           if (bi < E && (bi & 31) == lane) taken |= 1u << (bi >> 5);
         }
       }

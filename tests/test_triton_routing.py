@@ -312,6 +312,58 @@ def test_sort_by_expert_from_ids_equals_torch(T, E, K, mode):
         assert a.dtype == torch.int32 and torch.equal(a.cpu(), b.cpu())
 
 
+def check_nan_rows_route_every_slot(r, logits, bad, K):
+    """Rows `bad` of logits hold a NaN or inf (fp16 overflow in training: the row's softmax is NaN). They still
+    pick K distinct experts in range, with NaN weights (the layer's output turns NaN, which AMP's grad scaler
+    detects and skips), and every slot has its row of sorted_slots (an unwritten row would send the experts
+    kernels to a garbage token: an illegal address that takes the CUDA context down). The other rows are
+    routed as from clean logits."""
+    T, E = logits.shape
+    good = torch.ones(T, dtype=torch.bool)
+    good[bad] = False
+    ids = r.ids.cpu()
+    assert ((ids >= 0) & (ids < E)).all()
+    assert all(len(set(row.tolist())) == K for row in ids)
+    assert r.weights[bad].isnan().all() and not r.weights[good.to(r.weights.device)].isnan().any()
+    assert torch.equal(torch.sort(r.sorted_slots.cpu().long()).values, torch.arange(T * K))
+    counts, offsets, slots = sort_by_expert(r.ids, E)
+    assert torch.equal(r.counts, counts) and torch.equal(r.offsets, offsets) and torch.equal(r.sorted_slots, slots)
+    clean = _route_torch(logits[good.to(logits.device)], K, True)
+    torch.testing.assert_close(r.weights[good.to(r.weights.device)], clean.weights, rtol=1e-5, atol=1e-6)
+    assert torch.equal(r.ids[good.to(r.ids.device)], clean.ids)
+
+
+@pytest.mark.interpreter
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy, under the interpreter
+@pytest.mark.parametrize("T,E,K", [(5, 8, 2), (70, 64, 8)])  # one block; several blocks
+def test_nan_rows_still_route_every_slot(T, E, K):
+    logits = distinct_logits(T, E, torch.float32)
+    logits[1, 3] = float("nan")
+    logits[T - 1, 0] = float("inf")
+    check_nan_rows_route_every_slot(_tr().route(logits, K), logits, [1, T - 1], K)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("T,E,K,dtype", [(1, 8, 2, torch.bfloat16), (4096, 64, 8, torch.bfloat16),
+                                         (3000, 8, 2, torch.float16)])
+def test_gpu_nan_rows_still_route_every_slot(backend, T, E, K, dtype):
+    """check_nan_rows_route_every_slot on both GPU backends, at decode and training sizes (the cuda kernel
+    ranks NaN the same way)."""
+    from h3moe import _backend
+
+    if not _backend.runs(backend, "route", torch.device("cuda")):
+        pytest.skip(f"{backend} routing does not run here")
+    logits = distinct_logits(T, E, torch.float32, device="cuda")
+    bad = [0] if T == 1 else [0, T // 2, T - 1]
+    logits[bad[0], E // 2] = float("nan")
+    if T > 1:
+        logits[bad[1], 0] = float("inf")
+        logits[bad[2], :] = float("-inf")  # all -inf: 0/0
+    logits = logits.to(dtype)
+    check_nan_rows_route_every_slot(h3moe.route(logits, K, backend=backend), logits.float(), bad, K)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("E,K", [(8, 2), (64, 8), (7, 7)])
 def test_one_block_routing_is_one_launch(monkeypatch, E, K):

@@ -7,7 +7,8 @@ Algorithm (two launches, one at decode, no host synchronization, every shape fix
    - top-k by K rounds of "row max, then the lowest column holding it" (so ties between equal
      probabilities go to the lowest expert index; torch.topk leaves tie order unspecified, and on CPU it
      does not pick the lowest index: the two agree exactly when the K+1 largest probabilities of a row are
-     distinct);
+     distinct); a NaN row (a NaN or inf logit) ranks NaN below every probability, so it still picks K
+     distinct experts (the lowest indices) and keeps NaN weights: every slot is placed, the output says NaN;
    - optional renormalization of the K selected probabilities; stores weights (T, K) and ids (T, K);
    - writes its block histogram hits[t, e] summed over t (one top-k never picks an expert twice, so a
      token holds at most one slot per expert) into row b of `block_counts` (nb, E_PAD);
@@ -144,15 +145,19 @@ def route_topk_kernel(
             tl.store(psum_part_ptr + pid * E_PAD + cols, tl.sum(p * m[:, None], axis=0))
         else:
             tl.store(psum_part_ptr + pid * E_PAD + cols, tl.sum(p, axis=0))
-    # Work copy: real experts hold p in [0, 1]; padding -1; an expert already picked -2.
-    work = tl.where(col_ok[None, :], p, -1.0)
+    # Work copy: real experts hold p in [0, 1]; NaN (a NaN or inf logit makes the whole row NaN) -0.5, below
+    # every probability, so such a row still picks K distinct experts in range (the lowest indices) and every
+    # slot gets its row of sorted_slots (a row left unwritten would send the experts kernels to a garbage
+    # token); padding -1; an expert already picked -2.
+    work = tl.where(col_ok[None, :], tl.where(p == p, p, -0.5), -1.0)
     kcols = tl.arange(0, K_PAD)  # (K_PAD,)
     sel_w = tl.zeros((BLOCK_T, K_PAD), dtype=p.dtype)
     sel_i = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
     for k in range(K):
         m = tl.max(work, axis=1)  # (BLOCK_T,)
         idx = tl.min(tl.where(work == m[:, None], cols[None, :], E_PAD), axis=1)  # lowest index among ties
-        idx = tl.minimum(idx, E - 1)  # NaN logits match nothing: keep ids in range (routing is garbage then)
+        idx = tl.minimum(idx, E - 1)  # (defensive: with NaN mapped, some column always holds the max)
+        m = tl.where(m == -0.5, float("nan"), m)  # a NaN pick keeps its NaN weight: the output says so
         sel_w = tl.where(kcols[None, :] == k, m[:, None], sel_w)
         sel_i = tl.where(kcols[None, :] == k, idx[:, None], sel_i)
         work = tl.where(cols[None, :] == idx[:, None], -2.0, work)
