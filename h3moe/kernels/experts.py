@@ -635,8 +635,10 @@ _CANDIDATES = {
     "down": {
         "decode": [C(16, 64, 128, 1, 4, 4), C(16, 32, 128, 1, 4, 4), C(16, 64, 64, 1, 4, 5)],
         "small": [C(64, 64, 64, 8, 4, 4), C(32, 64, 128, 8, 4, 3), C(64, 128, 64, 8, 4, 3)],
+        # 64-row tiles for many-expert prefill (Qwen3-30B-A3B at 4096 tokens: ~256 rows per expert, about
+        # half of the experts end in a 128-row tile holding 1-16 rows; gate_up's list has its 64-row tile)
         "large": [Hp(128, 256, 64, 8, 8, 3), C(128, 128, 64, 8, 8, 4), Hp(128, 128, 64, 8, 4, 3),
-                  Tma(128, 256, 64, 8, 8, 3), Tma(128, 128, 64, 8, 8, 4)],
+                  C(64, 128, 64, 8, 4, 4), Tma(128, 256, 64, 8, 8, 3), Tma(128, 128, 64, 8, 8, 4)],
     },
     "bwd_act": {  # three accumulators (gate, up, dy @ Wd)
         "decode": [C(16, 64, 64, 1, 4, 3), C(16, 32, 128, 1, 4, 3)],
