@@ -865,10 +865,12 @@ def test_gpu_quantizer_runs_without_bitsandbytes():
 
 @pytest.mark.gpu
 def test_gpu_quant_moe_compiled_with_cuda_graphs():
-    """Serving's compile: torch.compile(fullgraph=True, mode="reduce-overhead") over routing + quant_moe (NF4,
-    nested absmax) replays CUDA graphs (the GEMV at T=1, the tensor-core kernels at T=16) and equals eager at
-    every call, on fresh inputs each time (a replay reading the captured inputs, or a kernel the capture
-    missed, would not). One format: inductor compiles once per T, and int8 shares every line on this path."""
+    """Serving's compile: torch.compile(fullgraph=True) with CUDA graphs over routing + quant_moe (NF4, nested
+    absmax) replays the graphs (the GEMV at T=1, the tensor-core kernels at T=16) and equals eager at every
+    call, on fresh inputs each time (a replay reading the captured inputs, or a kernel the capture missed,
+    would not). Dynamo's "cudagraphs" backend: the cudagraph trees of mode="reduce-overhead" without
+    inductor's code generation (tens of seconds per graph, and our ops are opaque to it anyway). One format:
+    int8 shares every line on this path."""
     E, H, I, K = 8, 1024, 1536, 2
     gu, dn = _quantized(E, H, I, "nf4", 64, True, dtype=torch.bfloat16, device="cuda")
 
@@ -876,7 +878,7 @@ def test_gpu_quant_moe_compiled_with_cuda_graphs():
         return oq.quant_moe(x, gu.packed, dn.packed, route(logits, K), backend="triton")
 
     torch._dynamo.reset()
-    cf = torch.compile(f, fullgraph=True, mode="reduce-overhead", dynamic=False)
+    cf = torch.compile(f, fullgraph=True, backend="cudagraphs", dynamic=False)
     try:
         for T in (1, 16):
             for _ in range(4):
