@@ -248,8 +248,9 @@ def test_gpu_route_backward(dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_capture():
-    T, E, K = 4096, 64, 8
+@pytest.mark.parametrize("T", [1, 32, 4096])  # one launch (BLOCK_T = 32 at E = 64), two launches
+def test_gpu_cuda_graph_capture(T):
+    E, K = 64, 8
     static_x = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -264,6 +265,46 @@ def test_gpu_cuda_graph_capture():
         graph.replay()
         torch.cuda.synchronize()
         _assert_gpu_routing(r, static_x, K, True)
+
+
+_WARM_THEN_CAPTURE = """
+import sys, torch
+from h3moe.ops import triton_routing as tr
+from h3moe.kernels import routing as kr
+warm_T, cap_T, E, K = map(int, sys.argv[1:])
+logits = torch.randn(warm_T, E, device="cuda", dtype=torch.bfloat16)
+tr.route(logits, K)  # the only warm-up, at one token count
+tr.sort_by_expert(torch.randint(0, E, (warm_T, K), device="cuda"), E)
+torch.cuda.synchronize()
+x = torch.randn(cap_T, E, device="cuda", dtype=torch.bfloat16)
+ids = torch.randint(0, E, (cap_T, K), device="cuda")
+g = torch.cuda.CUDAGraph()
+with torch.cuda.graph(g):  # a kernel first loaded here would raise
+    r = tr.route(x, K)
+    c, o, s = tr.sort_by_expert(ids, E)
+g.replay()
+torch.cuda.synchronize()
+p = torch.softmax(x.float(), -1)
+got = torch.sort(torch.gather(p, 1, r.ids), -1, descending=True).values  # the top-k probabilities (ties aside)
+assert torch.allclose(got, torch.topk(p, K, dim=-1).values, rtol=1e-5, atol=1e-7), "ids"
+assert torch.equal(torch.sort(r.sorted_slots.long()).values, torch.arange(cap_T * K, device="cuda")), "slots"
+assert int(o[-1]) == cap_T * K and torch.equal(c.long(), torch.bincount(ids.flatten(), minlength=E)), "sort"
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warm_T,cap_T", [(1, 4096), (4096, 1)])
+def test_gpu_one_warm_up_covers_both_routing_paths(warm_T, cap_T):
+    """In a fresh process (no kernel loaded yet), one warm-up at a decode token count lets a capture at a
+    prefill count run, and the other way round, though the two take different kernels (one launch at T <=
+    BLOCK_T, two beyond): the first call loads both (_load_both)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _WARM_THEN_CAPTURE, str(warm_T), str(cap_T), "64", "8"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 @pytest.mark.gpu
@@ -367,9 +408,9 @@ def test_gpu_nan_rows_still_route_every_slot(backend, T, E, K, dtype):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("E,K", [(8, 2), (64, 8), (7, 7)])
 def test_one_block_routing_is_one_launch(monkeypatch, E, K):
-    """Where one program holds every token (T <= BLOCK_T: decode), route, sort_by_expert (ids with repeats)
-    and route_with_gating (one sample) sort in that program: no scatter launch, no ticket memset, and the
-    same outputs, bit for bit, as the two-launch path."""
+    """Where one program holds every token (T <= BLOCK_T: decode), route and sort_by_expert (ids with
+    repeats) sort in that program: no scatter launch, no ticket memset, and the same outputs, bit for bit, as
+    the two-launch path."""
     from h3moe.kernels import routing as kr
     from h3moe.ops import triton_routing as tr
 
@@ -381,9 +422,7 @@ def test_one_block_routing_is_one_launch(monkeypatch, E, K):
 
     def run():
         r = tr.route(logits, K)
-        rg, psum = tr.route_with_gating(logits, K, 1)
-        return (r.weights, r.ids, r.counts, r.offsets, r.sorted_slots, *tr.sort_by_expert(ids, E), rg.sorted_slots,
-                rg.offsets, psum)
+        return (r.weights, r.ids, r.counts, r.offsets, r.sorted_slots, *tr.sort_by_expert(ids, E))
 
     scatters, zeros = [], []
     real_scatter, real_zeros = kr.route_scatter_kernel, torch.zeros
@@ -399,12 +438,54 @@ def test_one_block_routing_is_one_launch(monkeypatch, E, K):
     assert not scatters and not zeros, (scatters, zeros)
     monkeypatch.setattr(tr, "ONE_BLOCK", False)
     two = run()
-    assert len(scatters) == 3 and len(zeros) == 3
+    assert len(scatters) == 2 and len(zeros) == 2
     for a, b in zip(one, two):
         assert a.dtype == b.dtype and torch.equal(a, b)
     # and both equal the torch functions
     want = sort_by_expert(one[1], E)
     assert all(torch.equal(x, y) for x, y in zip(one[2:5], want))
+
+
+@pytest.mark.interpreter
+def test_first_call_loads_both_routing_paths(monkeypatch):
+    """The first GPU call of a routing shape family also runs the path it did not take (one launch at T <=
+    BLOCK_T, two beyond) once, on a dummy input: a warm-up at one token count then covers the others under a
+    CUDA graph capture, where Triton cannot load a kernel. Later calls of the family run their own path only.
+    (The GPU is faked: under the interpreter every launch is a CPU call.)"""
+    from h3moe.kernels import routing as kr
+    from h3moe.ops import triton_routing as tr
+
+    monkeypatch.setattr(tr, "_on_gpu", lambda t: True)
+    monkeypatch.setattr(tr, "_BOTH", set())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    launches = []
+    for name in ("route_topk_kernel", "route_scatter_kernel", "ids_histogram_kernel"):
+        real = getattr(kr, name)
+
+        class Counted:
+            def __getitem__(self, grid, real=real, name=name):
+                launches.append((name, grid[0]))
+                return real[grid]
+
+        monkeypatch.setattr(kr, name, Counted())
+    E, K = 8, 2
+    bt = kr.block_t_for(8)
+    tr.route(torch.randn(1, E, device=DEV), K)  # one block; then the dummy call's two blocks
+    assert launches == [("route_topk_kernel", 1), ("route_topk_kernel", 2), ("route_scatter_kernel", 2)]
+    launches.clear()
+    tr.route(torch.randn(3 * bt, E, device=DEV), K)  # same family: its own two launches only
+    assert launches == [("route_topk_kernel", 3), ("route_scatter_kernel", 3)]
+    launches.clear()
+    tr.route(torch.randn(2, E, device=DEV), K, renormalize=False)  # another family
+    assert len(launches) == 3
+    launches.clear()
+    ids = torch.randint(0, E, (3 * bt, K), device=DEV)
+    tr.sort_by_expert(ids, E)  # two blocks, then the dummy call's one
+    assert launches == [("ids_histogram_kernel", 3), ("route_scatter_kernel", 3), ("ids_histogram_kernel", 1)]
+    launches.clear()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    tr.sort_by_expert(ids[:, :1], E)  # a new family met inside a capture: nothing extra is launched there
+    assert len(launches) == 2
 
 
 def triton_next_pow2(n):

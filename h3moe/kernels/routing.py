@@ -37,9 +37,10 @@ places a token's repeated expert after its earlier slots (given ids need not com
 
 Why not one launch: the destination of a slot depends on the histograms of all earlier blocks, which needs
 a grid-wide barrier (a spin-wait on other programs can deadlock when the grid does not fit on the GPU).
-Except with one block (ONE_BLOCK: T <= BLOCK_T, 16-64 tokens, so every decode step): its program holds every
-token's hits, writes counts and offsets from its own histogram and places the slots itself
-(_one_block_offsets, _place_slot, the scatter's code): one launch, no scratch, no ticket and no memset.
+Except with one block (ONE_BLOCK: T <= BLOCK_T, 8-64 tokens by E, so every decode step; route and the sort
+of given ids, not route_with_gating): its program holds every token's hits, writes counts and offsets from
+its own histogram and places the slots itself (_one_block_offsets, _place_slot, the scatter's code): one
+launch, no scratch, no ticket and no memset.
 Why not torch.argsort: a sort is O(S log S) and several launches; a counting sort on E buckets is O(S).
 
 `route_bwd_kernel`, grid (cdiv(T, BLOCK_T),): recomputes the softmax p from the logits and writes
@@ -123,7 +124,7 @@ def route_topk_kernel(
     FP64: tl.constexpr,  # compute in fp64 (fp64 logits)
     PSUM: tl.constexpr,  # sample-aligned blocks, write the per-block gating-loss sums
     HAS_MASK: tl.constexpr,  # PSUM weighs each token by mask_ptr[t]
-    ONE_BLOCK: tl.constexpr = False,  # nb == 1: this program also writes sorted_slots (_one_block_sort)
+    ONE_BLOCK: tl.constexpr = False,  # nb == 1, no PSUM: this program also writes sorted_slots
 ):
     pid = tl.program_id(0)
     if PSUM:  # program pid = b * nbs + j: tokens [j*BLOCK_T, (j+1)*BLOCK_T) of sample b, never two samples

@@ -180,7 +180,8 @@ def _dense(name: str, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _all_dense(p: "Packed") -> bool:
     """Every tensor of p contiguous (the usual case: one cheap check per call on the decode path)."""
-    for t in (p.qweight, p.absmax, p.code, p.absmax2, p.code2, p.offset):  # _TENSOR_FIELDS; a plain loop (dynamo)
+    for f in _TENSOR_FIELDS:  # a plain loop: dynamo refuses map(p.__getattribute__, ...)
+        t = getattr(p, f)
         if t is not None and not t.is_contiguous():
             return False
     return True

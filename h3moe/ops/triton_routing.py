@@ -16,8 +16,11 @@ Custom ops (namespace h3moe, each with a fake implementation):
     h3moe::triton_sort_by_expert(ids (T, K), num_experts) -> counts (E,), offsets (E+1,), sorted_slots (T*K,)
         int32: the metadata of given ids (a (weights, ids) pair), with the same kernels minus the softmax.
 The forward is two kernel launches (top-k + block histograms + last-block scan, then a counting-sort
-scatter; see h3moe/kernels/routing.py) plus a 4-byte memset for the scan ticket. No host synchronization
-and no data-dependent shapes: it can be captured in a CUDA graph and traced by torch.compile(fullgraph=True).
+scatter; see h3moe/kernels/routing.py) plus a 4-byte memset for the scan ticket; one launch where one program
+holds every token (T <= BLOCK_T = 2048 / next_pow2(E) clamped to 8..64: decode), for route and sort_by_expert.
+No host synchronization and no data-dependent shapes: it can be captured in a CUDA graph and traced by
+torch.compile(fullgraph=True). The first call of each shape family also loads the path it did not take
+(_load_both), so one warm-up still covers every token count under CUDA graphs.
 
 Ties: equal probabilities go to the lowest expert index first. torch.topk does not promise any order among
 ties, so ids equal the torch backend's exactly when each row's K+1 largest probabilities are distinct.
@@ -43,8 +46,9 @@ __all__ = ["route", "route_with_gating", "sort_by_expert"]
 def _token_blocks(T: int, E: int, dev):
     """The token-block partition of route_topk_kernel / ids_histogram_kernel and route_scatter_kernel:
     (E_PAD, BLOCK_T, programs nb, num_warps, block_counts (nb, E_PAD) int32 scratch for the block histograms
-    then their prefixes, the last-block ticket (1,) int32 zeroed). One program (nb == 1: up to 16-64 tokens,
-    every decode step) sorts in registers (ONE_BLOCK): no scratch, no ticket (None, None), no scatter launch."""
+    then their prefixes, the last-block ticket (1,) int32 zeroed). One program (nb == 1: T <= BLOCK_T, 8-64
+    tokens by E, every decode step) sorts in registers (ONE_BLOCK): no scratch, no ticket (None, None), no
+    scatter launch."""
     e_pad = triton.next_power_of_2(E)
     block_t = K.block_t_for(e_pad)
     nb = triton.cdiv(T, block_t)
@@ -63,7 +67,37 @@ def _one_block(nb: int) -> bool:
     return nb == 1 and ONE_BLOCK
 
 
+#: Keys whose other routing path (one launch at T <= BLOCK_T, two beyond) is loaded (_load_both).
+_BOTH: set = set()
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+def _load_both(key: tuple, t: torch.Tensor, nb: int, other) -> None:
+    """At the first call of `key` (an op and what its kernels are compiled for), run `other(T)` once on a
+    dummy input of T tokens that takes the path this call did not (one program if this call had several, two
+    programs if it had one), so that both are loaded: Triton loads a kernel at its first launch, which a CUDA
+    graph capture does not allow, and one warm-up at any token count must keep covering every other one (as
+    one warm-up per tile regime does for the experts). Outside a capture only (inside, nothing can load)."""
+    if not ONE_BLOCK or key in _BOTH or not _on_gpu(t) or torch.cuda.is_current_stream_capturing():
+        return
+    _BOTH.add(key)
+    block_t = K.block_t_for(triton.next_power_of_2(key[1]))
+    other(block_t + 1 if nb == 1 else 1)
+
+
 def _sort_by_expert_impl(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, nb = _sort_by_expert_launch(ids, num_experts)
+    if nb:
+        _load_both(("sort", num_experts, ids.shape[1], ids.device), ids, nb, lambda T: _sort_by_expert_launch(
+            torch.randint(0, num_experts, (T, ids.shape[1]), device=ids.device), num_experts))
+    return out
+
+
+def _sort_by_expert_launch(ids: torch.Tensor, num_experts: int):
+    """((counts, offsets, sorted_slots), programs launched: 0 when there was nothing to sort)."""
     T, top_k = ids.shape
     E, dev = num_experts, ids.device
     counts = torch.empty(E, dtype=torch.int32, device=dev)
@@ -72,7 +106,7 @@ def _sort_by_expert_impl(ids: torch.Tensor, num_experts: int) -> tuple[torch.Ten
     if T == 0 or top_k == 0:
         counts.zero_()
         offsets.zero_()
-        return counts, offsets, sorted_slots
+        return (counts, offsets, sorted_slots), 0
     ids = ids.to(torch.int64).contiguous()
     e_pad, block_t, nb, num_warps, block_counts, ticket = _token_blocks(T, E, dev)
     one = block_counts is None  # ONE_BLOCK: the scratch and ticket pointers are never read
@@ -86,7 +120,7 @@ def _sort_by_expert_impl(ids: torch.Tensor, num_experts: int) -> tuple[torch.Ten
             K=top_k, E_PAD=e_pad, BLOCK_T=block_t, SAMPLE_BLOCKS=False, DUPS=True, num_warps=num_warps,
             num_stages=1,
         )  # fmt: skip
-    return counts, offsets, sorted_slots
+    return (counts, offsets, sorted_slots), nb
 
 
 # the op; the implementation stays callable for eager calls (_backend.eager_direct)
@@ -123,6 +157,16 @@ def _weights_dtype(logits: torch.Tensor) -> torch.dtype:
 def _triton_route_impl(
     logits: torch.Tensor, top_k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, nb = _route_launch(logits, top_k, renormalize)
+    if nb:
+        E = logits.shape[1]
+        _load_both(("route", E, top_k, renormalize, logits.dtype, logits.device), logits, nb,
+                   lambda T: _route_launch(torch.randn(T, E, device=logits.device).to(logits.dtype), top_k, renormalize))
+    return out
+
+
+def _route_launch(logits: torch.Tensor, top_k: int, renormalize: bool):
+    """((weights, ids, counts, offsets, sorted_slots), programs launched: 0 when there was nothing to route)."""
     T, E = logits.shape
     dev = logits.device
     weights = torch.empty(T, top_k, dtype=_weights_dtype(logits), device=dev)
@@ -133,7 +177,7 @@ def _triton_route_impl(
     if T == 0:  # nothing to launch; counts and offsets are all zero
         counts.zero_()
         offsets.zero_()
-        return weights, ids, counts, offsets, sorted_slots
+        return (weights, ids, counts, offsets, sorted_slots), 0
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     e_pad, block_t, nb, num_warps, block_counts, ticket = _token_blocks(T, E, dev)
@@ -151,7 +195,7 @@ def _triton_route_impl(
             ids, block_counts, offsets, sorted_slots, T, E, T, nb,
             K=top_k, E_PAD=e_pad, BLOCK_T=block_t, SAMPLE_BLOCKS=False, num_warps=num_warps, num_stages=1,
         )  # fmt: skip
-    return weights, ids, counts, offsets, sorted_slots
+    return (weights, ids, counts, offsets, sorted_slots), nb
 
 
 def _route_fake(logits, top_k):
@@ -256,24 +300,23 @@ def _triton_route_gating(
     nbs = triton.cdiv(S, block_t)  # programs per sample
     nb = B * nbs
     num_warps = K.num_warps_for(e_pad)
-    one = _one_block(nb)  # one sample of at most BLOCK_T tokens: the sort in registers, one launch
-    # histograms, then block prefixes; the last-block ticket (neither read with ONE_BLOCK)
-    block_counts = counts if one else torch.empty(nb, e_pad, dtype=torch.int32, device=dev)
-    ticket = counts if one else torch.zeros(1, dtype=torch.int32, device=dev)
+    # Two launches even for one sample of at most BLOCK_T tokens (a training op; its one-launch form spilled
+    # 8 B at E=32, K=8 with a mask, and the shorter samples' smaller BLOCK_T are compiles of their own anyway)
+    block_counts = torch.empty(nb, e_pad, dtype=torch.int32, device=dev)  # histograms, then block prefixes
+    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
     psum_part = torch.empty(nb, e_pad, dtype=acc, device=dev)  # every row written
     K.route_topk_kernel[(nb,)](
         logits, weights, ids, block_counts, counts, offsets, ticket, sorted_slots,
         mask if mask is not None else logits, psum_part,
         T, E, logits.stride(0), nb, S, nbs,
         K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=block_t, BLOCK_B=16,
-        RENORM=renormalize, FP64=acc == torch.float64, PSUM=True, HAS_MASK=mask is not None, ONE_BLOCK=one,
+        RENORM=renormalize, FP64=acc == torch.float64, PSUM=True, HAS_MASK=mask is not None,
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip
-    if not one:
-        K.route_scatter_kernel[(nb,)](
-            ids, block_counts, offsets, sorted_slots, T, E, S, nbs,
-            K=top_k, E_PAD=e_pad, BLOCK_T=block_t, SAMPLE_BLOCKS=True, num_warps=num_warps, num_stages=1,
-        )  # fmt: skip
+    K.route_scatter_kernel[(nb,)](
+        ids, block_counts, offsets, sorted_slots, T, E, S, nbs,
+        K=top_k, E_PAD=e_pad, BLOCK_T=block_t, SAMPLE_BLOCKS=True, num_warps=num_warps, num_stages=1,
+    )  # fmt: skip
     # Per-sample sum of its nbs block partials: a fixed-order reduction, deterministic (no atomics).
     psum = psum_part.view(B, nbs, e_pad)[:, :, :E].sum(dim=1)
     return weights, ids, counts, offsets, sorted_slots, psum
