@@ -68,3 +68,65 @@ def test_eager_direct_only_for_plain_eager_inference():
     torch._dynamo.reset()
     torch.compile(f, backend="eager", fullgraph=True)(x)
     assert seen[-1] is False
+
+
+def _triton_interp_param():
+    import importlib.util
+
+    return pytest.param("triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                                           reason="no triton"))
+
+
+@pytest.mark.parametrize("backend", ["torch", _triton_interp_param()])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_moe_under_autocast(monkeypatch, backend, compiled):
+    """torch.autocast(bf16) over fp32 activations and expert weights (a model loaded in fp32, trained with
+    mixed precision): the experts run in bf16, as autocast runs transformers' eager experts (F.linear), so the
+    output is bf16 and equals the call with the inputs cast by hand; the fp32 leaves get fp32 gradients, equal
+    to that call's. Also under torch.compile(fullgraph=True). Without autocast nothing is cast."""
+    if backend == "triton" and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    T, H, I, E, K = 6, 32, 16, 4, 2
+    x = torch.randn(T, H, device=dev)
+    wgu, wd = torch.randn(E, 2 * I, H, device=dev) * 0.2, torch.randn(E, H, I, device=dev) * 0.2
+    r = h3moe.route(torch.randn(T, E, device=dev), K, backend="torch")
+
+    def run(cast: bool):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, wgu, wd)]
+
+        def f(a, b, c):
+            if cast:
+                return h3moe.moe(a.bfloat16(), b.bfloat16(), c.bfloat16(), r, backend=backend)
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                return h3moe.moe(a, b, c, r, backend=backend)
+
+        if compiled and not cast:
+            torch._dynamo.reset()
+            f = torch.compile(f, fullgraph=True, backend="aot_eager")
+        y = f(*leaves)
+        y.float().square().sum().backward()
+        return y, [t.grad for t in leaves]
+
+    y, grads = run(False)
+    want, want_grads = run(True)
+    torch._dynamo.reset()
+    assert y.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
+    assert torch.equal(y, want)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
+    assert h3moe.moe(x, wgu, wd, r, backend="torch").dtype == torch.float32  # no autocast: no cast
+
+
+def test_quant_moe_under_autocast():
+    """quant_moe under torch.autocast(bf16) takes fp32 activations in bf16 (the packed weights stay as they
+    are): equal to the call with x cast by hand."""
+    from h3moe.integrations.bitsandbytes import quantize_weight
+
+    E, H, I, K, T = 4, 64, 32, 2, 5
+    gu = quantize_weight(torch.randn(E, 2 * I, H) * 0.1, "nf4", 32).packed
+    dn = quantize_weight(torch.randn(E, H, I) * 0.1, "nf4", 32).packed
+    x, r = torch.randn(T, H), h3moe.route(torch.randn(T, E), K)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = h3moe.quant_moe(x, gu, dn, r, backend="torch")
+    assert y.dtype == torch.bfloat16 and torch.equal(y, h3moe.quant_moe(x.bfloat16(), gu, dn, r, backend="torch"))

@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _backend, _validate
+from .._amp import autocast_inputs
 from ..reference import ACTIVATIONS
 from .combine import combine
 from .routing import Routing, as_routing
@@ -513,6 +514,7 @@ def quant_moe(
     """
     _validate.tensor("x", x, 2)
     _validate.activation(activation)
+    (x,) = autocast_inputs(x)  # torch.autocast: fp32 activations in its dtype (the packed weights stay packed)
     E, two_i, H = gate_up.shape
     if tuple(down.shape) != (E, H, two_i // 2) or x.shape[1] != H:
         raise ValueError(f"quant_moe: shapes x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, down "
