@@ -130,3 +130,32 @@ def test_quant_moe_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = h3moe.quant_moe(x, gu, dn, r, backend="torch")
     assert y.dtype == torch.bfloat16 and torch.equal(y, h3moe.quant_moe(x.bfloat16(), gu, dn, r, backend="torch"))
+
+
+@pytest.mark.parametrize("backend", ["torch", _triton_interp_param()])
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_moe_under_activation_checkpointing(monkeypatch, backend, recompute, reentrant):
+    """h3moe.MoE inside torch.utils.checkpoint (transformers' gradient_checkpointing_enable; non-reentrant is
+    torch's default): the same gradients as without it. Non-reentrant checkpointing recomputes on the first
+    read of ctx.saved_tensors and raises on a second one (the Triton backward read them twice)."""
+    from torch.utils.checkpoint import checkpoint
+
+    if backend == "triton" and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    m = h3moe.MoE(32, 16, 4, 2, backend=backend, recompute=recompute, device=dev)
+    x = torch.randn(2, 5, 32, device=dev, requires_grad=True)
+    params = [x, *m.parameters()]
+
+    def grads(fn):
+        for p in params:
+            p.grad = None
+        fn(x).square().sum().backward()
+        return [p.grad.clone() for p in params]
+
+    want = grads(m)
+    got = grads(lambda inp: checkpoint(m, inp, use_reentrant=reentrant))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

@@ -783,8 +783,12 @@ def _setup_context_saved(ctx, inputs, output):
     ctx.activation = activation
 
 
-def _grads(ctx, dy, h):
-    x, w_gate_up, w_down, weights, sorted_slots, offsets = ctx.saved_tensors[:6]
+def _grads(ctx, dy, saved):
+    """saved: ctx.saved_tensors, read ONCE by the caller (a second read raises under non-reentrant activation
+    checkpointing, whose unpack hooks recompute on the first read); its 7th tensor, when there, is the saved
+    pre-activation h (else the backward recomputes it)."""
+    x, w_gate_up, w_down, weights, sorted_slots, offsets = saved[:6]
+    h = saved[6] if len(saved) > 6 else None
     nx, ngu, nd, nw = ctx.needs_input_grad[:4]
     dx, dgu, dd, dw = experts_bwd(dy, x, w_gate_up, w_down, weights, sorted_slots, offsets, ctx.activation,
                                   nx, ngu, nd, nw, h)
@@ -793,11 +797,11 @@ def _grads(ctx, dy, h):
 
 
 def _backward(ctx, dy):
-    return _grads(ctx, dy, None)
+    return _grads(ctx, dy, ctx.saved_tensors)
 
 
 def _backward_saved(ctx, dy, _dh):
-    return _grads(ctx, dy, ctx.saved_tensors[6])
+    return _grads(ctx, dy, ctx.saved_tensors)
 
 
 def _bwd_backward(ctx, *grads):
