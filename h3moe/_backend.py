@@ -7,6 +7,7 @@ cannot run an op here; an explicit backend that cannot raises an error that says
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -58,6 +59,18 @@ def eager_direct(*tensors) -> bool:
         if (grad and t.requires_grad) or t.device.type == "meta":
             return False
     return True
+
+
+def device_guard(t: torch.Tensor):
+    """A context that makes t's GPU the current device where it is not (else a no-op). Triton launches on the
+    current device, whatever device its pointers live on: a layer placed on cuda:1 by transformers'
+    device_map="auto" (accelerate moves the inputs, not the current device) would otherwise run its kernels on
+    cuda:0 against cuda:1's memory. Entered around each Triton op's eager call; autograd runs a device's
+    backward in a thread already set to that device, and compiled graphs set their device themselves."""
+    if t.device.type != "cuda" or torch.compiler.is_compiling() or t.device.index is None \
+            or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def interpreter_enabled() -> bool:

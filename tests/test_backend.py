@@ -159,3 +159,54 @@ def test_moe_under_activation_checkpointing(monkeypatch, backend, recompute, ree
     got = grads(lambda inp: checkpoint(m, inp, use_reentrant=reentrant))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_device_guard(monkeypatch):
+    """device_guard: the tensor's GPU made current only where it is not already (a layer on cuda:1 under
+    transformers' device_map="auto"); a no-op for CPU tensors and for the current GPU."""
+    import contextlib
+    import types
+
+    from h3moe import _backend
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    on = lambda i: types.SimpleNamespace(device=torch.device("cuda", i))  # noqa: E731
+    g = _backend.device_guard(on(1))
+    assert isinstance(g, torch.cuda.device) and g.idx == 1
+    assert isinstance(_backend.device_guard(on(0)), contextlib.nullcontext)
+    assert isinstance(_backend.device_guard(torch.zeros(1)), contextlib.nullcontext)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("triton"), reason="no triton")
+def test_triton_entry_points_enter_the_device_guard(monkeypatch):
+    """Every Triton op's eager entry point runs inside device_guard(its input): route, sort_by_expert,
+    route_with_gating, moe, quant_moe and the gating loss (interpreter on CPU: the guard is recorded)."""
+    import contextlib
+
+    from h3moe import _backend
+    from h3moe.integrations.bitsandbytes import quantize_weight
+    from h3moe.ops import triton_routing
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    seen = []
+    monkeypatch.setattr(_backend, "device_guard", lambda t: seen.append(t) or contextlib.nullcontext())
+    T, H, I, E, K = 4, 32, 32, 4, 2
+    x, logits = torch.randn(T, H, device=dev), torch.randn(T, E, device=dev)
+
+    def entered(fn, t):
+        seen.clear()
+        fn()
+        assert any(s.data_ptr() == t.data_ptr() for s in seen), fn.__code__.co_firstlineno  # (a view of t counts)
+
+    r = h3moe.route(logits, K, backend="triton")
+    entered(lambda: h3moe.route(logits, K, backend="triton"), logits)
+    entered(lambda: triton_routing.sort_by_expert(r.ids, E), r.ids)
+    entered(lambda: h3moe.route_with_gating(logits, K, 2, backend="triton"), logits)
+    wgu, wd = torch.randn(E, 2 * I, H, device=dev) * 0.1, torch.randn(E, H, I, device=dev) * 0.1
+    entered(lambda: h3moe.moe(x, wgu, wd, r, backend="triton"), x)
+    gu, dn = quantize_weight(wgu, "nf4", 32).packed, quantize_weight(wd, "nf4", 32).packed
+    entered(lambda: h3moe.quant_moe(x, gu, dn, r, backend="triton"), x)
+    layers = [logits.clone(), logits.clone()]
+    entered(lambda: h3moe.gating_loss(layers, torch.tensor([0, 1], device=dev), backend="triton"), layers[0])

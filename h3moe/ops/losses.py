@@ -26,6 +26,14 @@ def _check_logits(router_logits) -> list[torch.Tensor]:
     return layers
 
 
+def _one_device(ts: list) -> list:
+    """ts on the first one's device: the layers of a model split over GPUs (transformers' device_map="auto")
+    hold their router logits on their own GPUs; as transformers' load_balancing_loss_func, the loss is taken
+    on the first layer's device (differentiable copies of the others). No copy when they already agree."""
+    dev = ts[0].device
+    return ts if all(t.device == dev for t in ts) else [t.to(dev) for t in ts]
+
+
 def _check_labels(labels, B: int | None, E: int) -> None:
     if not isinstance(labels, torch.Tensor) or labels.dim() not in (1, 2):
         raise ValueError("labels: expected (B,) class indices or (B, E) soft targets")
@@ -52,7 +60,7 @@ def gating_loss(
     Returns:
         scalar fp32.
     """
-    layers = _check_logits(router_logits)
+    layers = _one_device(_check_logits(router_logits))
     E = layers[0].shape[-1]
     _check_labels(labels, None, E)
     if variant not in ("paper", "nll"):
@@ -60,11 +68,15 @@ def gating_loss(
     B = labels.shape[0]
     if layers[0].numel() % (B * E):
         raise ValueError(f"labels: {B} samples do not divide router_logits of shape {tuple(layers[0].shape)}")
-    be = _backend.resolve(backend, layers[0].device, "gating_loss")
+    dev = layers[0].device
+    labels = labels.to(dev)
+    attention_mask = None if attention_mask is None else attention_mask.to(dev)
+    be = _backend.resolve(backend, dev, "gating_loss")
     if be == "triton":
         from . import triton_gating
 
-        return triton_gating.gating_loss(layers, labels, attention_mask, variant)
+        with _backend.device_guard(layers[0]):
+            return triton_gating.gating_loss(layers, labels, attention_mask, variant)
     if be == "cuda":
         from . import cuda
 
@@ -95,6 +107,9 @@ def gating_loss_from_psums(
     psums = list(psums)
     if not psums:
         raise ValueError("psums: expected at least one layer's (B, E) sums")
+    psums = _one_device(psums)
+    labels = labels.to(psums[0].device)
+    attention_mask = None if attention_mask is None else attention_mask.to(psums[0].device)
     if variant not in ("paper", "nll"):
         raise ValueError(f"variant: expected 'paper' or 'nll', got {variant!r}")
     B, E = psums[0].shape
@@ -116,12 +131,14 @@ def drift_reg(expert_weights, gammas, initial=None) -> torch.Tensor:
 
 def load_balancing_loss(router_logits, num_experts: int, top_k: int = 2, attention_mask=None) -> torch.Tensor:
     """Switch-Transformer auxiliary loss, equal to transformers' load_balancing_loss_func."""
-    layers = _check_logits(router_logits)
+    layers = _one_device(_check_logits(router_logits))
     _validate.top_k(top_k, num_experts)
-    return ref.load_balancing_loss_ref(layers, num_experts, top_k, attention_mask)
+    mask = None if attention_mask is None else attention_mask.to(layers[0].device)
+    return ref.load_balancing_loss_ref(layers, num_experts, top_k, mask)
 
 
 def z_loss(router_logits, attention_mask=None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)², averaged over layers."""
-    return ref.z_loss_ref(_check_logits(router_logits), attention_mask)
+    layers = _one_device(_check_logits(router_logits))
+    return ref.z_loss_ref(layers, None if attention_mask is None else attention_mask.to(layers[0].device))
 

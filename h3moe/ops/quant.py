@@ -528,5 +528,6 @@ def quant_moe(
     routing = as_routing(routing, E, "triton" if be == "triton" else "torch")
     _validate.routing(routing.weights, routing.ids, x.shape[0], E)
     if be == "triton":
-        return _quant_moe_triton(x, gate_up, down, routing, activation)
+        with _backend.device_guard(x):  # x's GPU, where it is not the current device (device_map="auto")
+            return _quant_moe_triton(x, gate_up, down, routing, activation)
     return _quant_moe_torch(x, gate_up, down, routing, activation)

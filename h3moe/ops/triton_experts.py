@@ -836,15 +836,17 @@ def moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, routing:
         raise NotImplementedError(f"the triton experts kernels take 2*I*H < 2**31 elements per expert; got I="
                                   f"{w_down.shape[2]}, H={x.shape[1]} (use backend='torch')")
     args = (x, w_gate_up, w_down, routing.weights, routing.sorted_slots, routing.offsets, activation)
-    if _backend.eager_direct(x, w_gate_up, w_down, routing.weights):  # inference: skip the dispatcher
-        return _fwd(x.contiguous(), w_gate_up.contiguous(), w_down.contiguous(), routing.weights.float().contiguous(),
-                    routing.sorted_slots.contiguous(), routing.offsets.contiguous(), activation)
-    if recompute is None:
-        recompute = _recompute_default()
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, routing.weights))
-    if grad and not recompute:
-        return experts_fwd_saved(*args)[0]
-    return experts_fwd(*args)
+    with _backend.device_guard(x):  # x's GPU, where it is not the current device (device_map="auto")
+        if _backend.eager_direct(x, w_gate_up, w_down, routing.weights):  # inference: skip the dispatcher
+            return _fwd(x.contiguous(), w_gate_up.contiguous(), w_down.contiguous(),
+                        routing.weights.float().contiguous(), routing.sorted_slots.contiguous(),
+                        routing.offsets.contiguous(), activation)
+        if recompute is None:
+            recompute = _recompute_default()
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, routing.weights))
+        if grad and not recompute:
+            return experts_fwd_saved(*args)[0]
+        return experts_fwd(*args)
 
 
 _backend.register_ops("triton", "moe")

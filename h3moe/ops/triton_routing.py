@@ -147,7 +147,8 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
 
         return torch_sort(ids, num_experts)
     op = _sort_by_expert_impl if _backend.eager_direct(ids) else _sort_by_expert
-    return op(ids, num_experts)
+    with _backend.device_guard(ids):
+        return op(ids, num_experts)
 
 
 def _weights_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -429,9 +430,10 @@ def route_with_gating(
         from .routing import _route_with_gating_torch
 
         return _route_with_gating_torch(logits, top_k, num_samples, attention_mask, renormalize)
-    w, ids, counts, offsets, sorted_slots, psum = torch.ops.h3moe.triton_route_gating(
-        logits, top_k, renormalize, num_samples, mask
-    )
+    with _backend.device_guard(logits):
+        w, ids, counts, offsets, sorted_slots, psum = torch.ops.h3moe.triton_route_gating(
+            logits, top_k, renormalize, num_samples, mask
+        )
     return Routing(w, ids, counts, offsets, sorted_slots), psum
 
 
@@ -448,5 +450,6 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing
     if logits.shape[1] > K.MAX_EXPERTS:
         return _route_torch(logits, top_k, renormalize)
     op = _triton_route_impl if _backend.eager_direct(logits) else _triton_route  # inference: no dispatcher
-    weights, ids, counts, offsets, sorted_slots = op(logits, top_k, renormalize)
+    with _backend.device_guard(logits):
+        weights, ids, counts, offsets, sorted_slots = op(logits, top_k, renormalize)
     return Routing(weights, ids, counts, offsets, sorted_slots)
