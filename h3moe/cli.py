@@ -178,8 +178,11 @@ def cmd_train(a) -> int:
     probe = collate(examples[: min(len(examples), 256)])
     before = router_accuracy(model, probe, len(names))
     print(f"training {len(examples)} records, {a.steps} steps on {device} (experts: {impl})", file=sys.stderr)
+    if a.grad_accum < 1 or a.batch_size % a.grad_accum:
+        raise CLIError(f"--grad-accum {a.grad_accum}: expected a positive divisor of --batch-size {a.batch_size}")
     hist = train_fusion(model, examples, steps=a.steps, batch_size=a.batch_size, lr=a.lr, router_lr=a.router_lr,
-                        loss=loss, seed=a.seed, progress=not a.quiet)
+                        loss=loss, seed=a.seed, progress=not a.quiet, grad_accum=a.grad_accum,
+                        gradient_checkpointing=a.gradient_checkpointing)
     after = router_accuracy(model, probe, len(names))
     with _atomic_dir(out, force) as tmp:
         model.save_pretrained(tmp)
@@ -311,6 +314,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--variant", choices=("paper", "nll"), default="paper")
     t.add_argument("--backend", default="auto", help="h3moe backend for the gating loss")
     t.add_argument("--train-attention", action="store_true", help="also train attention (frozen by default)")
+    t.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per step (divides --batch-size): less activation memory")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the decoder layers' activations in the backward: less memory, ~1/3 more compute")
     t.add_argument("--max-length", type=int, default=256)
     t.add_argument("--device")
     t.add_argument("--dtype", default="auto")

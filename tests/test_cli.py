@@ -52,8 +52,11 @@ def test_fuse_train_generate(work, capsys):
     assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] == 3
     assert cfg["h3fusion_experts"] == list(tiny.TASKS)
     assert main(["train", "--model", str(d / "fused"), "--data", str(d / "data.jsonl"), "--out", str(d / "trained"),
-                 "--steps", "3", "--batch-size", "6", "--gamma", "0.01", "--quiet"]) == 0
+                 "--steps", "3", "--batch-size", "6", "--gamma", "0.01", "--quiet", "--grad-accum", "2",
+                 "--gradient-checkpointing"]) == 0
     out = capsys.readouterr().out
+    cfg = json.loads((d / "trained" / "config.json").read_text())
+    assert cfg.get("use_cache", True)  # saved as it came: checkpointing turned the cache off only to train
     assert "router accuracy helpful" in out and "gate" in out
     assert main(["generate", "--model", str(d / "trained"), "--prompt", "3+4=", "--prompt", "echo abcd:",
                  "--max-new-tokens", "5"]) == 0

@@ -267,6 +267,48 @@ def test_training_lowers_gating_loss_and_raises_router_accuracy(tok):
     assert not torch.equal(fused.model.layers[0].mlp.experts.down_proj, ex0)  # experts train
 
 
+@pytest.mark.parametrize("grad_accum,checkpointing", [(2, False), (3, True)])
+def test_train_fusion_accumulates_micro_batches_under_checkpointing(tok, grad_accum, checkpointing):
+    """train_fusion(grad_accum=n, gradient_checkpointing=...): a step's gradient is the mean over the batch's n
+    interleaved micro-batches of each one's loss gradient, with and without recomputing the layers (one step,
+    lr 0: the gradients are left in .grad); the loop reports the mean of the micro-batch losses and leaves the
+    model as it came (no checkpointing, its cache setting back)."""
+    from h3moe.fusion.data import batches
+
+    fused = fuse([_model(tok, seed=s) for s in (41, 42, 43)], top_k=2, router_init="random", names=tiny.TASKS)
+    freeze_for_fusion(fused)
+    train = sum((tiny.encoded(t, 8, tok, seed=2) for t in tiny.TASKS), [])
+    loss = H3FusionLoss(fused, gate_coef=1.0, gammas=0.01)
+    params = [p for p in fused.parameters() if p.requires_grad]
+    calls = []
+    hook = fused.model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # (the recompute stops early)
+    hist = train_fusion(fused, train, steps=1, batch_size=6, lr=0.0, router_lr=0.0, loss=loss, seed=5,
+                        progress=False, grad_accum=grad_accum, gradient_checkpointing=checkpointing)
+    hook.remove()
+    assert len(calls) == grad_accum * (2 if checkpointing else 1)  # checkpointing: recomputed in the backward
+    got = [p.grad.clone() for p in params]
+    assert not getattr(fused, "is_activation_checkpointing", None) and not any(
+        getattr(m, "gradient_checkpointing", False) for m in fused.modules()) and fused.config.use_cache
+
+    b = next(batches(train, 6, 1, torch.Generator().manual_seed(5)))
+    for p in params:
+        p.grad = None
+    fused.train()
+    total = 0.0
+    for i in range(grad_accum):
+        m = {k: v[i::grad_accum] for k, v in b.items()}
+        out = fused(input_ids=m["input_ids"], attention_mask=m["attention_mask"], output_router_logits=True)
+        part = loss(out, m["labels"], m["task_labels"], m["attention_mask"])
+        (part / grad_accum).backward()
+        total += float(part) / grad_accum
+    fused.eval()
+    assert hist[0]["loss"] == pytest.approx(total, rel=1e-5)
+    for g, p in zip(got, params):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="grad_accum"):
+        train_fusion(fused, train, steps=1, batch_size=6, grad_accum=4, progress=False)
+
+
 def test_trainer_runs_with_task_labels(tok, experts, tmp_path):
     from h3moe.fusion import H3FusionTrainer
 

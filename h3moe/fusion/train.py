@@ -213,9 +213,37 @@ def router_accuracy(model, batch: dict[str, torch.Tensor], num_tasks: int | None
 
 def train_fusion(model, examples, *, steps: int = 40, batch_size: int = 16, lr: float = 1e-3,
                  router_lr: float | None = None, loss: H3FusionLoss | None = None, seed: int = 0,
-                 progress: bool = True, log_every: int = 0, desc: str = "train fusion") -> list[dict]:
+                 progress: bool = True, log_every: int = 0, desc: str = "train fusion", grad_accum: int = 1,
+                 gradient_checkpointing: bool = False) -> list[dict]:
     """A plain loop: AdamW over the trainable parameters (router at `router_lr`, default 10·lr).
-    `examples` from data.encode_records. Returns per-step loss parts."""
+    `examples` from data.encode_records. Returns per-step loss parts (means over the micro-batches).
+
+    Memory, for fused models at real sizes on one GPU:
+        grad_accum: each step's batch runs as this many micro-batches (batch_size must divide into them), the
+            gradients summed over them, each micro-batch's loss weighted 1/grad_accum.
+        gradient_checkpointing: the decoder layers recompute their activations in the backward (transformers'
+            gradient checkpointing, non-reentrant: the frozen embeddings give the layers inputs without grad).
+    """
+    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1 or batch_size % grad_accum:
+        raise ValueError(f"grad_accum: expected a positive int dividing batch_size={batch_size}, got {grad_accum!r}")
+    use_cache = getattr(model.config, "use_cache", None)
+    if gradient_checkpointing:  # transformers >= 5.2x names it activation checkpointing; older ones gradient
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    try:
+        return _train_loop(model, examples, steps, batch_size, lr, router_lr, loss, seed, progress, log_every, desc,
+                           grad_accum)
+    finally:
+        if gradient_checkpointing:  # the model leaves as it came (generation wants its cache back)
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+            model.config.use_cache = use_cache
+
+
+def _train_loop(model, examples, steps, batch_size, lr, router_lr, loss, seed, progress, log_every, desc,
+                grad_accum) -> list[dict]:
     from tqdm.auto import tqdm
 
     from .data import batches
@@ -233,13 +261,17 @@ def train_fusion(model, examples, *, steps: int = 40, batch_size: int = 16, lr: 
     model.train()
     bar = tqdm(batches(examples, batch_size, steps, gen), total=steps, desc=desc, disable=not progress)
     for step, b in enumerate(bar):
-        b = {k: v.to(dev) for k, v in b.items()}
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_router_logits=True)
-        total = loss(out, b["labels"], b["task_labels"], b["attention_mask"])
         opt.zero_grad(set_to_none=True)
-        total.backward()
+        parts: dict[str, float] = {}
+        for i in range(grad_accum):
+            m = {k: v[i::grad_accum].to(dev) for k, v in b.items()}  # (batch_size / grad_accum, ...)
+            out = model(input_ids=m["input_ids"], attention_mask=m["attention_mask"], output_router_logits=True)
+            total = loss(out, m["labels"], m["task_labels"], m["attention_mask"])
+            (total / grad_accum).backward()
+            for k, v in {"loss": float(total.detach()), **loss.parts}.items():
+                parts[k] = parts.get(k, 0.0) + v / grad_accum
         opt.step()
-        rec = {"step": step, "loss": float(total.detach()), **loss.parts}
+        rec = {"step": step, **parts}
         history.append(rec)
         bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k != "step"})
         if log_every and (step % log_every == 0 or step == steps - 1):
