@@ -1,4 +1,4 @@
-"""A patched model trains under DDP (2 processes, gloo, CPU): identical parameters on both ranks, equal to one
+"""A patched model trains under DDP and FSDP2 (2 processes, gloo, CPU): identical parameters on both ranks, equal to one
 process stepping on the average of the two ranks' gradients."""
 from __future__ import annotations
 
@@ -83,3 +83,55 @@ def test_ddp_two_ranks_identical_parameters(tmp_path):
         opt.step()
     assert (params[0] - init).abs().max() > 1e-3  # it trained
     torch.testing.assert_close(params[0], _flat(model), rtol=1e-4, atol=1e-5)
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out_path: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = make_model("mixtral").train()
+        h3moe.patch(model, backend="torch")
+        for layer in model.model.layers:  # each decoder layer a unit: its experts sharded over the ranks
+            fully_shard(layer)
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        ids = _batch(rank)
+        for _ in range(STEPS):
+            opt.zero_grad()
+            _loss(model, ids).backward()
+            opt.step()
+        full = torch.cat([p.full_tensor().detach().flatten() for p in model.parameters()])
+        if rank == 0:
+            torch.save(full, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_two_ranks_equal_one_process(tmp_path):
+    """A patched model trains under FSDP2 (fully_shard per decoder layer, 2 processes, gloo, CPU): the expert
+    weights are sharded DTensors, all-gathered for h3moe's ops and their gradients reduce-scattered; the
+    result equals one process stepping on the average of the two ranks' gradients."""
+    pytest.importorskip("torch.distributed.fsdp")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 (fully_shard)")
+    out_path = str(tmp_path / "params.pt")
+    torch.multiprocessing.spawn(_fsdp_worker, args=(2, _free_port(), out_path), nprocs=2, join=True)
+    got = torch.load(out_path)
+    torch.manual_seed(0)
+    model = make_model("mixtral").train()
+    init = _flat(model)
+    h3moe.patch(model, backend="torch")
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        (0.5 * (_loss(model, _batch(0)) + _loss(model, _batch(1)))).backward()
+        opt.step()
+    assert (got - init).abs().max() > 1e-3  # it trained
+    torch.testing.assert_close(got, _flat(model), rtol=1e-4, atol=1e-5)
