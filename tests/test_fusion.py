@@ -309,15 +309,21 @@ def test_train_fusion_accumulates_micro_batches_under_checkpointing(tok, grad_ac
         train_fusion(fused, train, steps=1, batch_size=6, grad_accum=4, progress=False)
 
 
-def test_trainer_runs_with_task_labels(tok, experts, tmp_path):
+@pytest.mark.parametrize("mixed", [False, True])
+def test_trainer_runs_with_task_labels(tok, experts, tmp_path, mixed):
+    """H3FusionTrainer; also as a real-size fine-tune sets it up (mixed): bf16 autocast over the fp32 model,
+    gradient checkpointing and accumulation."""
     from h3moe.fusion import H3FusionTrainer
 
     fused = fuse(experts, top_k=2, router_init="random", names=tiny.TASKS)
     router0 = fused.model.layers[1].mlp.gate.weight.detach().clone()
     attn0 = fused.model.layers[1].self_attn.v_proj.weight.detach().clone()
+    extra = dict(bf16=True, gradient_checkpointing=True, gradient_accumulation_steps=2) if mixed else {}
+    if mixed:
+        assert use_h3moe_experts(fused) == "h3moe"  # through h3moe.moe: autocast and checkpointing meet its ops
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=6,
                                           learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
-                                          logging_steps=1, disable_tqdm=True)
+                                          logging_steps=1, disable_tqdm=True, **extra)
     data = sum((tiny.encoded(t, 6, tok, seed=4) for t in tiny.TASKS), [])
     trainer = H3FusionTrainer(model=fused, args=args, train_dataset=data, gate_coef=1.0, gammas=0.01)
     result = trainer.train()
