@@ -470,8 +470,11 @@ def test_first_call_loads_both_routing_paths(monkeypatch):
         monkeypatch.setattr(kr, name, Counted())
     E, K = 8, 2
     bt = kr.block_t_for(8)
-    tr.route(torch.randn(1, E, device=DEV), K)  # one block; then the dummy call's two blocks
+    logits = torch.randn(1, E, device=DEV)
+    rng = torch.get_rng_state()
+    tr.route(logits, K)  # one block; then the dummy call's two blocks
     assert launches == [("route_topk_kernel", 1), ("route_topk_kernel", 2), ("route_scatter_kernel", 2)]
+    assert torch.equal(torch.get_rng_state(), rng)  # the dummy inputs draw nothing from the user's RNG
     launches.clear()
     tr.route(torch.randn(3 * bt, E, device=DEV), K)  # same family: its own two launches only
     assert launches == [("route_topk_kernel", 3), ("route_scatter_kernel", 3)]

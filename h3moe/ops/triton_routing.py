@@ -71,6 +71,11 @@ def _one_block(nb: int) -> bool:
 _BOTH: set = set()
 
 
+def _dummy(T: int, N: int, device) -> torch.Tensor:
+    """(T, N) int64 inputs for _load_both's run: arange, not random (the user's RNG stream stays untouched)."""
+    return torch.arange(T * N, device=device).view(T, N)
+
+
 def _on_gpu(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
@@ -92,7 +97,7 @@ def _sort_by_expert_impl(ids: torch.Tensor, num_experts: int) -> tuple[torch.Ten
     out, nb = _sort_by_expert_launch(ids, num_experts)
     if nb:
         _load_both(("sort", num_experts, ids.shape[1], ids.device), ids, nb, lambda T: _sort_by_expert_launch(
-            torch.randint(0, num_experts, (T, ids.shape[1]), device=ids.device), num_experts))
+            _dummy(T, ids.shape[1], ids.device) % num_experts, num_experts))
     return out
 
 
@@ -162,7 +167,7 @@ def _triton_route_impl(
     if nb:
         E = logits.shape[1]
         _load_both(("route", E, top_k, renormalize, logits.dtype, logits.device), logits, nb,
-                   lambda T: _route_launch(torch.randn(T, E, device=logits.device).to(logits.dtype), top_k, renormalize))
+                   lambda T: _route_launch(_dummy(T, E, logits.device).to(logits.dtype), top_k, renormalize))
     return out
 
 
