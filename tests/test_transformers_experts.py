@@ -9,6 +9,7 @@ import copy
 import logging
 import subprocess
 import sys
+import importlib.util
 import types
 
 import pytest
@@ -107,6 +108,30 @@ def test_experts_forward_matches_transformers(T, E, K, act, transposed):
         name = h3tf.activation_name(m.act_fn)
         ref = experts_ref(x.detach(), m.gate_up_proj.detach(), m.down_proj.detach(), w.detach(), ids, name)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_transposed_experts_take_the_torch_backend_under_auto(monkeypatch):
+    """Transposed experts (Aria) under backend "auto" run h3moe's torch backend on views of the weights: the GPU
+    kernels want (E, 2I, H) rows, a copy of every expert at every call. An explicit backend still gets them
+    (copied)."""
+    from h3moe.ops import experts as ops_experts
+
+    m = make_experts(E=4, H=16, transposed=True)
+    x, ids, w = _inputs(5, 16, 4, 2)
+    seen = []
+    real = ops_experts.moe
+    monkeypatch.setattr(h3tf, "moe", lambda *a, **k: seen.append((k["backend"], a[1].is_contiguous())) or real(*a, **k))
+    with torch.no_grad():
+        h3tf.h3moe_experts_forward(m, x, ids, w)
+        m._h3moe_backend = "torch"
+        h3tf.h3moe_experts_forward(m, x, ids, w)
+    assert seen == [("torch", False), ("torch", False)]  # views, never a copy
+    if importlib.util.find_spec("triton") is not None:  # asked for by name: the kernels' layout, copied
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        m._h3moe_backend = "triton"
+        with torch.no_grad():
+            h3tf.h3moe_experts_forward(m, x, ids, w)
+        assert seen[-1] == ("triton", True)
 
 
 def test_activation_mapping():

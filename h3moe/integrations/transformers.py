@@ -8,7 +8,8 @@ Two levels:
    `model.set_experts_implementation("h3moe")` runs `h3moe.moe` in every family whose experts class carries
    `@use_experts_implementation`. The forward honors the decorator's flags: the standard layout (concatenated
    [gate; up] rows, no bias, a gate, the default `_apply_gate`, act_fn in silu/gelu/gelu_tanh/relu) runs
-   h3moe; transposed weights are viewed back as (E, 2I, H)/(E, H, I); any other variant (gpt-oss:
+   h3moe; transposed weights are viewed back as (E, 2I, H)/(E, H, I) and run on the torch backend under "auto"
+   (the GPU kernels would copy every expert at every call); any other variant (gpt-oss:
    transposed + interleaved + biases + clamped SwiGLU; no gate; post-expert norm; quantized weights; another
    activation) falls back to transformers' `grouped_mm` forward, with one log line per variant. Expert-parallel
    sentinels (ids >= E, weight 0) are clamped to a real expert with weight 0.
@@ -150,8 +151,13 @@ def h3moe_experts_forward(
     w_gate_up, w_down = self.gate_up_proj, self.down_proj  # (E, 2I, H), (E, H, I) or transposed
     if transposed:
         w_gate_up, w_down = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)  # views
-        if _backend.resolve(backend, hidden_states.device, "moe") != "torch":
-            w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()
+        if backend == "auto" and _backend.auto_requested():
+            # the torch backend reads the views as they are (torch's grouped matmul takes either layout); the
+            # Triton and cuda kernels want (E, 2I, H) rows: a copy of every expert at every call (~1.6 GB per
+            # layer for Aria's experts), which costs more than they save
+            backend = "torch"
+        elif _backend.resolve(backend, hidden_states.device, "moe") != "torch":
+            w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()  # asked for: a copy per call
     x = hidden_states if hidden_states.dtype == w_gate_up.dtype else hidden_states.to(w_gate_up.dtype)
     if x.shape[0] == 0:
         return hidden_states.new_zeros(hidden_states.shape)
