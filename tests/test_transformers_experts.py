@@ -6,10 +6,10 @@ eager is the model's own loop) and against h3moe.reference.experts_ref, forward 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import subprocess
 import sys
-import importlib.util
 import types
 
 import pytest
