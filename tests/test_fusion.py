@@ -307,6 +307,10 @@ def test_train_fusion_accumulates_micro_batches_under_checkpointing(tok, grad_ac
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="grad_accum"):
         train_fusion(fused, train, steps=1, batch_size=6, grad_accum=4, progress=False)
+    if checkpointing and hasattr(fused, "activation_checkpointing_enable"):  # the caller's own setting is kept
+        fused.activation_checkpointing_enable()
+        train_fusion(fused, train, steps=1, batch_size=6, progress=False, gradient_checkpointing=True)
+        assert fused.is_activation_checkpointing
 
 
 @pytest.mark.parametrize("mixed", [False, True])

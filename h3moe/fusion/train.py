@@ -227,6 +227,8 @@ def train_fusion(model, examples, *, steps: int = 40, batch_size: int = 16, lr: 
     if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1 or batch_size % grad_accum:
         raise ValueError(f"grad_accum: expected a positive int dividing batch_size={batch_size}, got {grad_accum!r}")
     use_cache = getattr(model.config, "use_cache", None)
+    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    gradient_checkpointing = gradient_checkpointing and not getattr(model, flag, False)  # on already: left as set
     if gradient_checkpointing:  # transformers >= 5.2x names it activation checkpointing; older ones gradient
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
