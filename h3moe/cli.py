@@ -156,6 +156,8 @@ def cmd_train(a) -> int:
     _check_dir(a.model, "--model")
     if not os.path.isfile(a.data):
         raise CLIError(f"--data: no such file: {a.data}")
+    if a.grad_accum < 1 or a.batch_size % a.grad_accum:
+        raise CLIError(f"--grad-accum {a.grad_accum}: expected a positive divisor of --batch-size {a.batch_size}")
     out = a.out or a.model
     force = a.force or out == a.model
     from transformers import AutoConfig
@@ -178,8 +180,6 @@ def cmd_train(a) -> int:
     probe = collate(examples[: min(len(examples), 256)])
     before = router_accuracy(model, probe, len(names))
     print(f"training {len(examples)} records, {a.steps} steps on {device} (experts: {impl})", file=sys.stderr)
-    if a.grad_accum < 1 or a.batch_size % a.grad_accum:
-        raise CLIError(f"--grad-accum {a.grad_accum}: expected a positive divisor of --batch-size {a.batch_size}")
     hist = train_fusion(model, examples, steps=a.steps, batch_size=a.batch_size, lr=a.lr, router_lr=a.router_lr,
                         loss=loss, seed=a.seed, progress=not a.quiet, grad_accum=a.grad_accum,
                         gradient_checkpointing=a.gradient_checkpointing)

@@ -118,6 +118,22 @@ def test_moe_under_autocast(monkeypatch, backend, compiled):
     assert h3moe.moe(x, wgu, wd, r, backend="torch").dtype == torch.float32  # no autocast: no cast
 
 
+def test_autocast_casts_as_autocast_does():
+    """autocast_inputs casts as autocast casts F.linear's operands: every floating tensor but fp64 to the
+    region's dtype (fp16 under a bf16 region too); ints and fp64 stay; nothing outside a region."""
+    from h3moe._amp import autocast_inputs
+
+    ts = (torch.randn(2, 3), torch.randn(2, 3).half(), torch.randn(2, 3).double(), torch.arange(3),
+          torch.randn(2).bfloat16())
+    assert autocast_inputs(*ts) == ts
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = autocast_inputs(*ts)
+    assert [t.dtype for t in got] == [torch.bfloat16, torch.bfloat16, torch.float64, torch.int64, torch.bfloat16]
+    assert got[2] is ts[2] and got[3] is ts[3] and got[4] is ts[4] and torch.equal(got[1], ts[1].bfloat16())
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert [t.dtype for t in autocast_inputs(*ts)][:2] == [torch.float16, torch.float16]
+
+
 def test_quant_moe_under_autocast():
     """quant_moe under torch.autocast(bf16) takes fp32 activations in bf16 (the packed weights stay as they
     are): equal to the call with x cast by hand."""

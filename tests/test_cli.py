@@ -100,6 +100,10 @@ def test_bad_paths_and_no_half_written_out(work, capsys):
     assert "no such directory" in capsys.readouterr().err and not os.path.exists(d / "x")
     assert main(["train", "--model", str(d / "honest"), "--data", str(d / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+    (d / "one.jsonl").write_text("")  # a bad --grad-accum is refused before any model loads (honest is no fusion)
+    assert main(["train", "--model", str(d / "honest"), "--data", str(d / "one.jsonl"), "--batch-size", "6",
+                 "--grad-accum", "4"]) == 2
+    assert "--grad-accum 4" in capsys.readouterr().err
     # A failure in the middle of fusing (mismatched sizes) leaves neither --out nor a temp dir.
     tok = char_tokenizer()
     tiny.tiny_llama(tokenizer=tok, hidden_size=32, intermediate_size=48).save_pretrained(d / "odd")

@@ -289,6 +289,8 @@ def test_train_fusion_accumulates_micro_batches_under_checkpointing(tok, grad_ac
     got = [p.grad.clone() for p in params]
     assert not getattr(fused, "is_activation_checkpointing", None) and not any(
         getattr(m, "gradient_checkpointing", False) for m in fused.modules()) and fused.config.use_cache
+    emb_hooks = fused.get_input_embeddings()._forward_hooks
+    assert not emb_hooks and not getattr(fused, "_require_grads_hooks", None)  # checkpointing's input hook removed
 
     b = next(batches(train, 6, 1, torch.Generator().manual_seed(5)))
     for p in params:
@@ -311,6 +313,13 @@ def test_train_fusion_accumulates_micro_batches_under_checkpointing(tok, grad_ac
         fused.activation_checkpointing_enable()
         train_fusion(fused, train, steps=1, batch_size=6, progress=False, gradient_checkpointing=True)
         assert fused.is_activation_checkpointing
+        fused.activation_checkpointing_disable()
+    if checkpointing:  # a caller's own input hook (adapters) survives, the one checkpointing adds does not
+        fused.disable_input_require_grads()  # (the caller's checkpointing above left its hook, as transformers does)
+        fused.enable_input_require_grads()
+        mine = list(emb_hooks)
+        train_fusion(fused, train, steps=1, batch_size=6, progress=False, gradient_checkpointing=True)
+        assert list(emb_hooks) == mine and len(mine) == 1 and len(fused._require_grads_hooks) == 1
 
 
 @pytest.mark.parametrize("mixed", [False, True])

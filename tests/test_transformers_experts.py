@@ -126,6 +126,16 @@ def test_transposed_experts_take_the_torch_backend_under_auto(monkeypatch):
         m._h3moe_backend = "torch"
         h3tf.h3moe_experts_forward(m, x, ids, w)
     assert seen == [("torch", False), ("torch", False)]  # views, never a copy
+    m._h3moe_backend = "auto"  # no grouped_mm for them (dtype, device): auto resolves as for any other layout
+    monkeypatch.setattr(h3tf, "_use_torch_gmm", lambda *ts: False)
+    monkeypatch.setattr(h3tf._backend, "resolve", lambda b, dev, op: "triton")  # as on a GPU
+    monkeypatch.setattr(h3tf, "moe", lambda *a, **k: seen.append((k["backend"], a[1].is_contiguous())) or real(
+        *a, **{**k, "backend": "torch"}))
+    with torch.no_grad():
+        h3tf.h3moe_experts_forward(m, x, ids, w)
+    assert seen[-1] == ("auto", True)  # the kernels' layout, copied
+    monkeypatch.undo()
+    monkeypatch.setattr(h3tf, "moe", lambda *a, **k: seen.append((k["backend"], a[1].is_contiguous())) or real(*a, **k))
     if importlib.util.find_spec("triton") is not None:  # asked for by name: the kernels' layout, copied
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         m._h3moe_backend = "triton"

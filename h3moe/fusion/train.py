@@ -175,17 +175,17 @@ class H3FusionLoss(nn.Module):
         if self.gate_coef:
             parts["gate"] = gating_loss(router_logits, task_labels, attention_mask, variant=self.variant,
                                         backend=self.backend)
-            total = total + self.gate_coef * parts["gate"]
+            total = total + self.gate_coef * parts["gate"].to(total.device)
         if self.initial is not None:
             parts["drift"] = drift_reg(expert_params(model), self.gammas.to(total.device), self.initial)
-            total = total + parts["drift"].float()
+            total = total + parts["drift"].float().to(total.device)
         if self.lb_coef:
             parts["lb"] = load_balancing_loss(router_logits, model.config.num_local_experts,
                                               model.config.num_experts_per_tok, attention_mask)
-            total = total + self.lb_coef * parts["lb"]
+            total = total + self.lb_coef * parts["lb"].to(total.device)
         if self.z_coef:
             parts["z"] = z_loss(router_logits, attention_mask)
-            total = total + self.z_coef * parts["z"]
+            total = total + self.z_coef * parts["z"].to(total.device)
         self.parts = {k: float(v.detach()) for k, v in parts.items()}
         return total
 
@@ -220,7 +220,9 @@ def train_fusion(model, examples, *, steps: int = 40, batch_size: int = 16, lr: 
 
     Memory, for fused models at real sizes on one GPU:
         grad_accum: each step's batch runs as this many micro-batches (batch_size must divide into them), the
-            gradients summed over them, each micro-batch's loss weighted 1/grad_accum.
+            gradients summed over them, each micro-batch's loss weighted 1/grad_accum. A micro-batch's loss is
+            its own mean over its tokens, so micro-batches with fewer real tokens weigh as much as fuller ones
+            (not exactly the one-batch loss where padding differs between them).
         gradient_checkpointing: the decoder layers recompute their activations in the backward (transformers'
             gradient checkpointing, non-reentrant: the frozen embeddings give the layers inputs without grad).
     """
@@ -229,6 +231,7 @@ def train_fusion(model, examples, *, steps: int = 40, batch_size: int = 16, lr: 
     use_cache = getattr(model.config, "use_cache", None)
     flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
     gradient_checkpointing = gradient_checkpointing and not getattr(model, flag, False)  # on already: left as set
+    hooks = getattr(model, "_require_grads_hooks", None)  # enabling checkpointing adds input-embedding hooks
     if gradient_checkpointing:  # transformers >= 5.2x names it activation checkpointing; older ones gradient
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -242,6 +245,27 @@ def train_fusion(model, examples, *, steps: int = 40, batch_size: int = 16, lr: 
         if gradient_checkpointing:  # the model leaves as it came (generation wants its cache back)
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
             model.config.use_cache = use_cache
+            _restore_input_hooks(model, hooks)
+
+
+def _restore_input_hooks(model, hooks) -> None:
+    """Remove the input-embedding forward hooks transformers' checkpointing enable registered
+    (enable_input_require_grads) and give the model back the hook list it had (a caller's own, or none)."""
+    added = getattr(model, "_require_grads_hooks", None)
+    if added is hooks:
+        return
+    for h in added or ():
+        h.remove()
+    if hooks is None:
+        for name in ("_require_grads_hooks", "_require_grads_hook"):
+            if name in model.__dict__:
+                delattr(model, name)
+    else:
+        model._require_grads_hooks = hooks
+        if hooks:
+            model._require_grads_hook = hooks[0]
+        elif "_require_grads_hook" in model.__dict__:
+            del model._require_grads_hook
 
 
 def _train_loop(model, examples, steps, batch_size, lr, router_lr, loss, seed, progress, log_every, desc,

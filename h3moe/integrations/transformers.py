@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import _backend
-from ..ops.experts import moe
+from ..ops.experts import _use_torch_gmm, moe
 from . import routers as _routers
 
 __all__ = ["patch", "unpatch", "PatchReport", "Swap", "h3moe_experts_forward", "register", "install_import_hook"]
@@ -151,10 +151,11 @@ def h3moe_experts_forward(
     w_gate_up, w_down = self.gate_up_proj, self.down_proj  # (E, 2I, H), (E, H, I) or transposed
     if transposed:
         w_gate_up, w_down = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)  # views
-        if backend == "auto" and _backend.auto_requested():
+        if backend == "auto" and _backend.auto_requested() and _use_torch_gmm(w_gate_up, w_down):
             # the torch backend reads the views as they are (torch's grouped matmul takes either layout); the
             # Triton and cuda kernels want (E, 2I, H) rows: a copy of every expert at every call (~1.6 GB per
-            # layer for Aria's experts), which costs more than they save
+            # layer for Aria's experts), which costs more than they save. Without grouped_mm for this dtype and
+            # device the torch backend would gather a weight copy per row instead: the kernels, copied, win.
             backend = "torch"
         elif _backend.resolve(backend, hidden_states.device, "moe") != "torch":
             w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()  # asked for: a copy per call

@@ -222,13 +222,13 @@ def moe(
             memory, +33% backward FLOPs); None: H3MOE_RECOMPUTE=1 means True. The torch backend keeps what
             autograd keeps.
     Returns:
-        (T, H) in x's dtype (under torch.autocast, fp32 x and weights are cast to its dtype first, as for
+        (T, H) in x's dtype (under torch.autocast, fp32 or fp16 x and weights are cast to its dtype first, as for
         torch.nn.functional.linear: the output is then in that dtype); differentiable w.r.t. x, both weight
         tensors and the routing weights.
     """
     T, H, E, I = _validate.experts(x, w_gate_up, w_down)
     _validate.activation(activation)
-    x, w_gate_up, w_down = autocast_inputs(x, w_gate_up, w_down)  # torch.autocast: fp32 -> its dtype
+    x, w_gate_up, w_down = autocast_inputs(x, w_gate_up, w_down)  # torch.autocast: to its dtype (not fp64)
     if w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
         raise ValueError(f"w_gate_up/w_down: dtypes {w_gate_up.dtype}/{w_down.dtype} differ from x's {x.dtype}")
     be = _backend.resolve(backend, x.device, "moe")

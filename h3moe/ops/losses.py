@@ -80,7 +80,8 @@ def gating_loss(
     if be == "cuda":
         from . import cuda
 
-        return cuda.gating_loss(layers, labels, attention_mask, variant)
+        with _backend.device_guard(layers[0]):  # (its ops set the device; its Triton fallback needs this)
+            return cuda.gating_loss(layers, labels, attention_mask, variant)
     return ref.gating_loss_ref(layers, labels, attention_mask, variant)
 
 

@@ -514,7 +514,7 @@ def quant_moe(
     """
     _validate.tensor("x", x, 2)
     _validate.activation(activation)
-    (x,) = autocast_inputs(x)  # torch.autocast: fp32 activations in its dtype (the packed weights stay packed)
+    (x,) = autocast_inputs(x)  # torch.autocast: activations in its dtype (the packed weights stay packed)
     E, two_i, H = gate_up.shape
     if tuple(down.shape) != (E, H, two_i // 2) or x.shape[1] != H:
         raise ValueError(f"quant_moe: shapes x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, down "
