@@ -25,6 +25,15 @@ def activation(act: str) -> None:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {act!r}")
 
 
+def swiglu_limit(limit) -> float | None:
+    """None, or a finite positive number (returned as a float)."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < float("inf"):
+        raise ValueError(f"swiglu_limit: expected None or a finite number > 0, got {limit!r}")
+    return float(limit)
+
+
 def experts(x, w_gate_up, w_down) -> tuple[int, int, int, int]:
     """Check x (T, H), w_gate_up (E, 2I, H), w_down (E, H, I); return (T, H, E, I)."""
     tensor("x", x, 2)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "ACTIVATIONS",
+    "glu_ref",
     "route_ref",
     "experts_ref",
     "moe_ref",
@@ -40,6 +41,16 @@ ACTIVATIONS = {
     "gelu_tanh": _gelu_tanh,
     "relu": F.relu,
 }
+
+
+def glu_ref(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu",
+            swiglu_limit: float | None = None) -> torch.Tensor:
+    """act(gate) * up; with swiglu_limit L, the clamped SwiGLU of DeepSeek-V4, GLM-5 and Hunyuan-V4:
+    act(min(gate, L)) * clamp(up, -L, L) (torch.clamp's gradient: 1 inside the bounds, ends included)."""
+    if swiglu_limit is not None:
+        gate = gate.clamp(max=swiglu_limit)
+        up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
+    return ACTIVATIONS[activation](gate) * up
 
 
 def route_ref(logits: torch.Tensor, top_k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +79,7 @@ def experts_ref(
     weights: torch.Tensor,
     ids: torch.Tensor,
     activation: str = "silu",
+    swiglu_limit: float | None = None,
 ) -> torch.Tensor:
     """SwiGLU experts: per (token, slot) `weight * down(act(gate) * up)`, summed over the K slots.
 
@@ -78,10 +90,10 @@ def experts_ref(
         weights: (T, K) routing weights.
         ids: (T, K) expert index per slot.
         activation: key of ACTIVATIONS, applied to the gate half.
+        swiglu_limit: None, or L > 0 for the clamped form (glu_ref).
     Returns:
         (T, H) in x's dtype; the K slots are summed in fp32 (float64 for float64 inputs).
     """
-    act = ACTIVATIONS[activation]
     T, H = x.shape
     K = ids.shape[1]
     I = w_down.shape[2]
@@ -91,7 +103,7 @@ def experts_ref(
         e = ids[:, k]  # (T,)
         h = torch.einsum("th,tnh->tn", x, w_gate_up[e])  # (T, 2I)
         gate, up = h[:, :I], h[:, I:]
-        a = act(gate) * up  # (T, I)
+        a = glu_ref(gate, up, activation, swiglu_limit)  # (T, I)
         o = torch.einsum("ti,thi->th", a, w_down[e])  # (T, H)
         y = y + weights[:, k, None].to(acc_dtype) * o.to(acc_dtype)
     return y.to(x.dtype)
@@ -105,11 +117,12 @@ def moe_ref(
     top_k: int,
     renormalize: bool = True,
     activation: str = "silu",
+    swiglu_limit: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole MoE layer: router (E, H) linear, route_ref, experts_ref. Returns (y (T, H), logits (T, E))."""
     logits = x @ router_weight.t()
     weights, ids = route_ref(logits, top_k, renormalize)
-    return experts_ref(x, w_gate_up, w_down, weights, ids, activation), logits
+    return experts_ref(x, w_gate_up, w_down, weights, ids, activation, swiglu_limit), logits
 
 
 def _layers(router_logits) -> list[torch.Tensor]:

@@ -226,3 +226,22 @@ def test_triton_entry_points_enter_the_device_guard(monkeypatch):
     entered(lambda: h3moe.quant_moe(x, gu, dn, r, backend="triton"), x)
     layers = [logits.clone(), logits.clone()]
     entered(lambda: h3moe.gating_loss(layers, torch.tensor([0, 1], device=dev), backend="triton"), layers[0])
+
+
+def test_swiglu_limit_leaves_cuda_for_triton(monkeypatch):
+    """The cuda experts kernels have no clamped SwiGLU: h3moe.moe(swiglu_limit=L) on the cuda backend (asked
+    for or chosen) runs the Triton kernels with the limit instead."""
+    from h3moe.ops import experts as ops_experts
+
+    pytest.importorskip("triton")
+    from h3moe.ops import triton_experts
+
+    seen = []
+    monkeypatch.setattr(_backend, "resolve", lambda b, dev, op: "cuda")
+    monkeypatch.setattr(_backend, "runs", lambda name, op, dev: name == "triton")
+    monkeypatch.setattr(ops_experts, "as_routing", lambda r, E, be: h3moe.route(torch.randn(3, E), 2))
+    monkeypatch.setattr(triton_experts, "moe", lambda *a: seen.append(a[-1]) or a[0])
+    x, wgu, wd = torch.randn(3, 8), torch.randn(4, 8, 8), torch.randn(4, 8, 4)
+    for backend in ("cuda", "auto"):
+        h3moe.moe(x, wgu, wd, None, backend=backend, swiglu_limit=2.5)
+    assert seen == [2.5, 2.5]

@@ -926,3 +926,91 @@ def test_gpu_mixtral_generates_through_kernels(monkeypatch, quant_type):
     assert (logits - want).abs().max() <= 0.05 * want.abs().max()
     out = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
     assert out.shape == (1, 17)
+
+
+def _own_gate_experts(family: str, cls_name: str, limit: float):
+    """A transformers experts module with its own _apply_gate (tiny, random), or skip where this transformers
+    lacks the family."""
+    import importlib
+    import types
+
+    pytest.importorskip("transformers")
+    try:
+        mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    except ImportError:
+        pytest.skip(f"this transformers has no {family}")
+    cfg = types.SimpleNamespace(num_local_experts=3, num_experts=3, hidden_size=64, intermediate_size=32,
+                                moe_intermediate_size=32, hidden_act="silu", swiglu_limit=limit, swiglu_alpha=1.702,
+                                _experts_implementation="eager")
+    m = getattr(mod, cls_name)(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_quantize_keeps_a_clamped_swiglu(quant_type, tmp_path):
+    """DeepSeek-V4's experts (act(min(gate, L)) * clamp(up, -L, L)): quantized with their swiglu_limit, equal to
+    the model's own eager experts over the dequantized weights (the clamp binds: without it they differ); the
+    limit survives save/load."""
+    m = _own_gate_experts("deepseek_v4", "DeepseekV4Experts", 0.8)
+    q = h3moe.quantize(m, quant_type, 32)
+    assert isinstance(q, hb.QuantizedExperts) and q.swiglu_limit == 0.8
+    with torch.no_grad():
+        m.gate_up_proj.copy_(q.gate_up_proj.dequantize())
+        m.down_proj.copy_(q.down_proj.dequantize())
+        x, r = torch.randn(6, 64), route(torch.randn(6, 3), 2)
+        want = m(x, r.ids, r.weights)
+        got = q(x, r.ids, r.weights)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_ref(x, q.gate_up_proj, q.down_proj, r), want, atol=1e-3)  # the clamp matters
+    holder = torch.nn.Module()
+    holder.experts = _own_gate_experts("deepseek_v4", "DeepseekV4Experts", 0.8)
+    h3moe.quantize(holder, quant_type, 32)
+    hb.save_quantized(holder, str(tmp_path / "q.safetensors"))
+    fresh = torch.nn.Module()
+    fresh.experts = _own_gate_experts("deepseek_v4", "DeepseekV4Experts", 0.8)
+    hb.load_quantized(fresh, str(tmp_path / "q.safetensors"))
+    assert fresh.experts.swiglu_limit == 0.8
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.experts(x, r.ids, r.weights), holder.experts(x, r.ids, r.weights))
+
+
+def test_quantize_skips_a_gate_it_does_not_compute(caplog):
+    """MiniMax-M3's experts ((up + 1) * gate * sigmoid(alpha * gate), clamped) are left unquantized, with a
+    warning, rather than quantized into plain SwiGLU (which would change the model's outputs)."""
+    holder = torch.nn.Module()
+    holder.experts = _own_gate_experts("minimax_m3_vl", "MiniMaxM3VLExperts", 0.8)
+    with caplog.at_level("WARNING", logger="h3moe"):
+        h3moe.quantize(holder, "nf4", 32)
+    assert type(holder.experts).__name__ == "MiniMaxM3VLExperts"
+    assert "MiniMaxM3VLExperts._apply_gate" in caplog.text
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+@pytest.mark.parametrize("T", [1, 5, 24])
+def test_triton_swiglu_limit_equals_reference(monkeypatch, quant_type, T):
+    """quant_moe(swiglu_limit=L) on the Triton kernels (interpreter) and the torch fallback: bitsandbytes'
+    dequantize followed by the clamped reference; the clamp binds."""
+    if HAS_CUDA:
+        pytest.skip("the GPU tier covers this")
+    pytest.importorskip("triton")
+    from h3moe.kernels import quant as kq
+
+    monkeypatch.setattr(kq, "TC_MAX_T", 0)  # (the tensor-core kernels' inline asm does not interpret)
+    E, H, I, K, L = 4, 64, 32, 2, 0.6
+    gu = hb.quantize_weight(torch.randn(E, 2 * I, H) * 0.3, quant_type, 32).packed
+    dn = hb.quantize_weight(torch.randn(E, H, I) * 0.3, quant_type, 32).packed
+    Wg = torch.stack([oq.dequantize(gu, e, torch.float32) for e in range(E)]).double()
+    Wd = torch.stack([oq.dequantize(dn, e, torch.float32) for e in range(E)]).double()
+    x, r = torch.randn(T, H), route(torch.randn(T, E), K)
+    want = ref.experts_ref(x.double(), Wg, Wd, r.weights.double(), r.ids, "silu", L)
+    assert (want - ref.experts_ref(x.double(), Wg, Wd, r.weights.double(), r.ids)).abs().max() > 0.1
+    for backend in ("torch", "triton"):
+        y = h3moe.quant_moe(x, gu, dn, r, backend=backend, swiglu_limit=L)
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5, msg=lambda s: f"{backend}: {s}")
+    with pytest.raises(ValueError, match="swiglu_limit"):
+        h3moe.quant_moe(x, gu, dn, r, swiglu_limit=0.0)

@@ -813,20 +813,19 @@ def test_config_beyond_the_gpu_falls_through_to_one_that_loads(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _loop_ref(x, wgu, wd, r, act="silu"):
+def _loop_ref(x, wgu, wd, r, act="silu", limit=None):
     """Per-expert loop reference (memory friendly at realistic shapes), in the inputs' dtype."""
     weights, ids = r.weights, r.ids
     T, H = x.shape
     I = wd.shape[2]
     y = torch.zeros(T, H, device=x.device, dtype=torch.float32)
-    f = h3moe.reference.ACTIVATIONS[act]
     for e in range(wgu.shape[0]):
         t, k = torch.nonzero(ids == e, as_tuple=True)
         if t.numel() == 0:
             y = y + 0 * (wgu[e].sum() + wd[e].sum())  # keep the graph connected
             continue
         h = x[t] @ wgu[e].t()
-        a = f(h[:, :I]) * h[:, I:]
+        a = h3moe.reference.glu_ref(h[:, :I], h[:, I:], act, limit)
         o = (a @ wd[e].t()).float() * weights[t, k, None].float()
         y = y.index_add(0, t, o)
     return y.to(x.dtype)
@@ -920,6 +919,26 @@ def test_gpu_activations():
         ref = _run(_loop_ref, x, wgu, wd, logits, ids, act, dy, torch.float32)
         eager = _run(_loop_ref, x, wgu, wd, logits, ids, act, dy, torch.bfloat16)
         _assert_close(outs, eager, ref, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recompute", ["0", "1"], ids=["saved", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_swiglu_limit(dtype, recompute, monkeypatch):
+    """The clamped SwiGLU (DeepSeek-V4's swiglu_limit) at a real tile size, both backward forms."""
+    monkeypatch.setenv("H3MOE_RECOMPUTE", recompute)
+    T, H, I, E, K = 256, 512, 384, 8, 2
+    torch.manual_seed(5)
+    x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32, "cuda")
+    ids = torch.topk(logits, K, -1).indices
+    L = _limit_in_a_gap(x, wgu, ids, 0.5, 1.5)
+    dy = torch.randn(T, H, device="cuda")
+    fn = lambda *a: te.moe(*a, swiglu_limit=L)  # noqa: E731
+    ref_fn = lambda *a: _loop_ref(*a, limit=L)  # noqa: E731
+    outs = _run(fn, x, wgu, wd, logits, ids, "silu", dy, dtype)
+    ref = _run(ref_fn, x, wgu, wd, logits, ids, "silu", dy, torch.float32)
+    eager = _run(ref_fn, x, wgu, wd, logits, ids, "silu", dy, dtype)
+    _assert_close(outs, eager, ref, {torch.float32: 1e-4, torch.bfloat16: 1e-2}[dtype])
 
 
 @pytest.mark.gpu
@@ -1035,3 +1054,38 @@ def test_gpu_tma_descriptors(T, H, I, E, K, monkeypatch):
     torch.cuda.synchronize()
     torch.testing.assert_close(yg, te.moe(xb, wgub, wdb, r, "silu"), rtol=0, atol=0)
     assert not torch.equal(yg, y0)
+
+
+def _limit_in_a_gap(x, wgu, ids, lo, hi):
+    """A swiglu_limit in [lo, hi] at least a gap away from every routed gate/up pre-activation's magnitude, so
+    that rounding in the test dtype cannot move one across the clamp's kink."""
+    h = torch.einsum("th,tknh->tkn", x.double(), wgu.double()[ids]).abs().flatten()  # (T*K*2I,)
+    cands = torch.linspace(lo, hi, 200, dtype=torch.float64)
+    gap = (h[None, :] - cands[:, None]).abs().min(dim=1).values
+    return float(cands[gap.argmax()])
+
+
+@needs_triton
+@pytest.mark.interpreter
+@pytest.mark.parametrize("recompute", ["0", "1"], ids=["saved", "recompute"])
+@pytest.mark.parametrize("dtype,act", [(torch.float32, "silu"), (torch.float16, "silu"), (torch.bfloat16, "gelu")])
+def test_swiglu_limit_forward_and_grads(dtype, act, recompute, monkeypatch):
+    """swiglu_limit (clamped SwiGLU, HAS_LIMIT): forward and every gradient against the clamped reference, in
+    both backward forms, outputs poisoned; the clamp binds on both halves."""
+    monkeypatch.setenv("H3MOE_RECOMPUTE", recompute)
+    monkeypatch.setattr(te, "torch", _PoisonTorch())
+    T, H, I, E, K = 9, 32, 24, 4, 2
+    x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32)
+    ids = _ids("topk", T, E, K, logits)
+    L = _limit_in_a_gap(x, wgu, ids, 0.4, 1.0)
+    pre = torch.einsum("th,tknh->tkn", x.double(), wgu.double()[ids])
+    assert (pre[..., :I] > L).any() and (pre[..., I:].abs() > L).any()  # both clamps bind somewhere
+    dy = torch.randn(T, H, device=DEV)
+    fn = lambda *a: te.moe(*a, swiglu_limit=L)  # noqa: E731
+    ref_fn = lambda x, wgu, wd, r, act: experts_ref(x, wgu, wd, r.weights, r.ids, act, L)  # noqa: E731
+    outs = _run(fn, x, wgu, wd, logits, ids, act, dy, dtype)
+    ref = _run(ref_fn, x, wgu, wd, logits, ids, act, dy, torch.float64)
+    eager = ref if dtype == torch.float32 and DEV == "cpu" else _run(ref_fn, x, wgu, wd, logits, ids, act, dy, dtype)
+    _assert_close(outs, eager, ref, ATOL[dtype])
+    unclamped = _run(_ref, x, wgu, wd, logits, ids, act, dy, torch.float64)
+    assert (unclamped[0] - ref[0]).abs().max() > 0.05

@@ -242,15 +242,16 @@ class QuantizedExperts(nn.Module):
     top_k_weights (T, K)) → (T, H) through h3moe.ops.quant.quant_moe."""
 
     def __init__(self, gate_up_proj: QuantizedWeight, down_proj: QuantizedWeight, activation: str = "silu",
-                 backend: str = "auto"):
+                 backend: str = "auto", swiglu_limit: float | None = None):
         super().__init__()
         self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
         self.num_experts, self.hidden_dim, self.intermediate_dim = down_proj.shape
-        self.activation, self.backend = activation, backend
+        self.activation, self.backend, self.swiglu_limit = activation, backend, swiglu_limit
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return quant_moe(hidden_states, self.gate_up_proj.packed, self.down_proj.packed,
-                         (top_k_weights, top_k_index), activation=self.activation, backend=self.backend)
+                         (top_k_weights, top_k_index), activation=self.activation, backend=self.backend,
+                         swiglu_limit=self.swiglu_limit)
 
 
 class _ExpertView:
@@ -267,7 +268,7 @@ class _ExpertView:
         w = torch.ones(T, 1, dtype=torch.float32, device=x.device)
         p = self.parent
         return quant_moe(x2, p.gate_up_proj.packed, p.down_proj.packed, (w, ids), activation=p.activation,
-                         backend=p.backend).reshape(shape)
+                         backend=p.backend, swiglu_limit=p.swiglu_limit).reshape(shape)
 
 
 class QuantizedExpertList(QuantizedExperts):
@@ -329,15 +330,19 @@ def _is_fused_experts(m: nn.Module) -> bool:
     return tuple(dn.shape) == (E, H, two_i // 2) and two_i % 2 == 0
 
 
-def _fused_experts_supported(m: nn.Module) -> str:
-    """Why a fused-experts module cannot be quantized here ('' if it can)."""
+def _fused_experts_supported(m: nn.Module) -> tuple[str, float | None] | str:
+    """(activation, swiglu_limit) of a fused-experts module h3moe can quantize, or why it cannot (a str).
+    A class's own _apply_gate counts only where it computes one of h3moe's forms (integrations/_gate.py):
+    quantizing a gate h3moe does not compute would change the model's outputs."""
     if getattr(m, "is_transposed", False) or getattr(m, "has_bias", False) or hasattr(m, "gate_up_proj_bias"):
         return "transposed or biased experts (gpt-oss layout)"
     if not getattr(m, "is_concatenated", True) or not getattr(m, "has_gate", True):
         return "interleaved or ungated experts"
-    if _activation_of(m) is None:
-        return f"activation {type(getattr(m, 'act_fn', None)).__name__}"
-    return ""
+    if getattr(m, "has_post_expert_norm", False):
+        return "post-expert norm"
+    from ._gate import gate_form
+
+    return gate_form(m, default_act="silu" if getattr(m, "act_fn", None) is None else None)
 
 
 def _list_names(m: nn.Module):
@@ -477,7 +482,7 @@ def _targets(model: nn.Module):
             out.append((path, "moe", m))
         elif _is_fused_experts(m):
             why = _fused_experts_supported(m)
-            if why:
+            if isinstance(why, str):
                 log.warning("h3moe.quantize: skipping %s (%s)", path or type(m).__name__, why)
                 continue
             out.append((path, "experts", m))
@@ -540,7 +545,8 @@ def quantize(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, dou
                 m.backend = backend if backend != "auto" else m.backend
                 new = m
             else:
-                new = QuantizedExperts(gu, dn, _activation_of(m), backend)
+                act, limit = _fused_experts_supported(m)
+                new = QuantizedExperts(gu, dn, act, backend, limit)
                 if path:
                     _set_child(model, path, new)
                 else:
@@ -561,6 +567,8 @@ def quantize(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, dou
 def _describe(kind: str, m) -> dict:
     gu, dn = m.gate_up_proj, m.down_proj
     d = {"kind": kind, "activation": m.activation}
+    if getattr(m, "swiglu_limit", None) is not None:
+        d["swiglu_limit"] = m.swiglu_limit
     for name, qw in (("gate_up", gu), ("down", dn)):
         d[name] = {"quant_type": qw.quant_type, "shape": list(qw.shape), "blocksize": qw.blocksize,
                    "nested": qw.nested, "dtype": str(qw.dtype).replace("torch.", "")}
@@ -608,7 +616,8 @@ def load_quantized(model: nn.Module, path: str, *, backend: str = "auto", strict
         elif d["kind"] == "list":
             _set_child(model, mpath, QuantizedExpertList(qws[0], qws[1], d["activation"], backend))
         else:
-            _set_child(model, mpath, QuantizedExperts(qws[0], qws[1], d["activation"], backend))
+            _set_child(model, mpath, QuantizedExperts(qws[0], qws[1], d["activation"], backend,
+                                                      d.get("swiglu_limit")))
     load_model(model, path, strict=strict)
     model.h3moe_quant_meta = meta
     return model

@@ -7,11 +7,13 @@ Two levels:
    for importing transformers, ~2 s). Then `from_pretrained(..., experts_implementation="h3moe")` or
    `model.set_experts_implementation("h3moe")` runs `h3moe.moe` in every family whose experts class carries
    `@use_experts_implementation`. The forward honors the decorator's flags: the standard layout (concatenated
-   [gate; up] rows, no bias, a gate, the default `_apply_gate`, act_fn in silu/gelu/gelu_tanh/relu) runs
-   h3moe; transposed weights are viewed back as (E, 2I, H)/(E, H, I) and run on the torch backend under "auto"
-   (the GPU kernels would copy every expert at every call); any other variant (gpt-oss:
-   transposed + interleaved + biases + clamped SwiGLU; no gate; post-expert norm; quantized weights; another
-   activation) falls back to transformers' `grouped_mm` forward, with one log line per variant. Expert-parallel
+   [gate; up] rows, no bias, a gate, act_fn in silu/gelu/gelu_tanh/relu) runs h3moe, and so does a class's
+   own `_apply_gate` where it computes one of h3moe's forms: the clamped SwiGLU of DeepSeek-V4, GLM-5-Next and
+   Hunyuan-V4 (swiglu_limit), SwiGLU in fp32 (Beam); recognised by a one-time probe (h3moe/integrations/_gate.py).
+   Transposed weights are viewed back as (E, 2I, H)/(E, H, I) and run on the torch backend under "auto"
+   (the GPU kernels would copy every expert at every call). Any other variant (gpt-oss: transposed +
+   interleaved + biases + alpha SwiGLU; MiniMax-M3's and Inkling-2's gates; no gate; post-expert norm;
+   quantized weights; another activation) falls back to transformers' `grouped_mm` forward, with one log line per variant. Expert-parallel
    sentinels (ids >= E, weight 0) are clamped to a real expert with weight 0.
 
 2. `patch(model)` sets that experts implementation and also swaps each known router's forward for h3moe's
@@ -35,6 +37,7 @@ import torch
 from .. import _backend
 from ..ops.experts import _use_torch_gmm, moe
 from . import routers as _routers
+from ._gate import activation_name, gate_form
 
 __all__ = ["patch", "unpatch", "PatchReport", "Swap", "h3moe_experts_forward", "register", "install_import_hook"]
 
@@ -43,40 +46,7 @@ logger = logging.getLogger("h3moe")
 NAME = "h3moe"
 _TARGET = "transformers.integrations.moe"
 
-# --- activations ---------------------------------------------------------------------------------------
-
-# transformers / torch activation classes → h3moe activation names (exact same function).
-_ACT_BY_CLASS = {
-    "SiLU": "silu",
-    "SiLUActivation": "silu",
-    "GELUActivation": "gelu",  # erf GELU (C or python form)
-    "GELUTanh": "gelu_tanh",
-    "PytorchGELUTanh": "gelu_tanh",
-    "NewGELUActivation": "gelu_tanh",
-    "ReLU": "relu",
-}
-_ACT_BY_FUNCTION = {
-    torch.nn.functional.silu: "silu",
-    torch.nn.functional.gelu: "gelu",
-    torch.nn.functional.relu: "relu",
-    torch.relu: "relu",
-}
-
-
-def activation_name(act_fn) -> str | None:
-    """The h3moe activation equal to a model's `act_fn`, or None."""
-    if act_fn is None:
-        return None
-    if isinstance(act_fn, torch.nn.GELU):
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act_fn.approximate)
-    name = _ACT_BY_CLASS.get(type(act_fn).__name__)
-    if name is not None:
-        return name
-    try:
-        return _ACT_BY_FUNCTION.get(act_fn)
-    except TypeError:  # unhashable
-        return None
-
+# --- activations (h3moe/integrations/_gate.py) -----------------------------------------------------------
 
 # --- the experts forward -------------------------------------------------------------------------------
 
@@ -92,10 +62,8 @@ def _float3d(t) -> bool:
     )
 
 
-def experts_plan(self: torch.nn.Module) -> tuple[str, bool] | str:
-    """(activation, transposed) when h3moe.moe computes these experts exactly; else why not."""
-    from transformers.integrations.moe import _default_apply_gate
-
+def experts_plan(self: torch.nn.Module) -> tuple[str, bool, float | None] | str:
+    """(activation, transposed, swiglu_limit) when h3moe.moe computes these experts exactly; else why not."""
     why = []
     if not getattr(self, "has_gate", True):
         why.append("no gate (up/act/down experts)")
@@ -105,13 +73,13 @@ def experts_plan(self: torch.nn.Module) -> tuple[str, bool] | str:
         why.append("interleaved gate/up")
     if getattr(self, "has_post_expert_norm", False):
         why.append("post-expert norm")
-    act = activation_name(getattr(self, "act_fn", None))
-    if getattr(type(self), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-        why.append(f"its own {type(self).__name__}._apply_gate")
-    elif act is None:
-        why.append(f"activation {type(getattr(self, 'act_fn', None)).__name__} not in silu/gelu/gelu_tanh/relu")
+    form = gate_form(self) if not why else "(not probed)"
+    if isinstance(form, str) and not why:
+        why.append(form)
     gu, dn = getattr(self, "gate_up_proj", None), getattr(self, "down_proj", None)
-    if not (_float3d(gu) and _float3d(dn)):
+    if not getattr(self, "has_gate", True):
+        pass  # (no gate_up_proj to check)
+    elif not (_float3d(gu) and _float3d(dn)):
         why.append("gate_up_proj/down_proj are not plain float (E, ., .) tensors (quantized?)")
     elif gu.dtype != dn.dtype:
         why.append(f"gate_up_proj {gu.dtype} and down_proj {dn.dtype} differ")
@@ -119,7 +87,8 @@ def experts_plan(self: torch.nn.Module) -> tuple[str, bool] | str:
         if getattr(self, "is_transposed", False):
             why.insert(0, "transposed")
         return ", ".join(why)
-    return act, bool(getattr(self, "is_transposed", False))
+    act, limit = form
+    return act, bool(getattr(self, "is_transposed", False)), limit
 
 
 _LOGGED: set[str] = set()
@@ -146,7 +115,7 @@ def h3moe_experts_forward(
     plan = experts_plan(self)
     if isinstance(plan, str):
         return _fallback(self, hidden_states, top_k_index, top_k_weights, plan)
-    activation, transposed = plan
+    activation, transposed, limit = plan
     backend = getattr(self, "_h3moe_backend", "auto")
     w_gate_up, w_down = self.gate_up_proj, self.down_proj  # (E, 2I, H), (E, H, I) or transposed
     if transposed:
@@ -172,7 +141,7 @@ def h3moe_experts_forward(
         routing = _routers.take_routing(top_k_index, top_k_weights)
         if routing is None:
             routing = (top_k_weights, top_k_index)
-    y = moe(x, w_gate_up, w_down, routing, activation=activation, backend=backend)
+    y = moe(x, w_gate_up, w_down, routing, activation=activation, backend=backend, swiglu_limit=limit)
     return y if y.dtype == hidden_states.dtype else y.to(hidden_states.dtype)
 
 
@@ -365,9 +334,10 @@ def patch(
             if isinstance(plan, str):
                 report.left_alone.append(Swap(n, cls, "experts", f"falls back to transformers' grouped_mm: {plan}"))
             else:
-                act, transposed = plan
+                act, transposed, limit = plan
                 how = "transposed views" if transposed else "in place"
-                report.swapped.append(Swap(n, cls, "experts", f"h3moe.moe(activation={act!r}), weights {how}"))
+                lim = f", swiglu_limit={limit}" if limit is not None else ""
+                report.swapped.append(Swap(n, cls, "experts", f"h3moe.moe(activation={act!r}{lim}), weights {how}"))
 
     for n, m in model.named_modules():
         cls = type(m).__name__

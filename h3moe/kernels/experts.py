@@ -62,7 +62,8 @@ S/E_used <= BM).
 
 Limits: offsets inside one expert's weights are int32 (2*I*H < 2**31); expert bases and row offsets are
 int64. E <= 4096 (the in-program schedule scans all E counts in one block). ids must lie in [0, E).
-Activations: silu (SwiGLU), gelu, gelu_tanh, relu (ACT_IDS), forward and derivative in the epilogues.
+Activations: silu (SwiGLU), gelu, gelu_tanh, relu (ACT_IDS), forward and derivative in the epilogues;
+HAS_LIMIT adds the clamped SwiGLU of DeepSeek-V4 / GLM-5 / Hunyuan-V4 (swiglu_limit, _glu_fwd/_glu_bwd).
 Under TRITON_INTERPRET=1 (INTERP=True): the interpreter gets tl.dot on bf16 wrong (../shared/NOTES.md), so
 UPCAST=True casts the dot operands to fp32; and it cannot take a runtime range() bound under numpy >= 2.4,
 so the K-loops run as while loops there (on the GPU they stay `for` loops, which Triton pipelines). Each
@@ -121,6 +122,33 @@ def _act_bwd(g, ACT: tl.constexpr):
         return 0.5 * g * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * d_inner
     else:
         return tl.maximum(g, 0.0), (g > 0.0).to(tl.float32)
+
+
+@triton.jit
+def _glu_fwd(g, u, ACT: tl.constexpr, LIMIT, HAS_LIMIT: tl.constexpr):
+    """act(g) * u in fp32; HAS_LIMIT: the clamped SwiGLU act(min(g, LIMIT)) * clamp(u, -LIMIT, LIMIT)
+    (NaN stays NaN, as torch.clamp)."""
+    if HAS_LIMIT:
+        g = tl.minimum(g, LIMIT, propagate_nan=tl.PropagateNan.ALL)
+        u = tl.minimum(tl.maximum(u, -LIMIT, propagate_nan=tl.PropagateNan.ALL), LIMIT,
+                       propagate_nan=tl.PropagateNan.ALL)
+    return _act_fwd(g, ACT) * u
+
+
+@triton.jit
+def _glu_bwd(g, u, ACT: tl.constexpr, LIMIT, HAS_LIMIT: tl.constexpr):
+    """(a, da/dg, da/du) in fp32 for a = _glu_fwd(g, u); with HAS_LIMIT the derivatives are zero where the
+    clamps bind (torch.clamp's gradient: 1 inside the bounds, ends included; 0 for NaN)."""
+    if HAS_LIMIT:
+        g_in = g <= LIMIT
+        u_in = (u >= -LIMIT) & (u <= LIMIT)
+        g = tl.minimum(g, LIMIT, propagate_nan=tl.PropagateNan.ALL)
+        u = tl.minimum(tl.maximum(u, -LIMIT, propagate_nan=tl.PropagateNan.ALL), LIMIT,
+                       propagate_nan=tl.PropagateNan.ALL)
+        act, dact = _act_bwd(g, ACT)
+        return act * u, tl.where(g_in, u * dact, 0.0), tl.where(u_in, act, 0.0)
+    act, dact = _act_bwd(g, ACT)
+    return act * u, u * dact, act
 
 
 @triton.jit
@@ -201,25 +229,26 @@ def _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, wgu_desc, wd_desc, n0, 
 
 
 @triton.jit
-def _bwd_saved_cols(acc_d, w, rows64, rmask, offs_n, I, h_ptr, a_ptr, dh_ptr, ACT: tl.constexpr):
+def _bwd_saved_cols(acc_d, w, rows64, rmask, offs_n, I, h_ptr, a_ptr, dh_ptr, ACT: tl.constexpr, LIMIT,
+                    HAS_LIMIT: tl.constexpr):
     """The saved-h backward epilogue over the columns offs_n of I: reads gate/up from h, stores a and dH
     there; returns the rows' partial d(routing weight) over these columns (BM,)."""
     omask = rmask[:, None] & (offs_n < I)[None, :]
     h_ptrs = h_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]
-    act, dact = _act_bwd(tl.load(h_ptrs, mask=omask, other=0.0).to(tl.float32), ACT)
+    g = tl.load(h_ptrs, mask=omask, other=0.0).to(tl.float32)
     u = tl.load(h_ptrs + I, mask=omask, other=0.0).to(tl.float32)
-    a = act * u  # masked elements were loaded as 0: a = act(0) * 0 = 0 there
+    a, a_g, a_u = _glu_bwd(g, u, ACT, LIMIT, HAS_LIMIT)  # masked elements were loaded as 0: a = 0 there
     tl.store(a_ptr + rows64[:, None] * I + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=omask)
     part = tl.sum(acc_d * a, 1)
     da = acc_d * w[:, None]
     dh_ptrs = dh_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]
-    tl.store(dh_ptrs + I, (da * act).to(dh_ptr.dtype.element_ty), mask=omask)  # d up
-    tl.store(dh_ptrs, (da * u * dact).to(dh_ptr.dtype.element_ty), mask=omask)  # d gate
+    tl.store(dh_ptrs + I, (da * a_u).to(dh_ptr.dtype.element_ty), mask=omask)  # d up
+    tl.store(dh_ptrs, (da * a_g).to(dh_ptr.dtype.element_ty), mask=omask)  # d gate
     return part
 
 
 # Values that change with the batch (T) or the model are not specialized: one compile serves them all.
-@triton.jit(do_not_specialize=["E", "M_SLOTS", "K"])
+@triton.jit(do_not_specialize=["E", "M_SLOTS", "K", "LIMIT"])
 def _gate_up_kernel(
     x_ptr,  # (T, H) x dtype
     wgu_ptr,  # (E, 2I, H) x dtype
@@ -237,7 +266,9 @@ def _gate_up_kernel(
     E,
     M_SLOTS,  # number of row-tile slots in the grid
     K,  # top-k: token = slot // K (a runtime value: one compile serves every K)
+    LIMIT,  # fp32 swiglu_limit (read only when HAS_LIMIT)
     ACT: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,  # clamped SwiGLU: act(min(gate, LIMIT)) * clamp(up, -LIMIT, LIMIT)
     BWD: tl.constexpr,
     SAVE_H: tl.constexpr,  # forward: also store the gate/up pre-activation into h (for a backward)
     RECOMPUTE: tl.constexpr,  # backward: recompute gate/up (True) or read them from h (False)
@@ -307,20 +338,18 @@ def _gate_up_kernel(
             w = tl.load(rw_ptr + slot, mask=rmask, other=0.0)  # (BM,) fp32
             d_lo, d_hi = tl.split(tl.permute(tl.reshape(acc_d, (BM, 2, BN // 2)), (0, 2, 1)))
             part = _bwd_saved_cols(d_lo, w, rows64, rmask, pid_n * BN + tl.arange(0, BN // 2),
-                                   I, h_ptr, a_ptr, dh_ptr, ACT)
+                                   I, h_ptr, a_ptr, dh_ptr, ACT, LIMIT, HAS_LIMIT)
             part += _bwd_saved_cols(d_hi, w, rows64, rmask, pid_n * BN + BN // 2 + tl.arange(0, BN // 2),
-                                    I, h_ptr, a_ptr, dh_ptr, ACT)
+                                    I, h_ptr, a_ptr, dh_ptr, ACT, LIMIT, HAS_LIMIT)
             if NEED_W:
                 tl.store(dw_ptr + rows64 * num_pid_n + pid_n, part, mask=rmask)
         elif BWD:
             if RECOMPUTE:
-                act, dact = _act_bwd(acc_g, ACT)
-                u = acc_u
+                a, a_g, a_u = _glu_bwd(acc_g, acc_u, ACT, LIMIT, HAS_LIMIT)  # (BM, BN) fp32
             else:  # saved by the forward (rounded to x's dtype, as eager autograd saves it)
-                act, dact = _act_bwd(tl.load(h_ptrs, mask=omask, other=0.0).to(tl.float32), ACT)
-                u = tl.load(h_ptrs + I, mask=omask, other=0.0).to(tl.float32)
-            a = act * u  # (BM, BN) fp32
-            ud = u * dact
+                a, a_g, a_u = _glu_bwd(tl.load(h_ptrs, mask=omask, other=0.0).to(tl.float32),
+                                       tl.load(h_ptrs + I, mask=omask, other=0.0).to(tl.float32), ACT, LIMIT,
+                                       HAS_LIMIT)
             tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=omask)
             if RECOMPUTE:  # masked columns of the recomputed gate/up hold clamped-column values
                 part = tl.sum(tl.where(omask, acc_d * a, 0.0), 1)  # (BM,) partial d(routing weight)
@@ -331,8 +360,8 @@ def _gate_up_kernel(
             w = tl.load(rw_ptr + slot, mask=rmask, other=0.0)  # (BM,) fp32
             da = acc_d * w[:, None]
             dh_ptrs = dh_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]
-            tl.store(dh_ptrs + I, (da * act).to(dh_ptr.dtype.element_ty), mask=omask)  # d up
-            tl.store(dh_ptrs, (da * ud).to(dh_ptr.dtype.element_ty), mask=omask)  # d gate
+            tl.store(dh_ptrs + I, (da * a_u).to(dh_ptr.dtype.element_ty), mask=omask)  # d up
+            tl.store(dh_ptrs, (da * a_g).to(dh_ptr.dtype.element_ty), mask=omask)  # d gate
         else:
             if SAVE_H:
                 # the backward will read these rounded values: compute a from them too, as eager does
@@ -340,9 +369,9 @@ def _gate_up_kernel(
                 u16 = acc_u.to(h_ptr.dtype.element_ty)
                 tl.store(h_ptrs, g16, mask=omask)
                 tl.store(h_ptrs + I, u16, mask=omask)
-                a = _act_fwd(g16.to(tl.float32), ACT) * u16.to(tl.float32)
+                a = _glu_fwd(g16.to(tl.float32), u16.to(tl.float32), ACT, LIMIT, HAS_LIMIT)
             else:
-                a = _act_fwd(acc_g, ACT) * acc_u
+                a = _glu_fwd(acc_g, acc_u, ACT, LIMIT, HAS_LIMIT)
             tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=omask)
 
 
@@ -777,11 +806,15 @@ def aot_specs() -> list:
                     bwd = role != "gate_up"
                     sig = {"x_ptr": p, "wgu_ptr": p, "slots_ptr": "*i32", "offsets_ptr": "*i32", "a_ptr": p,
                            "dy_ptr": p, "wd_ptr": p, "rw_ptr": "*fp32", "dh_ptr": p, "dw_ptr": "*fp32",
-                           "h_ptr": p, "H": "i32", "I": "i32", "E": "i32", "M_SLOTS": "i32", "K": "i32"}
-                    const = dict(ACT=0, BWD=bwd, SAVE_H=not bwd, RECOMPUTE=role == "bwd_act", NEED_W=bwd, **tile,
+                           "h_ptr": p, "H": "i32", "I": "i32", "E": "i32", "M_SLOTS": "i32", "K": "i32",
+                           "LIMIT": "fp32"}
+                    const = dict(ACT=0, HAS_LIMIT=False, BWD=bwd, SAVE_H=not bwd, RECOMPUTE=role == "bwd_act", NEED_W=bwd, **tile,
                                  BLOCK_E=8,
                                  EVEN_K=True, TMA=cfg.TMA, PREC=prec, UPCAST=False, INTERP=False)
                     specs.append(_spec(name, _gate_up_kernel, sig, const, cfg))
+                    if dt == "bf16":  # the clamped SwiGLU (swiglu_limit): its epilogue adds the clamps and masks
+                        specs.append(_spec(f"experts_{role}_limit[{dt},{cfg!r}]", _gate_up_kernel, sig,
+                                           {**const, "HAS_LIMIT": True}, cfg))
                     if not bwd:  # and as inference runs it (no h stored), with a many-expert schedule (E=128)
                         specs.append(_spec(f"experts_{role}_infer[{dt},{cfg!r}]", _gate_up_kernel, sig,
                                            {**const, "SAVE_H": False, "BLOCK_E": 128}, cfg))

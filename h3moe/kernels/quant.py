@@ -199,9 +199,15 @@ def _act(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT: tl.constexpr, TRANS: tl.constexpr):
+def _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT: tl.constexpr, TRANS: tl.constexpr,
+               LIMIT: tl.constexpr = 0.0):
     """gate_up epilogue: act(gate)*up of the (M, BN) fp32 accumulators ((BN, M) when TRANS: the tensor-core
-    kernels' swapped operands) into out (S, I) rows rows_m (M,), columns n (BN,), in out's dtype."""
+    kernels' swapped operands) into out (S, I) rows rows_m (M,), columns n (BN,), in out's dtype. LIMIT > 0:
+    act(min(gate, LIMIT)) * clamp(up, -LIMIT, LIMIT) (swiglu_limit; a constexpr: one compile per model)."""
+    if LIMIT > 0.0:
+        acc_g = tl.minimum(acc_g, LIMIT, propagate_nan=tl.PropagateNan.ALL)
+        acc_u = tl.minimum(tl.maximum(acc_u, -LIMIT, propagate_nan=tl.PropagateNan.ALL), LIMIT,
+                           propagate_nan=tl.PropagateNan.ALL)
     a = _act(acc_g, ACT) * acc_u
     if TRANS:
         op = out_ptr + rows_m[None, :].to(tl.int64) * I + n[:, None]
@@ -275,6 +281,7 @@ def w4_gate_up_kernel(
     E: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     TOPK: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ACT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr, LOOKUP: tl.constexpr,
+    LIMIT: tl.constexpr = 0.0,  # > 0: the clamped SwiGLU act(min(gate, LIMIT)) * clamp(up, -LIMIT, LIMIT)
 ):
     e, start, end, n, mask_n = _program_tile(offsets_ptr, E, 1, BM, BN, I, False)  # n: gate rows, up: n + I
     if e < 0:
@@ -303,7 +310,7 @@ def w4_gate_up_kernel(
         acc_g = tl.dot(x_odd, wg_lo, acc_g, input_precision=DOT_PREC)
         acc_u = tl.dot(x_even, wu_hi, acc_u, input_precision=DOT_PREC)
         acc_u = tl.dot(x_odd, wu_lo, acc_u, input_precision=DOT_PREC)
-    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT, False)
+    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT, False, LIMIT)
 
 
 @triton.jit
@@ -365,6 +372,7 @@ def w8_gate_up_kernel(
     E: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     TOPK: tl.constexpr, ACT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
+    LIMIT: tl.constexpr = 0.0,  # > 0: the clamped SwiGLU act(min(gate, LIMIT)) * clamp(up, -LIMIT, LIMIT)
 ):
     e, start, end, n, mask_n = _program_tile(offsets_ptr, E, 1, BM, BN, I, False)  # n: gate rows, up: n + I
     if e < 0:
@@ -386,7 +394,7 @@ def w8_gate_up_kernel(
         wu = _w8_tile(q_e, su, n + I, k0 + kk, mask_n, H, dtype)
         acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PREC)
         acc_u = tl.dot(xt, wu, acc_u, input_precision=DOT_PREC)
-    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT, False)
+    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT, False, LIMIT)
 
 
 @triton.jit
@@ -569,6 +577,7 @@ def w4_gate_up_gemv_kernel(
     E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     TOPK: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ACT: tl.constexpr,
     ROWS: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, LOOKUP: tl.constexpr,
+    LIMIT: tl.constexpr = 0.0,  # > 0: the clamped SwiGLU act(min(gate, LIMIT)) * clamp(up, -LIMIT, LIMIT)
 ):
     e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, ROWS, BN, I, True)  # n: gate rows, up: n + I
     if e < 0:
@@ -599,7 +608,7 @@ def w4_gate_up_gemv_kernel(
                 acc_u = _acc_row(acc_u, _rowdot(cu, au, x_ptr + tok * H, k0, NBLK, SUB), m, ROWS)
         bg, ag, bu, au = bg2, ag2, bu2, au2
     rows_m = start + tl.arange(0, ROWS)
-    _store_act(out_ptr, acc_g, acc_u, rows_m, rows_m < end, n, mask_n, I, ACT, False)
+    _store_act(out_ptr, acc_g, acc_u, rows_m, rows_m < end, n, mask_n, I, ACT, False, LIMIT)
 
 
 # batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
@@ -682,6 +691,7 @@ def w8_gate_up_gemv_kernel(
     E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     TOPK: tl.constexpr, ACT: tl.constexpr,
     ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    LIMIT: tl.constexpr = 0.0,  # > 0: the clamped SwiGLU act(min(gate, LIMIT)) * clamp(up, -LIMIT, LIMIT)
 ):
     e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, ROWS, BN, I, True)  # n: gate rows, up: n + I
     if e < 0:
@@ -702,7 +712,7 @@ def w8_gate_up_gemv_kernel(
                 acc_u = _acc_row(acc_u, _rowdot8(wu, x_ptr + tok * H, k0, BK), m, ROWS)
     rows_m = start + tl.arange(0, ROWS)
     _store_act(out_ptr, acc_g * (sg * 7.874015718698502e-3)[None, :], acc_u * (su * 7.874015718698502e-3)[None, :],
-               rows_m, rows_m < end, n, mask_n, I, ACT, False)
+               rows_m, rows_m < end, n, mask_n, I, ACT, False, LIMIT)
 
 
 # batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
@@ -790,6 +800,7 @@ def w4_gate_up_tc_kernel(
     E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     TOPK: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ACT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, LOOKUP: tl.constexpr, DEPTH: tl.constexpr,
+    LIMIT: tl.constexpr = 0.0,  # > 0: the clamped SwiGLU act(min(gate, LIMIT)) * clamp(up, -LIMIT, LIMIT)
 ):
     e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, BM, BN, I, True)  # n: gate rows, up: n + I
     if e < 0:
@@ -827,7 +838,7 @@ def w4_gate_up_tc_kernel(
         else:
             w = wn
     acc_g, acc_u = _gate_up_halves(acc, BN, BM)  # (BN, BM) each
-    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT, True)
+    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT, True, LIMIT)
 
 
 # batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
@@ -906,6 +917,7 @@ def w8_gate_up_tc_kernel(
     E: tl.constexpr, EP: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     TOPK: tl.constexpr, ACT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, DEPTH: tl.constexpr,
+    LIMIT: tl.constexpr = 0.0,  # > 0: the clamped SwiGLU act(min(gate, LIMIT)) * clamp(up, -LIMIT, LIMIT)
 ):
     e, start, end, n, mask_n = _program_tile(offsets_ptr, E, EP, BM, BN, I, True)  # n: gate rows, up: n + I
     if e < 0:
@@ -941,7 +953,7 @@ def w8_gate_up_tc_kernel(
     sc = tl.load(scale_ptr + e64 * 2 * I + row, mask=mask_r, other=0.0) * 7.874015718698502e-3  # (2BN,)
     acc = acc * sc[:, None]
     acc_g, acc_u = _gate_up_halves(acc, BN, BM)  # (BN, BM) each
-    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT, True)
+    _store_act(out_ptr, acc_g, acc_u, rows_m, mask_m, n, mask_n, I, ACT, True, LIMIT)
 
 
 # batch-dependent ints unspecialized: one compile (hence no module load inside a CUDA graph capture) per config
@@ -1202,7 +1214,7 @@ def aot_specs() -> list[AotSpec]:
                     cfg = pick_config(S, 4, 64, Kd, N, fp32)
                     if proj == "gate_up":
                         sig = {"x_ptr": xp, **ptrs, "out_ptr": xp}
-                        extra = {"TOPK": 2, "ACT": 0}
+                        extra = {"TOPK": 2, "ACT": 0, "LIMIT": 0.0}
                     else:
                         sig = {"a_ptr": xp, **ptrs, "w_ptr": "*fp32", "out_ptr": "*fp32"}
                         extra = {}
@@ -1219,7 +1231,7 @@ def aot_specs() -> list[AotSpec]:
                 cfg = pick_config(S, 8, 0, Kd, N, fp32)
                 if proj == "gate_up":
                     sig = {"x_ptr": xp, **_W8_ARGS, "out_ptr": xp}
-                    extra = {"TOPK": 2, "ACT": 0}
+                    extra = {"TOPK": 2, "ACT": 0, "LIMIT": 0.0}
                 else:
                     sig = {"a_ptr": xp, **_W8_ARGS, "w_ptr": "*fp32", "out_ptr": "*fp32"}
                     extra = {}
@@ -1240,8 +1252,9 @@ def aot_specs() -> list[AotSpec]:
 TC_AOT_CALLS = ((2, 8), (16, 8), (64, 8), (1024, 8))
 
 
-def _tc_spec(dt, fmt, T, E, K, nested, lookup, bs, proj, cfg, archs) -> AotSpec:
-    """One tensor-core kernel spec (nested None: int8) with config cfg, for the archs that pick it."""
+def _tc_spec(dt, fmt, T, E, K, nested, lookup, bs, proj, cfg, archs, limit: float = 0.0) -> AotSpec:
+    """One tensor-core kernel spec (nested None: int8) with config cfg, for the archs that pick it; limit > 0:
+    the gate_up kernel with the clamped SwiGLU (swiglu_limit)."""
     xp = "*" + dt
     if nested is None:
         ptrs, ints, kind = dict(_W8_ARGS), {}, "w8"
@@ -1255,7 +1268,7 @@ def _tc_spec(dt, fmt, T, E, K, nested, lookup, bs, proj, cfg, archs) -> AotSpec:
         fn = w4_gate_up_tc_kernel if proj == "gate_up" else w4_down_tc_kernel
     if proj == "gate_up":
         sig = {"x_ptr": xp, **ptrs, "out_ptr": xp, **ints}
-        ce = {**SHAPE, "EP": 8, "TOPK": K, "ACT": 0, **tiles}
+        ce = {**SHAPE, "EP": 8, "TOPK": K, "ACT": 0, "LIMIT": limit, **tiles}
         tile = f"BM={cfg['BM']},BN={cfg['BN']},SUB={cfg['SUB']},D={cfg['DEPTH']}"
     else:
         sig = {"a_ptr": xp, **ptrs, "w_ptr": "*fp32", "out_ptr": "*fp32", **ints, "TK": "i32"}
@@ -1264,7 +1277,8 @@ def _tc_spec(dt, fmt, T, E, K, nested, lookup, bs, proj, cfg, archs) -> AotSpec:
     sig.update({k: "constexpr" for k in ce})
     only = "" if len(archs) > 1 else f",sm{archs[0]}"
     return AotSpec(
-        name=f"quant_{kind}_{proj}_tc[{dt},{fmt},T={T},E={E},{tile},w{cfg['num_warps']}{only}]", fn=fn,
+        name=f"quant_{kind}_{proj}_tc[{dt},{fmt},T={T},E={E},{tile},w{cfg['num_warps']}{only}"
+             f"{',limit' if limit else ''}]", fn=fn,
         signature=sig, constexprs=ce, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], gemm=True,
         archs=archs, divisible=tuple(k for k in sig if k.endswith("_ptr")))
 
@@ -1291,6 +1305,8 @@ def _tc_specs(dt: str, H: int, I: int) -> list[AotSpec]:
                     ((a,), by_arch[a]) for a in (80, 90)]
                 for archs, cfg in groups:
                     specs.append(_tc_spec(dt, fmt, T, E, K, nested, lookup, bs, proj, cfg, archs))
+                    if T == 16 and proj == "gate_up" and fmt in ("nf4", "int8"):  # and its clamped epilogue
+                        specs.append(_tc_spec(dt, fmt, T, E, K, nested, lookup, bs, proj, cfg, archs, 7.0))
     return specs
 
 
@@ -1332,7 +1348,7 @@ def _gemv_specs(dt: str, H: int, I: int) -> list[AotSpec]:
                     kind = "w4"
                 if proj == "gate_up":
                     sig = {"x_ptr": xp, **ptrs, "out_ptr": xp, **ints}
-                    ce = {**SHAPE, "EP": 8, "TOPK": K, "ACT": 0, **tiles}
+                    ce = {**SHAPE, "EP": 8, "TOPK": K, "ACT": 0, "LIMIT": 0.0, **tiles}
                 else:
                     sig = {"a_ptr": xp, **ptrs, "w_ptr": "*fp32", "out_ptr": "*fp32", **ints, "TK": "i32"}
                     ce = {**SHAPE, "EP": 8, **tiles, "KSPLIT": cfg["KSPLIT"]}

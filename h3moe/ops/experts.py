@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import _backend, _validate
 from .._amp import autocast_inputs
-from ..reference import ACTIVATIONS
+from ..reference import ACTIVATIONS, glu_ref
 from .routing import Routing, as_routing
 
 __all__ = ["moe", "grouped_mm"]
@@ -139,41 +139,52 @@ class _GLU(torch.autograd.Function):
     """a = act(h[:, :I]) * h[:, I:] for h (S, 2I), keeping only h for the backward, which writes d(h) into one
     (S, 2I) buffer (autograd of the sliced expression keeps act(gate) too, and its two SliceBackward nodes
     allocate, zero and add two more (S, 2I) tensors). silu: torch's fused silu_backward; the other
-    activations: an fp32 chain (one rounding, more passes)."""
+    activations: an fp32 chain (one rounding, more passes). With a swiglu_limit L the gate is min(gate, L)
+    and the up clamp(up, -L, L) (reference.glu_ref), their gradients zero outside the bounds (torch.clamp's)."""
 
     @staticmethod
-    def forward(ctx, h, activation):
+    def forward(ctx, h, activation, limit=None):
         ctx.save_for_backward(h)
-        ctx.activation = activation
+        ctx.activation, ctx.limit = activation, limit
         I = h.shape[1] // 2
-        return ACTIVATIONS[activation](h[:, :I]) * h[:, I:]
+        return glu_ref(h[:, :I], h[:, I:], activation, limit)
 
     @staticmethod
     def backward(ctx, da):
         (h,) = ctx.saved_tensors
         I = h.shape[1] // 2
+        L = ctx.limit
+        g, u = h[:, :I], h[:, I:]
+        if L is not None:
+            g_in, u_in = (g <= L), (u >= -L) & (u <= L)  # torch.clamp's gradient masks (NaN: outside)
+            g, u = g.clamp(max=L), u.clamp(min=-L, max=L)
         if ctx.activation == "silu":
             # eager autograd's own fused kernels, writing straight into the two halves of d(h): 4 passes over
             # (S, I) in h's dtype (silu_backward computes in fp32 inside; d(up) and the gate's incoming
             # gradient are rounded to h's dtype once each, as eager rounds them), where the fp32 chain below
             # moves ~5x the bytes (~15 GB against ~3 GB for Mixtral-8x7B at 4096 tokens, K=2)
-            g, u = h[:, :I], h[:, I:]
-            if torch.compiler.is_compiling():  # dynamo takes no strided out=; the compiler fuses the cat anyway
-                return torch.cat([torch.ops.aten.silu_backward(da * u, g), da * F.silu(g)], dim=1), None
+            if torch.compiler.is_compiling() or L is not None:  # (dynamo takes no strided out=)
+                dg, du = torch.ops.aten.silu_backward(da * u, g), da * F.silu(g)
+                if L is not None:
+                    dg, du = dg.masked_fill(~g_in, 0), du.masked_fill(~u_in, 0)
+                return torch.cat([dg, du], dim=1), None, None
             dh = torch.empty_like(h)
             torch.ops.aten.silu_backward(da * u, g, grad_input=dh[:, :I])
             torch.mul(da, F.silu(g), out=dh[:, I:])
-            return dh, None
+            return dh, None, None
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        g, u, da = h[:, :I].to(acc), h[:, I:].to(acc), da.to(acc)
+        g, u, da = g.to(acc), u.to(acc), da.to(acc)
         act, dact = _act_and_grad(g, ctx.activation)
+        dg, du = da * u * dact, da * act
+        if L is not None:
+            dg, du = dg.masked_fill(~g_in, 0), du.masked_fill(~u_in, 0)
         dh = torch.empty_like(h)
-        dh[:, :I] = da * u * dact
-        dh[:, I:] = da * act
-        return dh, None
+        dh[:, :I] = dg
+        dh[:, I:] = du
+        return dh, None, None
 
 
-def _moe_torch(x, w_gate_up, w_down, routing: Routing, activation: str) -> torch.Tensor:
+def _moe_torch(x, w_gate_up, w_down, routing: Routing, activation: str, swiglu_limit=None) -> torch.Tensor:
     T, H = x.shape
     K = routing.top_k
     I = w_down.shape[2]
@@ -182,7 +193,7 @@ def _moe_torch(x, w_gate_up, w_down, routing: Routing, activation: str) -> torch
     offs = routing.offsets[1:]  # (E,) cumulative row ends
     xs = x.index_select(0, order // K)  # (S, H) gathered tokens
     h = grouped_mm(xs, w_gate_up.transpose(1, 2), offs)  # (S, 2I)
-    a = _GLU.apply(h, activation)  # (S, I)
+    a = _GLU.apply(h, activation, swiglu_limit)  # (S, I)
     o = grouped_mm(a, w_down.transpose(1, 2), offs)  # (S, H)
     w = routing.weights.reshape(-1).index_select(0, order).to(acc)  # (S,)
     o = o.to(acc) * w.unsqueeze(1)
@@ -207,6 +218,7 @@ def moe(
     activation: str = "silu",
     backend: str = "auto",
     recompute: bool | None = None,
+    swiglu_limit: float | None = None,
 ) -> torch.Tensor:
     """SwiGLU mixture of experts.
 
@@ -221,6 +233,9 @@ def moe(
             the (T*K, 2I) gate/up pre-activation for the backward, True recomputes it there instead (less
             memory, +33% backward FLOPs); None: H3MOE_RECOMPUTE=1 means True. The torch backend keeps what
             autograd keeps.
+        swiglu_limit: None, or L > 0: the clamped SwiGLU of DeepSeek-V4, GLM-5 and Hunyuan-V4 (their
+            `swiglu_limit`), act(min(gate, L)) * clamp(up, -L, L) (reference.glu_ref). The cuda backend
+            leaves it to Triton.
     Returns:
         (T, H) in x's dtype (under torch.autocast, fp32 or fp16 x and weights are cast to its dtype first, as for
         torch.nn.functional.linear: the output is then in that dtype); differentiable w.r.t. x, both weight
@@ -228,11 +243,14 @@ def moe(
     """
     T, H, E, I = _validate.experts(x, w_gate_up, w_down)
     _validate.activation(activation)
+    swiglu_limit = _validate.swiglu_limit(swiglu_limit)
     x, w_gate_up, w_down = autocast_inputs(x, w_gate_up, w_down)  # torch.autocast: to its dtype (not fp64)
     if w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
         raise ValueError(f"w_gate_up/w_down: dtypes {w_gate_up.dtype}/{w_down.dtype} differ from x's {x.dtype}")
     be = _backend.resolve(backend, x.device, "moe")
-    if be == "cuda" and backend == "auto" and _backend.auto_requested() and not _cuda_moe_pays(T, E):
+    if be == "cuda" and (swiglu_limit is not None or (
+            backend == "auto" and _backend.auto_requested() and not _cuda_moe_pays(T, E))):
+        # (the cuda kernels have no clamped SwiGLU: Triton runs it, as it does where cuda does not pay)
         be = "triton" if _backend.runs("triton", "moe", x.device) else "torch"
     # a (weights, ids) pair gets its sort metadata from the Triton kernels where the GPU backends run
     sort_be = "triton" if be in ("triton", "cuda") and _backend.runs("triton", "route", x.device) else "torch"
@@ -241,9 +259,9 @@ def moe(
     if be == "triton":
         from . import triton_experts
 
-        return triton_experts.moe(x, w_gate_up, w_down, routing, activation, recompute)
+        return triton_experts.moe(x, w_gate_up, w_down, routing, activation, recompute, swiglu_limit)
     if be == "cuda":
         from . import cuda
 
         return cuda.moe(x, w_gate_up, w_down, routing, activation, recompute)
-    return _moe_torch(x, w_gate_up, w_down, routing, activation)
+    return _moe_torch(x, w_gate_up, w_down, routing, activation, swiglu_limit)

@@ -22,7 +22,7 @@ import torch
 
 from .. import _backend, _validate
 from .._amp import autocast_inputs
-from ..reference import ACTIVATIONS
+from ..reference import glu_ref
 from .combine import combine
 from .routing import Routing, as_routing
 from .triton_experts import _arch  # compute capability as 80, 90, ... (cached); 90 off the GPU
@@ -101,12 +101,12 @@ def dequantize(p: Packed, e: int | None = None, dtype: torch.dtype = torch.float
 # ---------------------------------------------------------------------------------------------------------
 # torch backend: one expert at a time
 
-def _quant_moe_torch(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing, activation: str) -> torch.Tensor:
+def _quant_moe_torch(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing, activation: str,
+                     swiglu_limit: Optional[float] = None) -> torch.Tensor:
     T, H = x.shape
     K = routing.top_k
     I = dn.shape[2]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    act = ACTIVATIONS[activation]
     order = routing.sorted_slots.long()  # (S,)
     w = routing.weights.reshape(-1).to(acc)  # (T*K,)
     out = torch.zeros(T * K, H, dtype=acc, device=x.device)
@@ -122,7 +122,7 @@ def _quant_moe_torch(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing, 
         slots = order[offs[e] : offs[e + 1]]  # (n_e,)
         xs = x.index_select(0, slots // K)  # (n_e, H)
         h = xs @ dequantize(gu, e, x.dtype).t()  # (n_e, 2I)
-        a = act(h[:, :I]) * h[:, I:]
+        a = glu_ref(h[:, :I], h[:, I:], activation, swiglu_limit)
         o = a @ dequantize(dn, e, x.dtype).t()  # (n_e, H)
         out.index_copy_(0, slots, o.to(acc) * w.index_select(0, slots).unsqueeze(1))
     return out.view(T, K, H).sum(dim=1).to(x.dtype)
@@ -228,7 +228,7 @@ def _w4_gate_up_impl(
     x: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
     code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], code: torch.Tensor,
     sorted_slots: torch.Tensor, offsets: torch.Tensor, top_k: int, intermediate: int, blocksize: int,
-    activation: str,
+    activation: str, swiglu_limit: Optional[float] = None,
 ) -> torch.Tensor:
     from ..kernels import quant as kq
 
@@ -245,7 +245,7 @@ def _w4_gate_up_impl(
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
         kq.w4_gate_up_tc_kernel[grid](
             x, *packed(True), sorted_slots, offsets, out, *_w4_blocks(absmax, absmax2), E=E, EP=_pow2(E), H=H, I=I,
-            TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation], BM=cfg["BM"], BN=cfg["BN"],
+            TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation], LIMIT=swiglu_limit or 0.0, BM=cfg["BM"], BN=cfg["BN"],
             LOOKUP=_lookup("tc"), DEPTH=cfg["DEPTH"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return out
@@ -254,7 +254,7 @@ def _w4_gate_up_impl(
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["ROWS"]))
         kq.w4_gate_up_gemv_kernel[grid](
             x, *packed(True), sorted_slots, offsets, out, *_w4_blocks(absmax, absmax2), E=E, EP=_pow2(E), H=H, I=I,
-            TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation], ROWS=cfg["ROWS"],
+            TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation], LIMIT=swiglu_limit or 0.0, ROWS=cfg["ROWS"],
             BN=cfg["BN"], NBLK=cfg["NBLK"], LOOKUP=_lookup("gemv"), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
@@ -263,7 +263,7 @@ def _w4_gate_up_impl(
     grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w4_gate_up_kernel[grid](
         x, *packed(False), sorted_slots, offsets, out, *_w4_blocks(absmax, absmax2), E=E, H=H, I=I,
-        TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation],
+        TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation], LIMIT=swiglu_limit or 0.0,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], DOT_PREC=_dot_prec(x.dtype),
         LOOKUP=_lookup("dot"), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
@@ -276,7 +276,8 @@ _w4_gate_up = torch.library.custom_op("h3moe::quant_w4_gate_up", mutates_args=()
 
 
 @_w4_gate_up.register_fake
-def _(x, q, absmax, absmax2, code2, offset, code, sorted_slots, offsets, top_k, intermediate, blocksize, activation):
+def _(x, q, absmax, absmax2, code2, offset, code, sorted_slots, offsets, top_k, intermediate, blocksize, activation,
+      swiglu_limit=None):
     return x.new_empty(sorted_slots.shape[0], intermediate)
 
 
@@ -342,7 +343,7 @@ def _(a, q, absmax, absmax2, code2, offset, code, sorted_slots, offsets, weights
 
 def _w8_gate_up_impl(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, sorted_slots: torch.Tensor, offsets: torch.Tensor,
-    top_k: int, activation: str,
+    top_k: int, activation: str, swiglu_limit: Optional[float] = None,
 ) -> torch.Tensor:
     from ..kernels import quant as kq
 
@@ -357,7 +358,7 @@ def _w8_gate_up_impl(
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
         kq.w8_gate_up_tc_kernel[grid](
             x, _words(q), scale, sorted_slots, offsets, out, E=E, EP=_pow2(E), H=H, I=I, TOPK=top_k,
-            ACT=kq.ACT_IDS[activation], BM=cfg["BM"], BN=cfg["BN"], SUB=cfg["SUB"], DEPTH=cfg["DEPTH"],
+            ACT=kq.ACT_IDS[activation], LIMIT=swiglu_limit or 0.0, BM=cfg["BM"], BN=cfg["BN"], SUB=cfg["SUB"], DEPTH=cfg["DEPTH"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return out
@@ -365,14 +366,14 @@ def _w8_gate_up_impl(
         cfg = kq.pick_decode_config(T, S, E, 8, 0, H, I, "gate_up")
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["ROWS"]))
         kq.w8_gate_up_gemv_kernel[grid](
-            x, q, scale, sorted_slots, offsets, out, E=E, EP=_pow2(E), H=H, I=I, TOPK=top_k, ACT=kq.ACT_IDS[activation],
+            x, q, scale, sorted_slots, offsets, out, E=E, EP=_pow2(E), H=H, I=I, TOPK=top_k, ACT=kq.ACT_IDS[activation], LIMIT=swiglu_limit or 0.0,
             ROWS=cfg["ROWS"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return out
     cfg = kq.pick_config(S, 8, 0, H, I, x.dtype == torch.float32)
     grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w8_gate_up_kernel[grid](
-        x, q, scale, sorted_slots, offsets, out, E=E, H=H, I=I, TOPK=top_k, ACT=kq.ACT_IDS[activation],
+        x, q, scale, sorted_slots, offsets, out, E=E, H=H, I=I, TOPK=top_k, ACT=kq.ACT_IDS[activation], LIMIT=swiglu_limit or 0.0,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], DOT_PREC=_dot_prec(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -384,7 +385,7 @@ _w8_gate_up = torch.library.custom_op("h3moe::quant_w8_gate_up", mutates_args=()
 
 
 @_w8_gate_up.register_fake
-def _(x, q, scale, sorted_slots, offsets, top_k, activation):
+def _(x, q, scale, sorted_slots, offsets, top_k, activation, swiglu_limit=None):
     return x.new_empty(sorted_slots.shape[0], q.shape[1] // 2)
 
 
@@ -461,7 +462,8 @@ _WARNED: set = set()
 _TENSOR_FIELDS = ("qweight", "absmax", "code", "absmax2", "code2", "offset")
 
 
-def _quant_moe_triton(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing, activation: str) -> torch.Tensor:
+def _quant_moe_triton(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing, activation: str,
+                      swiglu_limit: Optional[float] = None) -> torch.Tensor:
     why = _triton_layout_problem(gu, dn)
     if why:
         raise ValueError(why)
@@ -481,9 +483,9 @@ def _quant_moe_triton(x: torch.Tensor, gu: Packed, dn: Packed, routing: Routing,
     w8_gate_up, w8_down = (_w8_gate_up_impl, _w8_down_impl) if direct else (_w8_gate_up, _w8_down)
     if gu.bits == 4:
         a = w4_gate_up(x, gu.qweight, gu.absmax, gu.absmax2, gu.code2, gu.offset, gu.code, slots, offsets, K, I,
-                       gu.blocksize, activation)
+                       gu.blocksize, activation, swiglu_limit)
     else:
-        a = w8_gate_up(x, gu.qweight, gu.absmax, slots, offsets, K, activation)
+        a = w8_gate_up(x, gu.qweight, gu.absmax, slots, offsets, K, activation, swiglu_limit)
     if dn.bits == 4:  # y (T, H): the down projection and the sum of each token's K slots
         return w4_down(a, dn.qweight, dn.absmax, dn.absmax2, dn.code2, dn.offset, dn.code, slots, offsets, w, H,
                        dn.blocksize)
@@ -498,6 +500,7 @@ def quant_moe(
     *,
     activation: str = "silu",
     backend: str = "auto",
+    swiglu_limit: float | None = None,
 ) -> torch.Tensor:
     """SwiGLU mixture of experts over quantized fused weights.
 
@@ -508,12 +511,15 @@ def quant_moe(
         routing: a Routing or a (weights (T, K), ids (T, K)) pair.
         activation: "silu" (SwiGLU), "gelu", "gelu_tanh" or "relu".
         backend: "auto", "torch" or "triton".
+        swiglu_limit: None, or L > 0: act(min(gate, L)) * clamp(up, -L, L) (h3moe.moe's; a compile-time
+            constant of the Triton kernels: one compile per value).
     Returns:
         (T, H) in x's dtype: equal, within fp16/bf16 rounding, to bitsandbytes' dequantize followed by
         h3moe.reference.experts_ref.
     """
     _validate.tensor("x", x, 2)
     _validate.activation(activation)
+    swiglu_limit = _validate.swiglu_limit(swiglu_limit)
     (x,) = autocast_inputs(x)  # torch.autocast: activations in its dtype (the packed weights stay packed)
     E, two_i, H = gate_up.shape
     if tuple(down.shape) != (E, H, two_i // 2) or x.shape[1] != H:
@@ -529,5 +535,5 @@ def quant_moe(
     _validate.routing(routing.weights, routing.ids, x.shape[0], E)
     if be == "triton":
         with _backend.device_guard(x):  # x's GPU, where it is not the current device (device_map="auto")
-            return _quant_moe_triton(x, gate_up, down, routing, activation)
-    return _quant_moe_torch(x, gate_up, down, routing, activation)
+            return _quant_moe_triton(x, gate_up, down, routing, activation, swiglu_limit)
+    return _quant_moe_torch(x, gate_up, down, routing, activation, swiglu_limit)

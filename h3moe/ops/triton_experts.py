@@ -548,8 +548,9 @@ def _combine_mode() -> str:
     return mode
 
 
-def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool = False):
-    """y (T, H); with save_h, (y, h) where h (S, 2I) holds the gate/up pre-activation per sorted row."""
+def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool = False, limit=None):
+    """y (T, H); with save_h, (y, h) where h (S, 2I) holds the gate/up pre-activation per sorted row.
+    limit: the swiglu_limit (None: plain act(gate) * up)."""
     k = _kernels()
     T, H = x.shape
     E, I = w_down.shape[0], w_down.shape[2]
@@ -570,7 +571,8 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool
         grid = (m * _cdiv(I, cfg.BN),)
         k._gate_up_kernel[grid](
             x, w_gate_up, slots, offsets, a, x, w_down, rw_flat, a, rw_flat, h if save_h else a, H, I, E, m,
-            K=K, ACT=act_id, BWD=False, SAVE_H=save_h, RECOMPUTE=False, NEED_W=False, BM=cfg.BM, BN=cfg.BN,
+            K=K, LIMIT=0.0 if limit is None else limit, ACT=act_id, HAS_LIMIT=limit is not None, BWD=False,
+            SAVE_H=save_h, RECOMPUTE=False, NEED_W=False, BM=cfg.BM, BN=cfg.BN,
             BK=cfg.BK, GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0,
             TMA=_use_tma(cfg, (w_gate_up,), (H,)), PREC=_prec(x.dtype), UPCAST=interp, INTERP=interp,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -605,8 +607,9 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool
     return (y, h) if save_h else y
 
 
-def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_gu, need_down, need_w, h=None):
-    """h: the forward's saved (S, 2I) pre-activation, or None to recompute it."""
+def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_gu, need_down, need_w, h=None,
+         limit=None):
+    """h: the forward's saved (S, 2I) pre-activation, or None to recompute it; limit: the swiglu_limit."""
     k = _kernels()
     T, H = x.shape
     E, I = w_down.shape[0], w_down.shape[2]
@@ -641,7 +644,8 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
         part["dw"] = dwp = torch.empty(S, nb, device=dev, dtype=torch.float32) if need_w else rw_flat
         k._gate_up_kernel[(m * nb,)](
             x, w_gate_up, slots, offsets, a, dy, w_down, rw_flat, dh, dwp, h if saved else dh, H, I, E, m,
-            K=K, ACT=act_id, BWD=True, SAVE_H=False, RECOMPUTE=not saved, NEED_W=need_w, BM=cfg.BM, BN=cfg.BN,
+            K=K, LIMIT=0.0 if limit is None else limit, ACT=act_id, HAS_LIMIT=limit is not None, BWD=True,
+            SAVE_H=False, RECOMPUTE=not saved, NEED_W=need_w, BM=cfg.BM, BN=cfg.BN,
             BK=cfg.BK, GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0,
             TMA=_use_tma(cfg, (w_down, w_gate_up) if not saved else (w_down,), (H, I)), PREC=prec, UPCAST=interp,
             INTERP=interp, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -711,37 +715,39 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
 
 @torch.library.custom_op("h3moe::triton_experts_fwd", mutates_args=(), device_types=("cuda", "cpu"))
 def experts_fwd(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
-                sorted_slots: torch.Tensor, offsets: torch.Tensor, activation: str) -> torch.Tensor:
+                sorted_slots: torch.Tensor, offsets: torch.Tensor, activation: str,
+                swiglu_limit: float | None = None) -> torch.Tensor:
     """Grouped SwiGLU experts (Triton).
 
     Args:
         x: (T, H) fp16/bf16/fp32. w_gate_up: (E, 2I, H), w_down: (E, H, I), x's dtype.
         weights: (T, K) fp32 routing weights. sorted_slots: (T*K,) int32. offsets: (E+1,) int32.
         activation: "silu" | "gelu" | "gelu_tanh" | "relu".
+        swiglu_limit: None, or L > 0: act(min(gate, L)) * clamp(up, -L, L).
     Returns:
         y (T, H) in x's dtype.
     """
     return _fwd(x.contiguous(), w_gate_up.contiguous(), w_down.contiguous(), weights.float().contiguous(),
-                sorted_slots.contiguous(), offsets.contiguous(), activation)
+                sorted_slots.contiguous(), offsets.contiguous(), activation, limit=swiglu_limit)
 
 
 @experts_fwd.register_fake
-def _(x, w_gate_up, w_down, weights, sorted_slots, offsets, activation):
+def _(x, w_gate_up, w_down, weights, sorted_slots, offsets, activation, swiglu_limit=None):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("h3moe::triton_experts_fwd_saved", mutates_args=(), device_types=("cuda", "cpu"))
 def experts_fwd_saved(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
-                      sorted_slots: torch.Tensor, offsets: torch.Tensor, activation: str
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      sorted_slots: torch.Tensor, offsets: torch.Tensor, activation: str,
+                      swiglu_limit: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """triton_experts_fwd for training: also returns h (T*K, 2I), the gate/up pre-activation of each sorted
     row in x's dtype, which the backward reads instead of recomputing the gate/up GEMM."""
     return _fwd(x.contiguous(), w_gate_up.contiguous(), w_down.contiguous(), weights.float().contiguous(),
-                sorted_slots.contiguous(), offsets.contiguous(), activation, save_h=True)
+                sorted_slots.contiguous(), offsets.contiguous(), activation, save_h=True, limit=swiglu_limit)
 
 
 @experts_fwd_saved.register_fake
-def _(x, w_gate_up, w_down, weights, sorted_slots, offsets, activation):
+def _(x, w_gate_up, w_down, weights, sorted_slots, offsets, activation, swiglu_limit=None):
     return x.new_empty(x.shape), x.new_empty(weights.shape[0] * weights.shape[1], 2 * w_down.shape[2])
 
 
@@ -749,19 +755,20 @@ def _(x, w_gate_up, w_down, weights, sorted_slots, offsets, activation):
 def experts_bwd(dy: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                 weights: torch.Tensor, sorted_slots: torch.Tensor, offsets: torch.Tensor, activation: str,
                 need_x: bool, need_gate_up: bool, need_down: bool, need_weights: bool,
-                h: torch.Tensor | None = None
+                h: torch.Tensor | None = None, swiglu_limit: float | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of triton_experts_fwd (h None: the gate/up pre-activation is recomputed) and of
     triton_experts_fwd_saved (h: its saved (T*K, 2I) output). Returns (dx (T, H), d w_gate_up (E, 2I, H),
     d w_down (E, H, I), d weights (T, K) fp32); a gradient not asked for is an empty (0,) tensor."""
     return _bwd(dy.contiguous(), x.contiguous(), w_gate_up.contiguous(), w_down.contiguous(),
                 weights.float().contiguous(), sorted_slots.contiguous(), offsets.contiguous(), activation,
-                need_x, need_gate_up, need_down, need_weights, None if h is None else h.contiguous())
+                need_x, need_gate_up, need_down, need_weights, None if h is None else h.contiguous(),
+                swiglu_limit)
 
 
 @experts_bwd.register_fake
 def _(dy, x, w_gate_up, w_down, weights, sorted_slots, offsets, activation, need_x, need_gate_up, need_down,
-      need_weights, h=None):
+      need_weights, h=None, swiglu_limit=None):
     def like(t, need, dtype=None):
         dtype = dtype or t.dtype
         return t.new_empty(t.shape, dtype=dtype) if need else t.new_empty(0, dtype=dtype)
@@ -771,16 +778,16 @@ def _(dy, x, w_gate_up, w_down, weights, sorted_slots, offsets, activation, need
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_gate_up, w_down, weights, sorted_slots, offsets, activation = inputs
+    x, w_gate_up, w_down, weights, sorted_slots, offsets, activation, *limit = inputs
     ctx.save_for_backward(x, w_gate_up, w_down, weights, sorted_slots, offsets)
-    ctx.activation = activation
+    ctx.activation, ctx.limit = activation, (limit or [None])[0]
 
 
 def _setup_context_saved(ctx, inputs, output):
-    x, w_gate_up, w_down, weights, sorted_slots, offsets, activation = inputs
+    x, w_gate_up, w_down, weights, sorted_slots, offsets, activation, *limit = inputs
     ctx.save_for_backward(x, w_gate_up, w_down, weights, sorted_slots, offsets, output[1])
     ctx.mark_non_differentiable(output[1])
-    ctx.activation = activation
+    ctx.activation, ctx.limit = activation, (limit or [None])[0]
 
 
 def _grads(ctx, dy, saved):
@@ -791,9 +798,9 @@ def _grads(ctx, dy, saved):
     h = saved[6] if len(saved) > 6 else None
     nx, ngu, nd, nw = ctx.needs_input_grad[:4]
     dx, dgu, dd, dw = experts_bwd(dy, x, w_gate_up, w_down, weights, sorted_slots, offsets, ctx.activation,
-                                  nx, ngu, nd, nw, h)
+                                  nx, ngu, nd, nw, h, ctx.limit)
     return (dx if nx else None, dgu if ngu else None, dd if nd else None,
-            dw.to(weights.dtype) if nw else None, None, None, None)
+            dw.to(weights.dtype) if nw else None, None, None, None, None)
 
 
 def _backward(ctx, dy):
@@ -818,8 +825,8 @@ def _recompute_default() -> bool:
 
 
 def moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, routing: Routing,
-        activation: str = "silu", recompute: bool | None = None) -> torch.Tensor:
-    """SwiGLU experts with the Triton kernels. x (T, H), w_gate_up (E, 2I, H), w_down (E, H, I) in one dtype
+        activation: str = "silu", recompute: bool | None = None, swiglu_limit: float | None = None) -> torch.Tensor:
+    """SwiGLU experts with the Triton kernels (swiglu_limit: h3moe.moe's). x (T, H), w_gate_up (E, 2I, H), w_down (E, H, I) in one dtype
     (fp16, bf16 or fp32); routing from h3moe.route. Returns (T, H) in x's dtype, differentiable w.r.t. x,
     both weights and routing.weights.
 
@@ -835,12 +842,12 @@ def moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, routing:
     if 2 * w_down.shape[2] * x.shape[1] >= 2**31:  # offsets inside one expert's weights are int32 in the kernels
         raise NotImplementedError(f"the triton experts kernels take 2*I*H < 2**31 elements per expert; got I="
                                   f"{w_down.shape[2]}, H={x.shape[1]} (use backend='torch')")
-    args = (x, w_gate_up, w_down, routing.weights, routing.sorted_slots, routing.offsets, activation)
+    args = (x, w_gate_up, w_down, routing.weights, routing.sorted_slots, routing.offsets, activation, swiglu_limit)
     with _backend.device_guard(x):  # x's GPU, where it is not the current device (device_map="auto")
         if _backend.eager_direct(x, w_gate_up, w_down, routing.weights):  # inference: skip the dispatcher
             return _fwd(x.contiguous(), w_gate_up.contiguous(), w_down.contiguous(),
                         routing.weights.float().contiguous(), routing.sorted_slots.contiguous(),
-                        routing.offsets.contiguous(), activation)
+                        routing.offsets.contiguous(), activation, limit=swiglu_limit)
         if recompute is None:
             recompute = _recompute_default()
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, routing.weights))

@@ -1,0 +1,147 @@
+"""Every experts class the installed transformers ships with @use_experts_implementation, through h3moe's
+experts forward: where h3moe takes it (experts_plan), its output and gradients equal the class's own eager
+forward; where it does not, it says why and transformers' grouped_mm runs (equal too). The classes are
+found by scanning transformers' modeling files, so a transformers upgrade that adds a family, or changes a
+gate, is checked here without a test edit. Built from each family's own config class, shrunk to tiny
+sizes. Families whose gate h3moe must take (or must refuse) are named below.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import pathlib
+import re
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from h3moe.integrations import transformers as h3tf  # noqa: E402
+
+#: family → must h3moe take its experts (True) or fall back (False), where the installed transformers has it
+EXPECT = {
+    "mixtral": True, "qwen3_moe": True, "deepseek_v3": True, "olmoe": True,
+    "deepseek_v4": True, "glm5_next": True, "hy_v4": True,  # clamped SwiGLU (swiglu_limit)
+    "beam": True,  # SwiGLU in fp32
+    "gpt_oss": False, "minimax_m3_vl": False, "inkling2": False, "nemotron_h": False,
+}
+_SHRINK_EXACT = {"hidden_size": 32, "moe_hidden_size": 32, "num_experts_per_tok": 2, "top_k": 2, "moe_topk": 2}
+_EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "num_routed_experts")
+
+
+def _shrink(cfg):
+    for k, v in list(vars(cfg).items()):
+        if k.startswith("_") or isinstance(v, bool):
+            continue
+        if hasattr(v, "to_dict") and k.endswith("config"):
+            _shrink(v)
+            continue
+        new = _SHRINK_EXACT.get(k.lower())
+        if new is None and ("intermediate_size" in k.lower() or k.lower() in ("moe_ffn_hidden_size", "expert_dim")):
+            new = 16
+        if new is None and k.lower() in _EXPERT_COUNTS:
+            new = 4
+        if new is None:
+            continue
+        if isinstance(v, int) or v is None:
+            setattr(cfg, k, new)
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, int) for x in v):
+            setattr(cfg, k, type(v)([new] * len(v)))
+    return cfg
+
+
+def _experts_classes():
+    root = pathlib.Path(transformers.__file__).parent / "models"
+    found = []
+    for f in sorted(root.glob("*/modeling_*.py")):
+        for name in re.findall(r"@use_experts_implementation[^\n]*\n(?:@[^\n]*\n)*class (\w+)\(", f.read_text()):
+            found.append((f.parent.name, f.stem, name))
+    return found
+
+
+CLASSES = _experts_classes()
+
+
+def _build(family: str, stem: str, name: str):
+    """The experts module with tiny random weights, or None where this sweep cannot build it."""
+    try:
+        mod = importlib.import_module(f"transformers.models.{family}.{stem}")
+        cmod = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
+    except Exception:  # noqa: BLE001 (an optional dependency of that family)
+        return None
+    cls = getattr(mod, name)
+    configs = [getattr(cmod, n) for n in dir(cmod) if n.endswith("Config")]
+    configs = [c for c in configs if isinstance(c, type) and issubclass(c, transformers.PretrainedConfig)
+               and c.__module__ == cmod.__name__]
+    for C in configs:
+        try:
+            cfg = _shrink(C())
+        except Exception:  # noqa: BLE001
+            continue
+        subs = [getattr(cfg, a) for a in ("text_config", "thinker_config") if hasattr(getattr(cfg, a, None), "to_dict")]
+        for c in subs + [cfg]:
+            try:
+                m = cls(c)
+            except Exception:  # noqa: BLE001
+                continue
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            return m
+    return None
+
+
+def _run(m, impl, x, ids, w):
+    m.config._experts_implementation = impl
+    m.zero_grad(set_to_none=True)
+    xs = x.clone().requires_grad_()
+    y = m(xs, ids, w)
+    y.backward(torch.ones_like(y))
+    return y.detach(), xs.grad, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_the_scan_finds_the_families():
+    families = {f for f, _, _ in CLASSES}
+    assert len(families) >= 10 and "mixtral" in families and "qwen3_moe" in families
+
+
+@pytest.mark.parametrize("family,stem,name", CLASSES, ids=[f"{f}.{n}" for f, _, n in CLASSES])
+def test_experts_class_through_h3moe(family, stem, name, caplog):
+    m = _build(family, stem, name)
+    if m is None:
+        assert family not in EXPECT, f"{family}: could not be built, but its coverage is asserted"
+        pytest.skip("this sweep cannot build the module from its config")
+    plan = h3tf.experts_plan(m)
+    if family in EXPECT:
+        assert isinstance(plan, str) != EXPECT[family], f"{family}: {plan}"
+    if not isinstance(plan, str) and plan[2] is not None:  # a clamped SwiGLU: a limit that binds here
+        for attr in ("swiglu_limit", "limit"):
+            if isinstance(getattr(m, attr, None), (int, float)):
+                setattr(m, attr, 0.9)
+        assert h3tf.experts_plan(m)[2] == 0.9
+    E = next(p for p in m.parameters() if p.dim() == 3).shape[0]
+    H = m.gate_up_proj.shape[1 if getattr(m, "is_transposed", False) else 2] if hasattr(m, "gate_up_proj") \
+        else m.down_proj.shape[1]
+    g = torch.Generator().manual_seed(1)
+    T, K = 9, 2
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.softmax(torch.randn(T, K, generator=g), -1)
+    want = _run(m, "eager", x, ids, w)
+    h3tf._LOGGED.clear()
+    with caplog.at_level(logging.WARNING, logger="h3moe"):
+        got = _run(m, "h3moe", x, ids, w)
+    logged = [r.getMessage() for r in caplog.records if r.name == "h3moe"]
+    assert len(logged) == (1 if isinstance(plan, str) else 0), logged
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+    assert got[2].keys() == want[2].keys()
+    for n in want[2]:
+        torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-4, atol=1e-5, msg=lambda s: f"{n}: {s}")
+    if not isinstance(plan, str) and plan[2] is not None:  # the clamp did bind: without it the output differs
+        from h3moe.reference import experts_ref
+
+        W = (m.gate_up_proj.detach(), m.down_proj.detach())
+        assert not torch.allclose(experts_ref(x, *W, w, ids, plan[0]), want[0], rtol=1e-3, atol=1e-3)
