@@ -269,3 +269,20 @@ def test_bad_swiglu_limit(limit):
     x, wgu, wd, logits = _inputs(3, 8, 4, 2, torch.float32)
     with pytest.raises(ValueError, match="swiglu_limit"):
         h3moe.moe(x, wgu, wd, h3moe.route(logits, 1), swiglu_limit=limit)
+
+
+def test_moe_module_swiglu_limit_and_quantized():
+    """h3moe.MoE(swiglu_limit=L) runs the clamped SwiGLU (= moe_ref with L), and keeps it once quantized."""
+    torch.manual_seed(0)
+    m = h3moe.MoE(32, 16, 4, 2, swiglu_limit=0.5)
+    x = torch.randn(7, 32)
+    want, _ = ref.moe_ref(x, m.gate.weight, m.gate_up_proj, m.down_proj, 2, swiglu_limit=0.5)
+    torch.testing.assert_close(m(x), want)
+    assert (want - ref.moe_ref(x, m.gate.weight, m.gate_up_proj, m.down_proj, 2)[0]).abs().max() > 0.05
+    assert "swiglu_limit=0.5" in repr(m)
+    h3moe.quantize(m, "int8")
+    wq, _ = ref.moe_ref(x, m.gate.weight, m.gate_up_proj.dequantize(), m.down_proj.dequantize(), 2,
+                        swiglu_limit=0.5)
+    torch.testing.assert_close(m(x), wq, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="swiglu_limit"):
+        h3moe.MoE(32, 16, 4, 2, swiglu_limit=-1)

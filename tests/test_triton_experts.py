@@ -269,10 +269,11 @@ def test_tma_scratch_allocator():
 
 @needs_triton
 @pytest.mark.interpreter
-def test_saved_backward_epilogue_in_column_halves(monkeypatch):
+@pytest.mark.parametrize("limited", [False, True], ids=["plain", "swiglu_limit"])
+def test_saved_backward_epilogue_in_column_halves(monkeypatch, limited):
     """bwd_act_saved tiles from BN=128 run their epilogue in two column halves (the Hopper default
-    128x128): forced here with a BN=128 config, on an I whose second tile has a partly and a wholly masked
-    half, against the reference."""
+    128x128), in quarters with a swiglu_limit: forced here with a BN=128 config, on an I whose second tile has
+    a partly and a wholly masked half, against the reference."""
     from h3moe.kernels.experts import Config
 
     real = te.config_for
@@ -283,8 +284,10 @@ def test_saved_backward_epilogue_in_column_halves(monkeypatch):
     x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32)
     ids = torch.topk(logits, K, -1).indices
     dy = torch.randn(T, H, device=DEV)
-    outs = _run(te.moe, x, wgu, wd, logits, ids, "silu", dy, torch.float32)
-    ref = _run(_ref, x, wgu, wd, logits, ids, "silu", dy, torch.float64)
+    L = _limit_in_a_gap(x, wgu, ids, 0.4, 1.0) if limited else None
+    outs = _run(lambda *a: te.moe(*a, swiglu_limit=L), x, wgu, wd, logits, ids, "silu", dy, torch.float32)
+    ref = _run(lambda x, wgu, wd, r, act: experts_ref(x, wgu, wd, r.weights, r.ids, act, L), x, wgu, wd, logits,
+               ids, "silu", dy, torch.float64)
     _assert_close(outs, ref, ref, ATOL[torch.float32])
 
 

@@ -297,7 +297,7 @@ class QuantizedMoE(MoE):
         routing = route(logits, self.top_k, renormalize=self.renormalize, backend=self.backend)
         self.router_logits, self.routing = logits, routing
         y = quant_moe(x2, self.gate_up_proj.packed, self.down_proj.packed, routing, activation=self.activation,
-                      backend=self.backend)
+                      backend=self.backend, swiglu_limit=getattr(self, "swiglu_limit", None))
         return y.reshape(shape)
 
     def reset_parameters(self) -> None:  # packed weights are not re-initialized

@@ -247,6 +247,18 @@ def _bwd_saved_cols(acc_d, w, rows64, rmask, offs_n, I, h_ptr, a_ptr, dh_ptr, AC
     return part
 
 
+@triton.jit
+def _bwd_saved_halves(acc_d, w, rows64, rmask, n0, I, h_ptr, a_ptr, dh_ptr, ACT: tl.constexpr, LIMIT,
+                      HAS_LIMIT: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr):
+    """_bwd_saved_cols over the BW columns from n0, in two halves of BW // 2."""
+    d_lo, d_hi = tl.split(tl.permute(tl.reshape(acc_d, (BM, 2, BW // 2)), (0, 2, 1)))
+    part = _bwd_saved_cols(d_lo, w, rows64, rmask, n0 + tl.arange(0, BW // 2), I, h_ptr, a_ptr, dh_ptr, ACT, LIMIT,
+                           HAS_LIMIT)
+    part += _bwd_saved_cols(d_hi, w, rows64, rmask, n0 + BW // 2 + tl.arange(0, BW // 2), I, h_ptr, a_ptr, dh_ptr,
+                            ACT, LIMIT, HAS_LIMIT)
+    return part
+
+
 # Values that change with the batch (T) or the model are not specialized: one compile serves them all.
 @triton.jit(do_not_specialize=["E", "M_SLOTS", "K", "LIMIT"])
 def _gate_up_kernel(
@@ -337,10 +349,16 @@ def _gate_up_kernel(
             # the loaded gate/up chain is live at a time (one 128x128 pass spills hundreds of bytes)
             w = tl.load(rw_ptr + slot, mask=rmask, other=0.0)  # (BM,) fp32
             d_lo, d_hi = tl.split(tl.permute(tl.reshape(acc_d, (BM, 2, BN // 2)), (0, 2, 1)))
-            part = _bwd_saved_cols(d_lo, w, rows64, rmask, pid_n * BN + tl.arange(0, BN // 2),
-                                   I, h_ptr, a_ptr, dh_ptr, ACT, LIMIT, HAS_LIMIT)
-            part += _bwd_saved_cols(d_hi, w, rows64, rmask, pid_n * BN + BN // 2 + tl.arange(0, BN // 2),
-                                    I, h_ptr, a_ptr, dh_ptr, ACT, LIMIT, HAS_LIMIT)
+            if HAS_LIMIT:  # the clamps' masks: in column quarters (halves spilled 112 B at 128x128)
+                part = _bwd_saved_halves(d_lo, w, rows64, rmask, pid_n * BN, I, h_ptr, a_ptr, dh_ptr, ACT, LIMIT,
+                                         HAS_LIMIT, BM, BN // 2)
+                part += _bwd_saved_halves(d_hi, w, rows64, rmask, pid_n * BN + BN // 2, I, h_ptr, a_ptr, dh_ptr,
+                                          ACT, LIMIT, HAS_LIMIT, BM, BN // 2)
+            else:
+                part = _bwd_saved_cols(d_lo, w, rows64, rmask, pid_n * BN + tl.arange(0, BN // 2),
+                                       I, h_ptr, a_ptr, dh_ptr, ACT, LIMIT, HAS_LIMIT)
+                part += _bwd_saved_cols(d_hi, w, rows64, rmask, pid_n * BN + BN // 2 + tl.arange(0, BN // 2),
+                                        I, h_ptr, a_ptr, dh_ptr, ACT, LIMIT, HAS_LIMIT)
             if NEED_W:
                 tl.store(dw_ptr + rows64 * num_pid_n + pid_n, part, mask=rmask)
         elif BWD:
@@ -780,7 +798,7 @@ def _divisible(fn) -> dict:
     return {"divisible": ptrs + AOT_DIVISIBLE[fn.__name__]}
 
 
-def _spec(name: str, fn, sig: dict, const: dict, cfg: Config):
+def _spec(name: str, fn, sig: dict, const: dict, cfg: Config, max_local_bytes: int = 0):
     from .aot import AotSpec
 
     sig = {**sig, **{k: "constexpr" for k in const}}
@@ -788,7 +806,8 @@ def _spec(name: str, fn, sig: dict, const: dict, cfg: Config):
     # BM < 64 (decode tiles) is below wgmma's M: those use mma.sync on sm_90 too, by design.
     return AotSpec(name=name, fn=fn, signature={n: sig[n] for n in fn.arg_names}, constexprs=const,
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, gemm=cfg.BM >= 64,
-                   archs=(90,) if cfg.hopper_only else (80, 90), tma=cfg.TMA, **_divisible(fn))
+                   archs=(90,) if cfg.hopper_only else (80, 90), tma=cfg.TMA, max_local_bytes=max_local_bytes,
+                   **_divisible(fn))
 
 
 def aot_specs() -> list:
@@ -813,8 +832,10 @@ def aot_specs() -> list:
                                  EVEN_K=True, TMA=cfg.TMA, PREC=prec, UPCAST=False, INTERP=False)
                     specs.append(_spec(name, _gate_up_kernel, sig, const, cfg))
                     if dt == "bf16":  # the clamped SwiGLU (swiglu_limit): its epilogue adds the clamps and masks
+                        # (the recompute form, H3MOE_RECOMPUTE=1, keeps its one-pass epilogue: up to 40 B of
+                        # spills at its larger tiles, bounded here; the saved form runs it in column quarters)
                         specs.append(_spec(f"experts_{role}_limit[{dt},{cfg!r}]", _gate_up_kernel, sig,
-                                           {**const, "HAS_LIMIT": True}, cfg))
+                                           {**const, "HAS_LIMIT": True}, cfg, 48 if role == "bwd_act" else 0))
                     if not bwd:  # and as inference runs it (no h stored), with a many-expert schedule (E=128)
                         specs.append(_spec(f"experts_{role}_infer[{dt},{cfg!r}]", _gate_up_kernel, sig,
                                            {**const, "SAVE_H": False, "BLOCK_E": 128}, cfg))

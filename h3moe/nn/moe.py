@@ -31,6 +31,7 @@ class MoE(nn.Module):
         activation: str = "silu",
         backend: str = "auto",
         recompute: bool | None = None,
+        swiglu_limit: float | None = None,
         device=None,
         dtype=None,
     ):
@@ -45,6 +46,7 @@ class MoE(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.renormalize, self.activation, self.backend = renormalize, activation, backend
         self.recompute = recompute  # see h3moe.moe
+        self.swiglu_limit = _validate.swiglu_limit(swiglu_limit)  # clamped SwiGLU (DeepSeek-V4): see h3moe.moe
         kw = {"device": device, "dtype": dtype}
         self.gate = nn.Linear(hidden_size, num_experts, bias=False, **kw)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
@@ -68,9 +70,10 @@ class MoE(nn.Module):
         routing = route(logits, self.top_k, renormalize=self.renormalize, backend=self.backend)
         self.router_logits, self.routing = logits, routing
         y = moe(x2, self.gate_up_proj, self.down_proj, routing, activation=self.activation, backend=self.backend,
-                recompute=self.recompute)
+                recompute=self.recompute, swiglu_limit=self.swiglu_limit)
         return y.reshape(shape)
 
     def extra_repr(self) -> str:
         return (f"H={self.hidden_size}, I={self.intermediate_size}, E={self.num_experts}, K={self.top_k}, "
-                f"activation={self.activation}, backend={self.backend}")
+                f"activation={self.activation}, backend={self.backend}"
+                + (f", swiglu_limit={self.swiglu_limit}" if self.swiglu_limit is not None else ""))
