@@ -714,7 +714,7 @@ from triton.backends.compiler import GPUTarget
 from h3moe.kernels.aot import lane_asm_problem, resource_usage
 from h3moe.kernels.quant import aot_specs
 specs = aot_specs()
-assert len({s.name for s in specs}) == len(specs) == 204
+assert len({s.name for s in specs}) == len(specs) == 212
 def build(prefix, max_shared=2048):
     s = next(s for s in specs if s.name.startswith(prefix))
     attrs = {(s.fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in s.divisible}

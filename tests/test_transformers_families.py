@@ -145,3 +145,56 @@ def test_experts_class_through_h3moe(family, stem, name, caplog):
 
         W = (m.gate_up_proj.detach(), m.down_proj.detach())
         assert not torch.allclose(experts_ref(x, *W, w, ids, plan[0]), want[0], rtol=1e-3, atol=1e-3)
+
+
+def test_deepseek_v4_model_end_to_end():
+    """A tiny DeepSeek-V4 (clamped SwiGLU experts, limit binding) through experts_implementation="h3moe":
+    logits and gradients equal eager, greedy generation token for token, and h3moe.quantize keeps the limit
+    (its generation equals the model with the dequantized experts)."""
+    import copy
+
+    if not hasattr(transformers, "DeepseekV4Config"):
+        pytest.skip("this transformers has no DeepSeek-V4")
+    import h3moe
+    from h3moe.integrations import bitsandbytes as hb
+
+    cfg = transformers.DeepseekV4Config(
+        vocab_size=64, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, q_lora_rank=32, num_experts_per_tok=2, n_routed_experts=8,
+        n_shared_experts=1, max_position_embeddings=128, sliding_window=8, o_groups=2, o_lora_rank=16,
+        index_n_heads=2, index_head_dim=16, index_topk=8, num_nextn_predict_layers=0, swiglu_limit=0.5,
+        qk_rope_head_dim=8, hc_mult=2)
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    eager = transformers.DeepseekV4ForCausalLM(cfg)
+    experts = [m for m in eager.modules() if type(m).__name__ == "DeepseekV4Experts"]
+    with torch.no_grad():
+        for m in experts:
+            m.gate_up_proj.normal_(0, 0.3)
+            m.down_proj.normal_(0, 0.3)
+    fast = copy.deepcopy(eager)
+    fast.set_experts_implementation("h3moe")
+    assert all(h3tf.experts_plan(m)[2] == 0.5 for m in experts)
+    ids = torch.randint(2, 64, (2, 10))
+    outs = []
+    for model in (eager, fast):
+        o = model(ids, labels=ids)
+        model.zero_grad(set_to_none=True)
+        o.loss.backward()
+        outs.append((o.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    for n, g in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][n], g, rtol=1e-4, atol=1e-5, msg=lambda s: f"{n}: {s}")
+    eager.eval(), fast.eval()
+    with torch.no_grad():
+        want = eager.generate(ids[:1], max_new_tokens=6, do_sample=False)
+        assert torch.equal(fast.generate(ids[:1], max_new_tokens=6, do_sample=False), want)
+        h3moe.quantize(fast, "nf4", 32)
+        q = [m for m in fast.modules() if isinstance(m, hb.QuantizedExperts)]
+        assert len(q) == 2 and all(m.swiglu_limit == 0.5 for m in q)
+        for m, qm in zip(experts, q):  # eager with the dequantized weights
+            m.gate_up_proj.copy_(qm.gate_up_proj.dequantize())
+            m.down_proj.copy_(qm.down_proj.dequantize())
+        torch.testing.assert_close(fast(ids).logits, eager(ids).logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(fast.generate(ids[:1], max_new_tokens=6, do_sample=False),
+                           eager.generate(ids[:1], max_new_tokens=6, do_sample=False))
