@@ -138,7 +138,7 @@ def cmd_fuse(a) -> int:
               f"attention={a.attention})", file=sys.stderr)
         model = fuse(a.expert, base=a.base, top_k=a.top_k, router_init=a.router_init, attention=a.attention,
                      names=names, prompts=prompts, tokenizer=tok, dtype=_dtype(a.dtype), seed=a.seed,
-                     progress=True)
+                     progress=True, check_architecture=not a.any_architecture)
         model.save_pretrained(tmp)
         if tok is not None:
             tok.save_pretrained(tmp)
@@ -298,6 +298,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--dtype", default="auto")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--force", action="store_true", help="replace an existing --out")
+    f.add_argument("--any-architecture", action="store_true",
+                   help="fuse a model_type other than llama/mistral (Mixtral may not reproduce its layers)")
 
     t = sub.add_parser("train", help="fine-tune a fused model with the gating loss")
     t.add_argument("--model", required=True)

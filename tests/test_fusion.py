@@ -140,6 +140,28 @@ def test_rejects_bad_arguments(tok, experts):
         fuse([experts[0], biased])
 
 
+def test_architectures_mixtral_does_not_reproduce_are_refused(tok):
+    """Qwen3 (q/k norms) and Gemma (Llama's module names, but (1+w) norms and a scaled embedding) would lose
+    what makes them themselves inside a MixtralForCausalLM: refused, naming why; check_architecture=False
+    fuses them anyway; Mistral is Mixtral's own layer and fuses."""
+    import transformers
+
+    small = dict(vocab_size=len(tok), hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=H // 4, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**small)).eval()
+    with pytest.raises(FusionError, match="q_norm"):
+        fuse([qwen3, qwen3], top_k=1)
+    gemma = transformers.GemmaForCausalLM(transformers.GemmaConfig(**small)).eval()
+    with pytest.raises(FusionError, match="model_type='gemma'"):
+        fuse([gemma, gemma], top_k=1)
+    assert fuse([gemma, gemma], top_k=1, check_architecture=False).config.num_local_experts == 2
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(**small, sliding_window=None)).eval()
+    ids = torch.randint(3, len(tok), (1, 9))
+    fused = fuse([mistral, mistral], top_k=2)  # two copies, uniform router: the FFN is the model's own
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, mistral(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_router_init_hidden_separates_tasks(tok):
     dense = tiny.tiny_llama(tokenizer=tok, hidden_size=H, intermediate_size=I, seed=3)
     prompts = [[r["prompt"] for r in tiny.make_records(t, 8, seed=1)] for t in tiny.TASKS]

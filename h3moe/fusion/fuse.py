@@ -88,6 +88,28 @@ def load_dense(model, *, base=None, dtype=None, what: str = "model"):
     return model
 
 
+#: model types whose decoder layer computes exactly what Mixtral's does around its FFN (RMSNorm w·x̂, rotary
+#: attention without q/k norms, no embedding scale, no softcaps or multipliers). Gemma, Qwen3, OLMo-2,
+#: Granite, Cohere... share Llama's module names but not its computation: fused into Mixtral they would lose
+#: it silently.
+MIXTRAL_LIKE = ("llama", "mistral")
+#: a Mixtral-like decoder layer's parameters (outside the FFN, which becomes the experts)
+_LAYER_PARAMS = {f"self_attn.{p}_proj.weight" for p in "qkvo"} | {f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")} \
+    | {"input_layernorm.weight", "post_attention_layernorm.weight"}
+
+
+def _check_architecture(model, layers, what: str) -> None:
+    mt = getattr(model.config, "model_type", None)
+    extra = sorted(n for n, _ in layers[0].named_parameters() if n not in _LAYER_PARAMS)
+    if extra:
+        raise FusionError(f"{what}: model_type={mt!r} decoder layers hold parameters a Mixtral layer lacks "
+                          f"({', '.join(extra)}): the fused model would drop them")
+    if mt not in MIXTRAL_LIKE:
+        raise FusionError(f"{what}: model_type={mt!r} is not one whose layers compute as Mixtral's "
+                          f"({', '.join(MIXTRAL_LIKE)}); the fused MixtralForCausalLM would not reproduce it. "
+                          "check_architecture=False (CLI: --any-architecture) fuses it anyway")
+
+
 def _layers(model, what: str):
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
@@ -203,6 +225,7 @@ def fuse(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     progress: bool = False,
+    check_architecture: bool = True,
 ):
     """Fuse N dense Llama-family causal LMs into a `MixtralForCausalLM` with N experts.
 
@@ -221,6 +244,9 @@ def fuse(
         dtype: dtype of the result; default the base's.
         seed: for router_init="random".
         progress: show a progress bar over the layers (tqdm).
+        check_architecture: refuse models whose layers Mixtral's do not reproduce: a model_type outside
+            MIXTRAL_LIKE (llama, mistral), or layer parameters Mixtral lacks (Qwen3's q/k norms, Gemma-2's
+            extra norms). False fuses them anyway (what is not Mixtral's is dropped or computed as Mixtral does).
     Returns:
         transformers.MixtralForCausalLM (eval mode, on the base's device).
     """
@@ -249,7 +275,9 @@ def fuse(
     src = base_model if base_model is not None else models[0]
     all_models, all_names = [src] + models, ["base" if base_model is not None else names[0]] + names
     for m, n in zip(all_models, all_names):
-        _layers(m, n)
+        layers = _layers(m, n)
+        if check_architecture:
+            _check_architecture(m, layers, n)
     _check_same(all_models, all_names)
 
     cfg = src.config
