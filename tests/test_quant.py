@@ -5,6 +5,7 @@ with bitsandbytes linears, save / load, and one compile-tier check.
 The reference everywhere: dequantize (ours, proven equal to bitsandbytes' dequantize_4bit /
 int8_vectorwise_dequant below) followed by h3moe.reference.experts_ref.
 """
+import json
 import os
 import subprocess
 import sys
@@ -976,6 +977,30 @@ def test_quantize_keeps_a_clamped_swiglu(quant_type, tmp_path):
     assert fresh.experts.swiglu_limit == 0.8
     with torch.no_grad():
         torch.testing.assert_close(fresh.experts(x, r.ids, r.weights), holder.experts(x, r.ids, r.weights))
+    # a file saved before the limit was kept (no swiglu_limit in its metadata): the module it replaces says
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tmp_path / "q.safetensors"), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["h3moe_quant"])
+    del meta["experts"]["swiglu_limit"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"h3moe_quant": json.dumps(meta)})
+    old = torch.nn.Module()
+    old.experts = _own_gate_experts("deepseek_v4", "DeepseekV4Experts", 0.8)
+    hb.load_quantized(old, str(tmp_path / "old.safetensors"))
+    assert old.experts.swiglu_limit == 0.8
+
+
+def test_quantize_skips_a_clamped_gate_with_an_activation_it_lacks():
+    """DeepSeek-V4's gate over an act_fn h3moe has no kernel for (relu2): not taken for silu."""
+    m = _own_gate_experts("deepseek_v4", "DeepseekV4Experts", 0.8)
+    from transformers.activations import ACT2FN
+
+    m.act_fn = ACT2FN["relu2"]
+    holder = torch.nn.Module()
+    holder.experts = m
+    h3moe.quantize(holder, "nf4", 32)
+    assert holder.experts is m
 
 
 def test_quantize_skips_a_gate_it_does_not_compute(caplog):

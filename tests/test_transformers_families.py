@@ -198,3 +198,64 @@ def test_deepseek_v4_model_end_to_end():
         torch.testing.assert_close(fast(ids).logits, eager(ids).logits, rtol=1e-4, atol=1e-4)
         assert torch.equal(fast.generate(ids[:1], max_new_tokens=6, do_sample=False),
                            eager.generate(ids[:1], max_new_tokens=6, do_sample=False))
+
+
+def test_own_gate_probe_takes_only_what_h3moe_computes():
+    """The probe of an own _apply_gate: DeepSeek-V4's clamped gate over an act_fn h3moe lacks (relu2,
+    quick_gelu) is not taken for silu; the probe ignores torch's default device and dtype."""
+    import types
+
+    from transformers.activations import ACT2FN
+
+    if not hasattr(transformers, "DeepseekV4Config"):
+        pytest.skip("this transformers has no DeepSeek-V4")
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Experts
+
+    from h3moe.integrations import _gate
+
+    cfg = types.SimpleNamespace(num_local_experts=3, hidden_size=16, intermediate_size=8, hidden_act="silu",
+                                swiglu_limit=0.8, _experts_implementation="eager")
+    m = DeepseekV4Experts(cfg)
+    with torch.no_grad():
+        m.gate_up_proj.normal_(0, 0.3), m.down_proj.normal_(0, 0.3)
+    assert h3tf.experts_plan(m) == ("silu", False, 0.8)
+    for act in ("relu2", "quick_gelu"):
+        m.act_fn = ACT2FN[act]
+        assert isinstance(h3tf.experts_plan(m), str), act
+    _gate._FORMS.clear()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert _gate._probe().dtype == torch.float32
+        m.act_fn = ACT2FN["silu"]
+        assert h3tf.experts_plan(m) == ("silu", False, 0.8)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_own_gate_under_torch_compile_before_any_eager_call():
+    """Compiled (fullgraph) before any eager call, DeepSeek-V4's experts cannot be probed: transformers' path
+    runs, equal to eager, without breaking the graph; after an eager call the compiled h3moe path runs."""
+    if not hasattr(transformers, "DeepseekV4Config"):
+        pytest.skip("this transformers has no DeepSeek-V4")
+    import types
+
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Experts
+
+    from h3moe.integrations import _gate
+
+    cfg = types.SimpleNamespace(num_local_experts=3, hidden_size=16, intermediate_size=8, hidden_act="silu",
+                                swiglu_limit=0.8, _experts_implementation="eager")
+    m = DeepseekV4Experts(cfg)
+    with torch.no_grad():
+        m.gate_up_proj.normal_(0, 0.3), m.down_proj.normal_(0, 0.3)
+    x, ids, w = torch.randn(5, 16), torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2], [1, 0]]), torch.rand(5, 2)
+    want = m(x, ids, w)
+    m.config._experts_implementation = "h3moe"
+    _gate._FORMS.clear()
+    for _ in range(2):  # unprobed, then probed by the eager call in between
+        torch._dynamo.reset()
+        got = torch.compile(m, fullgraph=True, backend="eager")(x, ids, w)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m(x, ids, w), want, rtol=1e-5, atol=1e-6)
+    assert _gate._FORMS  # the eager call probed it
+    torch._dynamo.reset()

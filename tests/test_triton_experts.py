@@ -1092,3 +1092,30 @@ def test_swiglu_limit_forward_and_grads(dtype, act, recompute, monkeypatch):
     _assert_close(outs, eager, ref, ATOL[dtype])
     unclamped = _run(_ref, x, wgu, wd, logits, ids, act, dy, torch.float64)
     assert (unclamped[0] - ref[0]).abs().max() > 0.05
+
+
+@needs_triton
+@pytest.mark.interpreter
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+def test_swiglu_limit_is_rounded_as_eager_clamps(recompute):
+    """bf16 with a limit bf16 cannot hold (6.9 -> 6.90625): eager's torch.clamp compares in bf16, so a gate
+    pre-activation of exactly bf16(6.9) is inside the bound and passes its gradient; the kernels agree."""
+    T, H, I, E, L = 16, 16, 8, 1, 6.9
+    x = torch.eye(T, device=DEV, dtype=torch.bfloat16)
+    wgu = torch.zeros(E, 2 * I, H, device=DEV)
+    wgu[0, :I], wgu[0, I:] = 6.90625, 0.5  # every gate = bf16(6.9) > fp32(6.9)
+    wd = torch.randn(E, H, I, device=DEV) * 0.3
+    wgu, wd = wgu.bfloat16(), wd.bfloat16()
+    w, ids = torch.ones(T, 1, device=DEV), torch.zeros(T, 1, dtype=torch.long, device=DEV)
+    dy = torch.randn(T, H, device=DEV).bfloat16()
+    out = []
+    for fn in (lambda a, b: experts_ref(x, a, b, w, ids, "silu", L),
+               lambda a, b: h3moe.moe(x, a, b, (w, ids), backend="triton", swiglu_limit=L, recompute=recompute)):
+        a, b = wgu.clone().requires_grad_(), wd.clone().requires_grad_()
+        y = fn(a, b)
+        y.backward(dy)
+        out.append((y.float(), a.grad.float()))
+    (ye, ge), (yk, gk) = out
+    assert ge[0, :I].abs().sum() > 0  # eager passes the gate's gradient at the bound
+    torch.testing.assert_close(gk, ge, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(yk, ye, rtol=2e-2, atol=2e-2)

@@ -63,13 +63,18 @@ def _probe() -> torch.Tensor:
     """(16, 2*40) fp32 gate/up rows: a grid over ±4 limits with the bounds themselves, random values, and
     large ones (softcaps and other saturating forms show there)."""
     L = _PROBE_LIMIT
+    kw = dict(device="cpu", dtype=torch.float32)  # whatever torch.set_default_device/dtype say
     g = torch.Generator().manual_seed(0)
-    grid = torch.linspace(-4 * L, 4 * L, 40)
-    edges = torch.tensor([L, -L, 0.0, L * (1 + 1e-3), -L * (1 + 1e-3), 30.0, -30.0, 80.0])
-    gate = torch.cat([grid.expand(8, 40), torch.randn(8, 40, generator=g) * 2 * L])
-    up = torch.cat([grid.flip(0).expand(8, 40), torch.randn(8, 40, generator=g) * 2 * L])
+    grid = torch.linspace(-4 * L, 4 * L, 40, **kw)
+    edges = torch.tensor([L, -L, 0.0, L * (1 + 1e-3), -L * (1 + 1e-3), 30.0, -30.0, 80.0], **kw)
+    gate = torch.cat([grid.expand(8, 40), torch.randn(8, 40, generator=g, **kw) * 2 * L])
+    up = torch.cat([grid.flip(0).expand(8, 40), torch.randn(8, 40, generator=g, **kw) * 2 * L])
     gate[0, :8], up[1, :8], gate[2, :8], up[2, :8] = edges, edges, edges, edges.flip(0)
     return torch.cat([gate, up], dim=1)
+
+
+def _matches_nothing(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, 12345.0)
 
 
 def _own_form(cls: type, act: str | None) -> tuple[str, bool] | None:
@@ -82,7 +87,11 @@ def _own_form(cls: type, act: str | None) -> tuple[str, bool] | None:
     I = h.shape[1] // 2
     found = None
     for name in dict.fromkeys(n for n in (act, "silu") if n):
-        fake = types.SimpleNamespace(act_fn=ACTIVATIONS[name], limit=_PROBE_LIMIT, swiglu_limit=_PROBE_LIMIT)
+        # the instance's own activation stands in for its act_fn; the other candidate (silu, for gates that
+        # call F.silu themselves: GLM-5-Next, Hunyuan-V4) gets an act_fn that matches nothing, so a gate that
+        # calls self.act_fn with an activation h3moe lacks (relu2, quick_gelu, ...) is not taken for silu
+        act_fn = ACTIVATIONS[name] if name == act else _matches_nothing
+        fake = types.SimpleNamespace(act_fn=act_fn, limit=_PROBE_LIMIT, swiglu_limit=_PROBE_LIMIT)
         try:
             with torch.no_grad():
                 got = cls._apply_gate(fake, h.clone())

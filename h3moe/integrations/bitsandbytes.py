@@ -616,8 +616,16 @@ def load_quantized(model: nn.Module, path: str, *, backend: str = "auto", strict
         elif d["kind"] == "list":
             _set_child(model, mpath, QuantizedExpertList(qws[0], qws[1], d["activation"], backend))
         else:
-            _set_child(model, mpath, QuantizedExperts(qws[0], qws[1], d["activation"], backend,
-                                                      d.get("swiglu_limit")))
+            limit = d.get("swiglu_limit")
+            if "swiglu_limit" not in d and _is_fused_experts(m):
+                # a file saved before h3moe kept the clamped SwiGLU: the module it replaces says whether its
+                # gate clamps (that file's experts were quantized as they are: only the gate was dropped)
+                form = _fused_experts_supported(m)
+                if isinstance(form, str):
+                    raise ValueError(f"load_quantized: {mpath or type(m).__name__} computes a gate h3moe does not "
+                                     f"({form}); this file was quantized without it")
+                limit = form[1]
+            _set_child(model, mpath, QuantizedExperts(qws[0], qws[1], d["activation"], backend, limit))
     load_model(model, path, strict=strict)
     model.h3moe_quant_meta = meta
     return model

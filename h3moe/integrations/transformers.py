@@ -99,7 +99,7 @@ def _fallback(self, hidden_states, top_k_index, top_k_weights, why: str):
 
     _routers.clear_routing()
     key = f"{type(self).__name__}: {why}"
-    if key not in _LOGGED:
+    if key not in _LOGGED and not torch.compiler.is_compiling():  # (logging breaks a fullgraph trace)
         _LOGGED.add(key)
         logger.warning("h3moe: %s is not covered by h3moe.moe (%s); using transformers' grouped_mm", *key.split(": ", 1))
     return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)

@@ -534,6 +534,8 @@ def quant_moe(
     routing = as_routing(routing, E, "triton" if be == "triton" else "torch")
     _validate.routing(routing.weights, routing.ids, x.shape[0], E)
     if be == "triton":
+        from .triton_experts import _limit_in
+
         with _backend.device_guard(x):  # x's GPU, where it is not the current device (device_map="auto")
-            return _quant_moe_triton(x, gate_up, down, routing, activation, swiglu_limit)
+            return _quant_moe_triton(x, gate_up, down, routing, activation, _limit_in(swiglu_limit, x.dtype))
     return _quant_moe_torch(x, gate_up, down, routing, activation, swiglu_limit)

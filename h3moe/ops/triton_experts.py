@@ -71,7 +71,7 @@ from pathlib import Path
 
 import torch
 
-from .. import _backend
+from .. import _backend, _validate
 from ..reference import ACTIVATIONS
 from .combine import combine
 from .routing import Routing
@@ -824,6 +824,16 @@ def _recompute_default() -> bool:
     return os.environ.get("H3MOE_RECOMPUTE", "0") == "1"
 
 
+def _limit_in(limit, dtype: torch.dtype) -> float | None:
+    """The validated swiglu_limit rounded to the activations' dtype: eager's torch.clamp(h, max=L) on bf16/fp16
+    h clamps at (and passes the gradient up to) L in h's dtype, so the kernels compare against that value."""
+    limit = _validate.swiglu_limit(limit)
+    return None if limit is None else float(torch.tensor(limit, dtype=dtype))
+
+
+_limit_in._dynamo_marked_constant = True  # (torch.compile: evaluated at trace time, a constant of the graph)
+
+
 def moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, routing: Routing,
         activation: str = "silu", recompute: bool | None = None, swiglu_limit: float | None = None) -> torch.Tensor:
     """SwiGLU experts with the Triton kernels (swiglu_limit: h3moe.moe's). x (T, H), w_gate_up (E, 2I, H), w_down (E, H, I) in one dtype
@@ -836,6 +846,7 @@ def moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, routing:
     bf16 for Mixtral-8x7B at 4096 tokens) for 4*T*K*H*I more FLOPs (+33% on the backward)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    swiglu_limit = _limit_in(swiglu_limit, x.dtype)
     _check(x, w_gate_up, w_down)
     if w_down.shape[0] > 4096:
         raise NotImplementedError(f"the triton experts kernels take E <= 4096 experts; got {w_down.shape[0]}")
