@@ -309,3 +309,30 @@ def test_experts_forward_gpu_bf16(T, E, K, H, I, wdtype):
     assert (y.float() - y_r).abs().max() <= 2 * (y_e.float() - y_r).abs().max() + 1e-3
     for a, b, r in zip(g, g_e, g_r):
         assert (a.float() - r).abs().max() <= 2 * (b.float() - r).abs().max() + 1e-3 * (r.abs().max() + 1e-6)
+
+
+def test_peft_lora_on_expert_parameters(monkeypatch):
+    """PEFT's LoRA on the fused expert tensors (target_parameters: W + BA through a parametrization, how
+    MoE experts are LoRA-tuned) runs through h3moe's experts: logits and the LoRA gradients equal eager's."""
+    peft = pytest.importorskip("peft")
+    eager = make_model("mixtral")
+    cfg = peft.LoraConfig(r=4, target_modules=[], init_lora_weights=False,
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    eager = peft.get_peft_model(eager, cfg)
+    fast = copy.deepcopy(eager)
+    fast.base_model.model.set_experts_implementation("h3moe")
+    calls = []
+    real = h3tf.moe
+    monkeypatch.setattr(h3tf, "moe", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(2, 64, (2, 8))
+    out = []
+    for model in (eager, fast):
+        o = model(input_ids=ids, labels=ids)
+        model.zero_grad(set_to_none=True)
+        o.loss.backward()
+        out.append((o.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert len(calls) == 2  # both layers ran h3moe (not the fallback)
+    assert out[0][1] and all("lora_" in n for n in out[0][1])  # only the adapters train
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=2e-5)
+    for n, g in out[0][1].items():
+        torch.testing.assert_close(out[1][1][n], g, rtol=1e-4, atol=1e-6, msg=lambda s: f"{n}: {s}")
