@@ -232,9 +232,9 @@ def test_own_gate_probe_takes_only_what_h3moe_computes():
         torch.set_default_dtype(torch.float32)
 
 
-def test_own_gate_under_torch_compile_before_any_eager_call():
-    """Compiled (fullgraph) before any eager call, DeepSeek-V4's experts cannot be probed: transformers' path
-    runs, equal to eager, without breaking the graph; after an eager call the compiled h3moe path runs."""
+def test_own_gate_under_torch_compile_before_any_eager_call(monkeypatch):
+    """Compiled (fullgraph) before any eager call, DeepSeek-V4's experts are probed at trace time (a constant
+    of the graph): the compiled h3moe path runs with the limit, equal to eager."""
     if not hasattr(transformers, "DeepseekV4Config"):
         pytest.skip("this transformers has no DeepSeek-V4")
     import types
@@ -252,10 +252,13 @@ def test_own_gate_under_torch_compile_before_any_eager_call():
     want = m(x, ids, w)
     m.config._experts_implementation = "h3moe"
     _gate._FORMS.clear()
-    for _ in range(2):  # unprobed, then probed by the eager call in between
-        torch._dynamo.reset()
-        got = torch.compile(m, fullgraph=True, backend="eager")(x, ids, w)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(m(x, ids, w), want, rtol=1e-5, atol=1e-6)
-    assert _gate._FORMS  # the eager call probed it
+    seen = []
+    real = h3tf.moe
+    monkeypatch.setattr(h3tf, "moe", lambda *a, **k: seen.append(k["swiglu_limit"]) or real(*a, **k))
     torch._dynamo.reset()
+    try:
+        got = torch.compile(m, fullgraph=True, backend="eager")(x, ids, w)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert seen == [0.8] and _gate._FORMS  # traced through h3moe, probed once

@@ -81,8 +81,6 @@ def _own_form(cls: type, act: str | None) -> tuple[str, bool] | None:
     key = (cls, act)
     if key in _FORMS:
         return _FORMS[key]
-    if torch.compiler.is_compiling():  # (probed at the first eager call; under a first compile: not taken)
-        return None
     h = _probe()
     I = h.shape[1] // 2
     found = None
@@ -108,6 +106,11 @@ def _own_form(cls: type, act: str | None) -> tuple[str, bool] | None:
             break
     _FORMS[key] = found
     return found
+
+
+# torch.compile evaluates the probe at trace time, eagerly, and keeps its answer as a constant of the graph (what
+# torch.compiler.assume_constant_result sets): a model compiled before any eager call takes h3moe too.
+_own_form._dynamo_marked_constant = True
 
 
 def _limit_of(m) -> float | None:

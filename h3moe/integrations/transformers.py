@@ -9,7 +9,8 @@ Two levels:
    `@use_experts_implementation`. The forward honors the decorator's flags: the standard layout (concatenated
    [gate; up] rows, no bias, a gate, act_fn in silu/gelu/gelu_tanh/relu) runs h3moe, and so does a class's
    own `_apply_gate` where it computes one of h3moe's forms: the clamped SwiGLU of DeepSeek-V4, GLM-5-Next and
-   Hunyuan-V4 (swiglu_limit), SwiGLU in fp32 (Beam); recognised by a one-time probe (h3moe/integrations/_gate.py).
+   Hunyuan-V4 (swiglu_limit), SwiGLU in fp32 (Beam); recognised by a one-time probe (h3moe/integrations/_gate.py;
+   under torch.compile it runs at trace time).
    Transposed weights are viewed back as (E, 2I, H)/(E, H, I) and run on the torch backend under "auto"
    (the GPU kernels would copy every expert at every call). Any other variant (gpt-oss: transposed +
    interleaved + biases + alpha SwiGLU; MiniMax-M3's and Inkling-2's gates; no gate; post-expert norm;
