@@ -200,24 +200,30 @@ def test_deepseek_v4_model_end_to_end():
                            eager.generate(ids[:1], max_new_tokens=6, do_sample=False))
 
 
-def test_own_gate_probe_takes_only_what_h3moe_computes():
-    """The probe of an own _apply_gate: DeepSeek-V4's clamped gate over an act_fn h3moe lacks (relu2,
-    quick_gelu) is not taken for silu; the probe ignores torch's default device and dtype."""
+def _tiny_v4_experts(limit: float = 0.8):
+    """DeepSeek-V4's experts module (clamped SwiGLU), E=3, H=16, I=8, random weights; skip without it."""
     import types
-
-    from transformers.activations import ACT2FN
 
     if not hasattr(transformers, "DeepseekV4Config"):
         pytest.skip("this transformers has no DeepSeek-V4")
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Experts
 
-    from h3moe.integrations import _gate
-
     cfg = types.SimpleNamespace(num_local_experts=3, hidden_size=16, intermediate_size=8, hidden_act="silu",
-                                swiglu_limit=0.8, _experts_implementation="eager")
+                                swiglu_limit=limit, _experts_implementation="eager")
     m = DeepseekV4Experts(cfg)
     with torch.no_grad():
         m.gate_up_proj.normal_(0, 0.3), m.down_proj.normal_(0, 0.3)
+    return m
+
+
+def test_own_gate_probe_takes_only_what_h3moe_computes():
+    """The probe of an own _apply_gate: DeepSeek-V4's clamped gate over an act_fn h3moe lacks (relu2,
+    quick_gelu) is not taken for silu; the probe ignores torch's default device and dtype."""
+    from transformers.activations import ACT2FN
+
+    from h3moe.integrations import _gate
+
+    m = _tiny_v4_experts()
     assert h3tf.experts_plan(m) == ("silu", False, 0.8)
     for act in ("relu2", "quick_gelu"):
         m.act_fn = ACT2FN[act]
@@ -235,19 +241,9 @@ def test_own_gate_probe_takes_only_what_h3moe_computes():
 def test_own_gate_under_torch_compile_before_any_eager_call(monkeypatch):
     """Compiled (fullgraph) before any eager call, DeepSeek-V4's experts are probed at trace time (a constant
     of the graph): the compiled h3moe path runs with the limit, equal to eager."""
-    if not hasattr(transformers, "DeepseekV4Config"):
-        pytest.skip("this transformers has no DeepSeek-V4")
-    import types
-
-    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Experts
-
     from h3moe.integrations import _gate
 
-    cfg = types.SimpleNamespace(num_local_experts=3, hidden_size=16, intermediate_size=8, hidden_act="silu",
-                                swiglu_limit=0.8, _experts_implementation="eager")
-    m = DeepseekV4Experts(cfg)
-    with torch.no_grad():
-        m.gate_up_proj.normal_(0, 0.3), m.down_proj.normal_(0, 0.3)
+    m = _tiny_v4_experts()
     x, ids, w = torch.randn(5, 16), torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2], [1, 0]]), torch.rand(5, 2)
     want = m(x, ids, w)
     m.config._experts_implementation = "h3moe"
