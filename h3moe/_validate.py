@@ -34,16 +34,16 @@ def swiglu_limit(limit) -> float | None:
     return float(limit)
 
 
-def experts(x, w_gate_up, w_down) -> tuple[int, int, int, int]:
-    """Check x (T, H), w_gate_up (E, 2I, H), w_down (E, H, I); return (T, H, E, I)."""
+def experts(x, w_gate_up, w_down, gated: bool = True) -> tuple[int, int, int, int]:
+    """Check x (T, H), w_gate_up (E, 2I, H) (ungated: w_up (E, I, H)), w_down (E, H, I); return (T, H, E, I)."""
     tensor("x", x, 2)
     tensor("w_gate_up", w_gate_up, 3)
     tensor("w_down", w_down, 3)
     T, H = x.shape
     E, two_i, h2 = w_gate_up.shape
-    if two_i % 2:
+    if gated and two_i % 2:
         raise ValueError(f"w_gate_up: expected (E, 2I, H) with an even second dim, got {tuple(w_gate_up.shape)}")
-    I = two_i // 2
+    I = two_i // 2 if gated else two_i
     if h2 != H:
         raise ValueError(f"w_gate_up: hidden size {h2} does not match x's H={H}")
     if w_down.shape[0] != E:

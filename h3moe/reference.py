@@ -34,12 +34,18 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-#: Activations every backend supports on the gate half (SwiGLU when "silu").
+def _relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+#: Activations every backend supports on the gate half (SwiGLU when "silu"); relu2 (squared ReLU) is
+#: Nemotron-H's, on ungated experts (gated=False).
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": _gelu_tanh,
     "relu": F.relu,
+    "relu2": _relu2,
 }
 
 
@@ -80,17 +86,20 @@ def experts_ref(
     ids: torch.Tensor,
     activation: str = "silu",
     swiglu_limit: float | None = None,
+    gated: bool = True,
 ) -> torch.Tensor:
-    """SwiGLU experts: per (token, slot) `weight * down(act(gate) * up)`, summed over the K slots.
+    """SwiGLU experts: per (token, slot) `weight * down(act(gate) * up)`, summed over the K slots; ungated
+    (gated=False, Nemotron-H): `weight * down(act(up))`.
 
     Args:
         x: (T, H) tokens.
-        w_gate_up: (E, 2I, H) gate rows first, then up rows.
+        w_gate_up: (E, 2I, H) gate rows first, then up rows; ungated: (E, I, H), the up rows alone.
         w_down: (E, H, I).
         weights: (T, K) routing weights.
         ids: (T, K) expert index per slot.
         activation: key of ACTIVATIONS, applied to the gate half.
-        swiglu_limit: None, or L > 0 for the clamped form (glu_ref).
+        swiglu_limit: None, or L > 0 for the clamped form (glu_ref; gated only).
+        gated: False for experts without a gate projection.
     Returns:
         (T, H) in x's dtype; the K slots are summed in fp32 (float64 for float64 inputs).
     """
@@ -101,9 +110,11 @@ def experts_ref(
     y = torch.zeros(T, H, dtype=acc_dtype, device=x.device)
     for k in range(K):
         e = ids[:, k]  # (T,)
-        h = torch.einsum("th,tnh->tn", x, w_gate_up[e])  # (T, 2I)
-        gate, up = h[:, :I], h[:, I:]
-        a = glu_ref(gate, up, activation, swiglu_limit)  # (T, I)
+        h = torch.einsum("th,tnh->tn", x, w_gate_up[e])  # (T, 2I), ungated (T, I)
+        if gated:
+            a = glu_ref(h[:, :I], h[:, I:], activation, swiglu_limit)  # (T, I)
+        else:
+            a = ACTIVATIONS[activation](h)
         o = torch.einsum("ti,thi->th", a, w_down[e])  # (T, H)
         y = y + weights[:, k, None].to(acc_dtype) * o.to(acc_dtype)
     return y.to(x.dtype)
@@ -118,11 +129,12 @@ def moe_ref(
     renormalize: bool = True,
     activation: str = "silu",
     swiglu_limit: float | None = None,
+    gated: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole MoE layer: router (E, H) linear, route_ref, experts_ref. Returns (y (T, H), logits (T, E))."""
     logits = x @ router_weight.t()
     weights, ids = route_ref(logits, top_k, renormalize)
-    return experts_ref(x, w_gate_up, w_down, weights, ids, activation, swiglu_limit), logits
+    return experts_ref(x, w_gate_up, w_down, weights, ids, activation, swiglu_limit, gated), logits
 
 
 def _layers(router_logits) -> list[torch.Tensor]:

@@ -229,8 +229,8 @@ def test_triton_entry_points_enter_the_device_guard(monkeypatch):
 
 
 def test_swiglu_limit_leaves_cuda_for_triton(monkeypatch):
-    """The cuda experts kernels have no clamped SwiGLU: h3moe.moe(swiglu_limit=L) on the cuda backend (asked
-    for or chosen) runs the Triton kernels with the limit instead."""
+    """The cuda experts kernels have no clamped SwiGLU, no ungated experts, no relu2: h3moe.moe on the cuda
+    backend (asked for or chosen) runs the Triton kernels with them instead."""
     from h3moe.ops import experts as ops_experts
 
     pytest.importorskip("triton")
@@ -245,3 +245,8 @@ def test_swiglu_limit_leaves_cuda_for_triton(monkeypatch):
     for backend in ("cuda", "auto"):
         h3moe.moe(x, wgu, wd, None, backend=backend, swiglu_limit=2.5)
     assert seen == [2.5, 2.5]
+    # nor ungated experts, nor relu2
+    monkeypatch.setattr(triton_experts, "moe", lambda *a: seen.append((a[1].shape[1], a[4])) or a[0])
+    h3moe.moe(x, wgu[:, :4], wd, None, backend="cuda", gated=False, activation="relu2")
+    h3moe.moe(x, wgu, wd, None, backend="cuda", activation="relu2")
+    assert seen[2:] == [(4, "relu2"), (8, "relu2")]

@@ -173,6 +173,7 @@ needs_triton = pytest.mark.skipif(
     (70, 64, 32, 3, 2, "gelu_tanh"),  # S=140 > 64: prefill tiles BM=64, partial last tile per expert
     (9, 64, 64, 8, 3, "relu"),  # E > active experts: empty experts skipped by the tile scan
     (20, 64, 64, 4, 2, "silu"),  # T > GEMV_MAX_T, S = 40 <= 64: the BM=16 tl.dot decode tiles
+    (1, 64, 64, 4, 2, "relu2"),  # squared ReLU on the gate (GEMV)
 ])
 def test_triton_interpreter_equals_reference(monkeypatch, quant_type, nested, T, H, I, E, K, act):
     """The tl.dot kernels (and the GEMV at T=1, 9) against dequantize + reference: the tensor-core decode
@@ -992,11 +993,11 @@ def test_quantize_keeps_a_clamped_swiglu(quant_type, tmp_path):
 
 
 def test_quantize_skips_a_clamped_gate_with_an_activation_it_lacks():
-    """DeepSeek-V4's gate over an act_fn h3moe has no kernel for (relu2): not taken for silu."""
+    """DeepSeek-V4's gate over an act_fn h3moe has no kernel for (quick_gelu): not taken for silu."""
     m = _own_gate_experts("deepseek_v4", "DeepseekV4Experts", 0.8)
     from transformers.activations import ACT2FN
 
-    m.act_fn = ACT2FN["relu2"]
+    m.act_fn = ACT2FN["quick_gelu"]
     holder = torch.nn.Module()
     holder.experts = m
     h3moe.quantize(holder, "nf4", 32)

@@ -286,3 +286,32 @@ def test_moe_module_swiglu_limit_and_quantized():
     torch.testing.assert_close(m(x), wq, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="swiglu_limit"):
         h3moe.MoE(32, 16, 4, 2, swiglu_limit=-1)
+
+
+@pytest.mark.parametrize("activation", ["relu2", "gelu"])
+def test_ungated_experts_fp64(activation):
+    """gated=False (Nemotron-H): w_up (E, I, H), y = Σ w · down(act(up)); forward and every gradient equal the
+    reference in fp64; gradcheck; the shape and flag checks."""
+    T, H, I, E, K = 8, 12, 10, 4, 2
+    x, wgu, wd, logits = _inputs(T, H, I, E, torch.float64)
+    wu = wgu[:, :I].contiguous()
+    leaves = [t.clone().requires_grad_() for t in (x, wu, wd, logits)]
+    leaves_ref = [t.clone().requires_grad_() for t in (x, wu, wd, logits)]
+    y = h3moe.moe(*leaves[:3], h3moe.route(leaves[3], K, backend="torch"), activation=activation, gated=False,
+                  backend="torch")
+    w, ids = ref.route_ref(leaves_ref[3], K)
+    y_ref = ref.experts_ref(*leaves_ref[:3], w, ids, activation, gated=False)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    for name, a, b in zip(("x", "w_up", "w_down", "logits"), leaves, leaves_ref):
+        torch.testing.assert_close(a.grad, b.grad, msg=lambda m, n=name: f"d{n}: {m}")
+    args = [t.detach().clone().requires_grad_() for t in (x, wu, wd)]
+    r = h3moe.route(logits, K, backend="torch")
+    assert torch.autograd.gradcheck(
+        lambda *a: h3moe.moe(*a, r, activation=activation, gated=False, backend="torch"), args)
+    with pytest.raises(ValueError, match="gated"):
+        h3moe.moe(x, wu, wd, r, gated=False, swiglu_limit=1.0)
+    with pytest.raises(ValueError, match="intermediate size"):
+        h3moe.moe(x, wgu, wd, r, gated=False)  # (E, 2I, H) is not an ungated w_up

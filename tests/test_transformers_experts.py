@@ -152,7 +152,8 @@ def test_activation_mapping():
     assert h3tf.activation_name(ACT2FN["gelu_new"]) == "gelu_tanh"
     assert h3tf.activation_name(ACT2FN["relu"]) == "relu"
     assert h3tf.activation_name(torch.nn.GELU(approximate="tanh")) == "gelu_tanh"
-    for other in ("relu2", "quick_gelu", "gelu_10", "tanh"):
+    assert h3tf.activation_name(ACT2FN["relu2"]) == "relu2"  # squared ReLU (Nemotron-H)
+    for other in ("quick_gelu", "gelu_10", "tanh"):
         assert h3tf.activation_name(ACT2FN[other]) is None, other
 
 
@@ -177,7 +178,7 @@ def test_expert_parallel_sentinels():
     [
         (dict(has_bias=True), "silu", "biases"),  # biased experts
         (dict(is_concatenated=False), "silu", "interleaved"),  # [g0, u0, g1, u1, ...] rows
-        (dict(), "relu2", "activation"),  # an activation h3moe does not have
+        (dict(), "gelu_10", "activation"),  # an activation h3moe does not have (clipped GELU)
     ],
 )
 def test_uncovered_variant_falls_back_with_one_log_line(flags, act, why, caplog):

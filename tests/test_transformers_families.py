@@ -24,7 +24,8 @@ EXPECT = {
     "mixtral": True, "qwen3_moe": True, "deepseek_v3": True, "olmoe": True,
     "deepseek_v4": True, "glm5_next": True, "hy_v4": True,  # clamped SwiGLU (swiglu_limit)
     "beam": True,  # SwiGLU in fp32
-    "gpt_oss": False, "minimax_m3_vl": False, "inkling2": False, "nemotron_h": False,
+    "nemotron_h": True,  # ungated relu2 experts (gated=False)
+    "gpt_oss": False, "minimax_m3_vl": False, "inkling2": False,
 }
 _SHRINK_EXACT = {"hidden_size": 32, "moe_hidden_size": 32, "num_experts_per_tok": 2, "top_k": 2, "moe_topk": 2}
 _EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "num_routed_experts")
@@ -217,23 +218,25 @@ def _tiny_v4_experts(limit: float = 0.8):
 
 
 def test_own_gate_probe_takes_only_what_h3moe_computes():
-    """The probe of an own _apply_gate: DeepSeek-V4's clamped gate over an act_fn h3moe lacks (relu2,
-    quick_gelu) is not taken for silu; the probe ignores torch's default device and dtype."""
+    """The probe of an own _apply_gate: DeepSeek-V4's clamped gate over an act_fn h3moe lacks (quick_gelu,
+    gelu_10) is not taken for silu; the probe ignores torch's default device and dtype."""
     from transformers.activations import ACT2FN
 
     from h3moe.integrations import _gate
 
     m = _tiny_v4_experts()
-    assert h3tf.experts_plan(m) == ("silu", False, 0.8)
-    for act in ("relu2", "quick_gelu"):
+    assert h3tf.experts_plan(m) == ("silu", False, 0.8, True)
+    for act in ("quick_gelu", "gelu_10"):
         m.act_fn = ACT2FN[act]
         assert isinstance(h3tf.experts_plan(m), str), act
+    m.act_fn = ACT2FN["relu2"]  # one h3moe has: taken as itself
+    assert h3tf.experts_plan(m) == ("relu2", False, 0.8, True)
     _gate._FORMS.clear()
     torch.set_default_dtype(torch.float64)
     try:
         assert _gate._probe().dtype == torch.float32
         m.act_fn = ACT2FN["silu"]
-        assert h3tf.experts_plan(m) == ("silu", False, 0.8)
+        assert h3tf.experts_plan(m) == ("silu", False, 0.8, True)
     finally:
         torch.set_default_dtype(torch.float32)
 

@@ -816,7 +816,7 @@ def test_config_beyond_the_gpu_falls_through_to_one_that_loads(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _loop_ref(x, wgu, wd, r, act="silu", limit=None):
+def _loop_ref(x, wgu, wd, r, act="silu", limit=None, gated=True):
     """Per-expert loop reference (memory friendly at realistic shapes), in the inputs' dtype."""
     weights, ids = r.weights, r.ids
     T, H = x.shape
@@ -828,7 +828,7 @@ def _loop_ref(x, wgu, wd, r, act="silu", limit=None):
             y = y + 0 * (wgu[e].sum() + wd[e].sum())  # keep the graph connected
             continue
         h = x[t] @ wgu[e].t()
-        a = h3moe.reference.glu_ref(h[:, :I], h[:, I:], act, limit)
+        a = h3moe.reference.glu_ref(h[:, :I], h[:, I:], act, limit) if gated else h3moe.reference.ACTIVATIONS[act](h)
         o = (a @ wd[e].t()).float() * weights[t, k, None].float()
         y = y.index_add(0, t, o)
     return y.to(x.dtype)
@@ -942,6 +942,24 @@ def test_gpu_swiglu_limit(dtype, recompute, monkeypatch):
     ref = _run(ref_fn, x, wgu, wd, logits, ids, "silu", dy, torch.float32)
     eager = _run(ref_fn, x, wgu, wd, logits, ids, "silu", dy, dtype)
     _assert_close(outs, eager, ref, {torch.float32: 1e-4, torch.bfloat16: 1e-2}[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recompute", ["0", "1"], ids=["saved", "recompute"])
+def test_gpu_ungated_relu2(recompute, monkeypatch):
+    """Ungated relu2 experts (Nemotron-H) in bf16 at a real tile size, both backward forms."""
+    monkeypatch.setenv("H3MOE_RECOMPUTE", recompute)
+    T, H, I, E, K = 512, 1024, 768, 16, 4
+    torch.manual_seed(6)
+    x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32, "cuda")
+    wu = wgu[:, :I].contiguous()
+    ids = torch.topk(logits, K, -1).indices
+    dy = torch.randn(T, H, device="cuda")
+    ref_fn = lambda *a: _loop_ref(*a, gated=False)  # noqa: E731
+    outs = _run(te.moe, x, wu, wd, logits, ids, "relu2", dy, torch.bfloat16)
+    ref = _run(ref_fn, x, wu, wd, logits, ids, "relu2", dy, torch.float32)
+    eager = _run(ref_fn, x, wu, wd, logits, ids, "relu2", dy, torch.bfloat16)
+    _assert_close(outs, eager, ref, 1e-2)
 
 
 @pytest.mark.gpu
@@ -1119,3 +1137,35 @@ def test_swiglu_limit_is_rounded_as_eager_clamps(recompute):
     assert ge[0, :I].abs().sum() > 0  # eager passes the gate's gradient at the bound
     torch.testing.assert_close(gk, ge, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(yk, ye, rtol=2e-2, atol=2e-2)
+
+
+@needs_triton
+@pytest.mark.interpreter
+@pytest.mark.parametrize("recompute", ["0", "1"], ids=["saved", "recompute"])
+@pytest.mark.parametrize("dtype,act,forced", [(torch.float32, "relu2", False), (torch.float16, "silu", False),
+                                              (torch.float32, "relu2", True)])
+def test_ungated_forward_and_grads(dtype, act, forced, recompute, monkeypatch):
+    """Ungated experts (GATED=False, Nemotron-H's down(relu2(up))): w_up (E, I, H), h and dH one I wide;
+    forward and every gradient against the reference, both backward forms, outputs poisoned; forced: a BN=128
+    saved-backward tile (its epilogue in column halves) on an I with a partly and a wholly masked half."""
+    from h3moe.kernels.experts import Config
+
+    monkeypatch.setenv("H3MOE_RECOMPUTE", recompute)
+    monkeypatch.setattr(te, "torch", _PoisonTorch())
+    if forced:
+        real = te.config_for
+        cfg = Config(16, 128, 32, 1, 4, 2)
+        monkeypatch.setattr(te, "config_for", lambda role, *a, **kw: cfg if role == "bwd_act_saved" else real(role, *a, **kw))
+    T, H, I, E, K = 9, 32, 160 if forced else 24, 4, 2
+    x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32)
+    wu = wgu[:, :I].contiguous()  # (E, I, H)
+    ids = _ids("topk", T, E, K, logits)
+    dy = torch.randn(T, H, device=DEV)
+    ref_fn = lambda x, wu, wd, r, act: experts_ref(x, wu, wd, r.weights, r.ids, act, gated=False)  # noqa: E731
+    outs = _run(lambda *a: te.moe(*a), x, wu, wd, logits, ids, act, dy, dtype)
+    ref = _run(ref_fn, x, wu, wd, logits, ids, act, dy, torch.float64)
+    eager = ref if dtype == torch.float32 and DEV == "cpu" else _run(ref_fn, x, wu, wd, logits, ids, act, dy, dtype)
+    assert outs[2].shape == (E, I, H)
+    _assert_close(outs, eager, ref, ATOL[dtype])
+    with pytest.raises(ValueError, match="gated"):
+        te.moe(x, wu, wd, h3moe.route(logits, K), swiglu_limit=1.0)

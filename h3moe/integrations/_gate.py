@@ -30,6 +30,7 @@ _ACT_BY_CLASS = {
     "GELUPytorchTanh": "gelu_tanh",
     "NewGELUActivation": "gelu_tanh",
     "ReLU": "relu",
+    "ReLUSquaredActivation": "relu2",
 }
 _ACT_BY_FUNCTION = {
     torch.nn.functional.silu: "silu",
@@ -129,7 +130,7 @@ def gate_form(m: torch.nn.Module, default_act: str | None = None) -> tuple[str, 
     default = getattr(moe_mod, "_default_apply_gate", None)
     if apply_gate is None or apply_gate is default:
         if act is None:
-            return f"activation {type(act_fn).__name__} not in silu/gelu/gelu_tanh/relu"
+            return f"activation {type(act_fn).__name__} not in silu/gelu/gelu_tanh/relu/relu2"
         return act, None
     form = _own_form(type(m), act)
     if form is None:

@@ -10,10 +10,11 @@ Two levels:
    [gate; up] rows, no bias, a gate, act_fn in silu/gelu/gelu_tanh/relu) runs h3moe, and so does a class's
    own `_apply_gate` where it computes one of h3moe's forms: the clamped SwiGLU of DeepSeek-V4, GLM-5-Next and
    Hunyuan-V4 (swiglu_limit), SwiGLU in fp32 (Beam); recognised by a one-time probe (h3moe/integrations/_gate.py;
-   under torch.compile it runs at trace time).
+   under torch.compile it runs at trace time). Ungated experts (has_gate=False: Nemotron-H's relu2 of up_proj)
+   run h3moe.moe(gated=False).
    Transposed weights are viewed back as (E, 2I, H)/(E, H, I) and run on the torch backend under "auto"
    (the GPU kernels would copy every expert at every call). Any other variant (gpt-oss: transposed +
-   interleaved + biases + alpha SwiGLU; MiniMax-M3's and Inkling-2's gates; no gate; post-expert norm;
+   interleaved + biases + alpha SwiGLU; MiniMax-M3's and Inkling-2's gates; post-expert norm;
    quantized weights; another activation) falls back to transformers' `grouped_mm` forward, with one log line per variant. Expert-parallel
    sentinels (ids >= E, weight 0) are clamped to a real expert with weight 0.
 
@@ -63,11 +64,11 @@ def _float3d(t) -> bool:
     )
 
 
-def experts_plan(self: torch.nn.Module) -> tuple[str, bool, float | None] | str:
-    """(activation, transposed, swiglu_limit) when h3moe.moe computes these experts exactly; else why not."""
+def experts_plan(self: torch.nn.Module) -> tuple[str, bool, float | None, bool] | str:
+    """(activation, transposed, swiglu_limit, gated) when h3moe.moe computes these experts exactly; else why
+    not. Ungated experts (has_gate=False, Nemotron-H: down(act(up))) read `up_proj` (E, I, H)."""
     why = []
-    if not getattr(self, "has_gate", True):
-        why.append("no gate (up/act/down experts)")
+    gated = getattr(self, "has_gate", True)
     if getattr(self, "has_bias", False):
         why.append("biases")
     if not getattr(self, "is_concatenated", True):
@@ -77,10 +78,9 @@ def experts_plan(self: torch.nn.Module) -> tuple[str, bool, float | None] | str:
     form = gate_form(self) if not why else "(not probed)"
     if isinstance(form, str) and not why:
         why.append(form)
-    gu, dn = getattr(self, "gate_up_proj", None), getattr(self, "down_proj", None)
-    if not getattr(self, "has_gate", True):
-        pass  # (no gate_up_proj to check)
-    elif not (_float3d(gu) and _float3d(dn)):
+    gu = getattr(self, "gate_up_proj" if gated else "up_proj", None)
+    dn = getattr(self, "down_proj", None)
+    if not (_float3d(gu) and _float3d(dn)):
         why.append("gate_up_proj/down_proj are not plain float (E, ., .) tensors (quantized?)")
     elif gu.dtype != dn.dtype:
         why.append(f"gate_up_proj {gu.dtype} and down_proj {dn.dtype} differ")
@@ -89,7 +89,7 @@ def experts_plan(self: torch.nn.Module) -> tuple[str, bool, float | None] | str:
             why.insert(0, "transposed")
         return ", ".join(why)
     act, limit = form
-    return act, bool(getattr(self, "is_transposed", False)), limit
+    return act, bool(getattr(self, "is_transposed", False)), limit, bool(gated)
 
 
 _LOGGED: set[str] = set()
@@ -116,9 +116,10 @@ def h3moe_experts_forward(
     plan = experts_plan(self)
     if isinstance(plan, str):
         return _fallback(self, hidden_states, top_k_index, top_k_weights, plan)
-    activation, transposed, limit = plan
+    activation, transposed, limit, gated = plan
     backend = getattr(self, "_h3moe_backend", "auto")
-    w_gate_up, w_down = self.gate_up_proj, self.down_proj  # (E, 2I, H), (E, H, I) or transposed
+    w_gate_up = self.gate_up_proj if gated else self.up_proj  # (E, 2I, H) (ungated (E, I, H)) or transposed
+    w_down = self.down_proj  # (E, H, I) or transposed
     if transposed:
         w_gate_up, w_down = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)  # views
         if backend == "auto" and _backend.auto_requested() and _use_torch_gmm(w_gate_up, w_down):
@@ -142,7 +143,7 @@ def h3moe_experts_forward(
         routing = _routers.take_routing(top_k_index, top_k_weights)
         if routing is None:
             routing = (top_k_weights, top_k_index)
-    y = moe(x, w_gate_up, w_down, routing, activation=activation, backend=backend, swiglu_limit=limit)
+    y = moe(x, w_gate_up, w_down, routing, activation=activation, backend=backend, swiglu_limit=limit, gated=gated)
     return y if y.dtype == hidden_states.dtype else y.to(hidden_states.dtype)
 
 
@@ -335,9 +336,9 @@ def patch(
             if isinstance(plan, str):
                 report.left_alone.append(Swap(n, cls, "experts", f"falls back to transformers' grouped_mm: {plan}"))
             else:
-                act, transposed, limit = plan
+                act, transposed, limit, gated = plan
                 how = "transposed views" if transposed else "in place"
-                lim = f", swiglu_limit={limit}" if limit is not None else ""
+                lim = (f", swiglu_limit={limit}" if limit is not None else "") + ("" if gated else ", gated=False")
                 report.swapped.append(Swap(n, cls, "experts", f"h3moe.moe(activation={act!r}{lim}), weights {how}"))
 
     for n, m in model.named_modules():

@@ -63,7 +63,9 @@ S/E_used <= BM).
 Limits: offsets inside one expert's weights are int32 (2*I*H < 2**31); expert bases and row offsets are
 int64. E <= 4096 (the in-program schedule scans all E counts in one block). ids must lie in [0, E).
 Activations: silu (SwiGLU), gelu, gelu_tanh, relu (ACT_IDS), forward and derivative in the epilogues;
-HAS_LIMIT adds the clamped SwiGLU of DeepSeek-V4 / GLM-5 / Hunyuan-V4 (swiglu_limit, _glu_fwd/_glu_bwd).
+HAS_LIMIT adds the clamped SwiGLU of DeepSeek-V4 / GLM-5 / Hunyuan-V4 (swiglu_limit, _glu_fwd/_glu_bwd);
+GATED=False takes ungated experts (Nemotron-H: a = act(x @ Wup^T), wgu (E, I, H), h and dh I wide), with
+relu2 (squared ReLU) among the activations.
 Under TRITON_INTERPRET=1 (INTERP=True): the interpreter gets tl.dot on bf16 wrong (../shared/NOTES.md), so
 UPCAST=True casts the dot operands to fp32; and it cannot take a runtime range() bound under numpy >= 2.4,
 so the K-loops run as while loops there (on the GPU they stay `for` loops, which Triton pipelines). Each
@@ -84,7 +86,7 @@ __all__ = [
 ]
 
 #: Activation name -> constexpr id used by the epilogues.
-ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4}
 
 _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -102,8 +104,11 @@ def _act_fwd(g, ACT: tl.constexpr):
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         th = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh, portable to the interpreter
         return 0.5 * g * (1.0 + th)
-    else:
+    elif ACT == 3:
         return tl.maximum(g, 0.0)
+    else:  # relu2 (squared ReLU)
+        r = tl.maximum(g, 0.0)
+        return r * r
 
 
 @triton.jit
@@ -120,14 +125,19 @@ def _act_bwd(g, ACT: tl.constexpr):
         th = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
         d_inner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
         return 0.5 * g * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * d_inner
-    else:
+    elif ACT == 3:
         return tl.maximum(g, 0.0), (g > 0.0).to(tl.float32)
+    else:
+        r = tl.maximum(g, 0.0)
+        return r * r, 2.0 * r
 
 
 @triton.jit
-def _glu_fwd(g, u, ACT: tl.constexpr, LIMIT, HAS_LIMIT: tl.constexpr):
+def _glu_fwd(g, u, ACT: tl.constexpr, LIMIT, HAS_LIMIT: tl.constexpr, GATED: tl.constexpr):
     """act(g) * u in fp32; HAS_LIMIT: the clamped SwiGLU act(min(g, LIMIT)) * clamp(u, -LIMIT, LIMIT)
-    (NaN stays NaN, as torch.clamp)."""
+    (NaN stays NaN, as torch.clamp); not GATED: act(g) (g is then the up projection, u unused)."""
+    if not GATED:
+        return _act_fwd(g, ACT)
     if HAS_LIMIT:
         g = tl.minimum(g, LIMIT, propagate_nan=tl.PropagateNan.ALL)
         u = tl.minimum(tl.maximum(u, -LIMIT, propagate_nan=tl.PropagateNan.ALL), LIMIT,
@@ -136,9 +146,12 @@ def _glu_fwd(g, u, ACT: tl.constexpr, LIMIT, HAS_LIMIT: tl.constexpr):
 
 
 @triton.jit
-def _glu_bwd(g, u, ACT: tl.constexpr, LIMIT, HAS_LIMIT: tl.constexpr):
+def _glu_bwd(g, u, ACT: tl.constexpr, LIMIT, HAS_LIMIT: tl.constexpr, GATED: tl.constexpr):
     """(a, da/dg, da/du) in fp32 for a = _glu_fwd(g, u); with HAS_LIMIT the derivatives are zero where the
     clamps bind (torch.clamp's gradient: 1 inside the bounds, ends included; 0 for NaN)."""
+    if not GATED:
+        act, dact = _act_bwd(g, ACT)
+        return act, dact, act
     if HAS_LIMIT:
         g_in = g <= LIMIT
         u_in = (u >= -LIMIT) & (u <= LIMIT)
@@ -183,7 +196,7 @@ def _swizzle(pid, M_SLOTS, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, wgu_desc, wd_desc, n0, acc_g, acc_u, acc_d, H, I, offs_k,
                   nmask, BWD: tl.constexpr, RECOMPUTE: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                  TMA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                  TMA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GATED: tl.constexpr):
     """One BK step of the K-loop over H of _gate_up_kernel. TMA: the weight tiles come through the expert's
     tensor descriptors (wgu_desc (2I, H) blocks (BN, BK); wd_desc (H, I) blocks (BK, BN); zero past the
     edges), the gathered x / dy rows through pointers as always."""
@@ -195,21 +208,27 @@ def _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, wgu_desc, wd_desc, n0, 
             xa = tl.load(x_ptrs + k0)
         else:
             xa = tl.load(x_ptrs + k0, mask=kmask[None, :], other=0.0)
+        # (ungated experts, not GATED: wg is the up projection's tile; acc_u stays unused)
         if TMA:
             wg = tl.trans(wgu_desc.load([n0, k0]))  # (BK, BN)
-            wu = tl.trans(wgu_desc.load([I + n0, k0]))
+            if GATED:
+                wu = tl.trans(wgu_desc.load([I + n0, k0]))
         elif EVEN_K:
             wg = tl.load(wg_ptrs + k0)
-            wu = tl.load(wg_ptrs + I * H + k0)
+            if GATED:
+                wu = tl.load(wg_ptrs + I * H + k0)
         else:
             wg = tl.load(wg_ptrs + k0, mask=kmask[:, None], other=0.0)
-            wu = tl.load(wg_ptrs + I * H + k0, mask=kmask[:, None], other=0.0)
+            if GATED:
+                wu = tl.load(wg_ptrs + I * H + k0, mask=kmask[:, None], other=0.0)
         if UPCAST:
             xa = xa.to(tl.float32)
             wg = wg.to(tl.float32)
-            wu = wu.to(tl.float32)
+            if GATED:
+                wu = wu.to(tl.float32)
         acc_g = tl.dot(xa, wg, acc_g, input_precision=PREC)
-        acc_u = tl.dot(xa, wu, acc_u, input_precision=PREC)
+        if GATED:
+            acc_u = tl.dot(xa, wu, acc_u, input_precision=PREC)
     if BWD:
         if EVEN_K:
             dya = tl.load(dy_ptrs + k0)
@@ -230,32 +249,41 @@ def _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, wgu_desc, wd_desc, n0, 
 
 @triton.jit
 def _bwd_saved_cols(acc_d, w, rows64, rmask, offs_n, I, h_ptr, a_ptr, dh_ptr, ACT: tl.constexpr, LIMIT,
-                    HAS_LIMIT: tl.constexpr):
+                    HAS_LIMIT: tl.constexpr, GATED: tl.constexpr):
     """The saved-h backward epilogue over the columns offs_n of I: reads gate/up from h, stores a and dH
-    there; returns the rows' partial d(routing weight) over these columns (BM,)."""
+    there; returns the rows' partial d(routing weight) over these columns (BM,). Not GATED: h and dH rows
+    hold the up projection alone (I wide)."""
+    if GATED:
+        GI = 2 * I
+    else:
+        GI = I
     omask = rmask[:, None] & (offs_n < I)[None, :]
-    h_ptrs = h_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]
+    h_ptrs = h_ptr + rows64[:, None] * GI + offs_n[None, :]
     g = tl.load(h_ptrs, mask=omask, other=0.0).to(tl.float32)
-    u = tl.load(h_ptrs + I, mask=omask, other=0.0).to(tl.float32)
-    a, a_g, a_u = _glu_bwd(g, u, ACT, LIMIT, HAS_LIMIT)  # masked elements were loaded as 0: a = 0 there
+    if GATED:
+        u = tl.load(h_ptrs + I, mask=omask, other=0.0).to(tl.float32)
+    else:
+        u = g  # (unused)
+    a, a_g, a_u = _glu_bwd(g, u, ACT, LIMIT, HAS_LIMIT, GATED)  # masked elements were loaded as 0: a = 0 there
     tl.store(a_ptr + rows64[:, None] * I + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=omask)
     part = tl.sum(acc_d * a, 1)
     da = acc_d * w[:, None]
-    dh_ptrs = dh_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]
-    tl.store(dh_ptrs + I, (da * a_u).to(dh_ptr.dtype.element_ty), mask=omask)  # d up
-    tl.store(dh_ptrs, (da * a_g).to(dh_ptr.dtype.element_ty), mask=omask)  # d gate
+    dh_ptrs = dh_ptr + rows64[:, None] * GI + offs_n[None, :]
+    if GATED:
+        tl.store(dh_ptrs + I, (da * a_u).to(dh_ptr.dtype.element_ty), mask=omask)  # d up
+    tl.store(dh_ptrs, (da * a_g).to(dh_ptr.dtype.element_ty), mask=omask)  # d gate (ungated: d up)
     return part
 
 
 @triton.jit
 def _bwd_saved_halves(acc_d, w, rows64, rmask, n0, I, h_ptr, a_ptr, dh_ptr, ACT: tl.constexpr, LIMIT,
-                      HAS_LIMIT: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr):
+                      HAS_LIMIT: tl.constexpr, GATED: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr):
     """_bwd_saved_cols over the BW columns from n0, in two halves of BW // 2."""
     d_lo, d_hi = tl.split(tl.permute(tl.reshape(acc_d, (BM, 2, BW // 2)), (0, 2, 1)))
     part = _bwd_saved_cols(d_lo, w, rows64, rmask, n0 + tl.arange(0, BW // 2), I, h_ptr, a_ptr, dh_ptr, ACT, LIMIT,
-                           HAS_LIMIT)
+                           HAS_LIMIT, GATED)
     part += _bwd_saved_cols(d_hi, w, rows64, rmask, n0 + BW // 2 + tl.arange(0, BW // 2), I, h_ptr, a_ptr, dh_ptr,
-                            ACT, LIMIT, HAS_LIMIT)
+                            ACT, LIMIT, HAS_LIMIT, GATED)
     return part
 
 
@@ -273,6 +301,7 @@ def _gate_up_kernel(
     dh_ptr,  # (S, 2I) x dtype, out (BWD only): [d gate, d up]
     dw_ptr,  # (S, NB) fp32, out (BWD only): partial d(routing weight), NB = cdiv(I, BN)
     h_ptr,  # (S, 2I) x dtype, [gate, up] pre-activation: out when SAVE_H, in when BWD and not RECOMPUTE
+            # (not GATED: wgu (E, I, H) the up projection alone, h and dh (S, I))
     H,
     I,
     E,
@@ -281,6 +310,7 @@ def _gate_up_kernel(
     LIMIT,  # fp32 swiglu_limit (read only when HAS_LIMIT)
     ACT: tl.constexpr,
     HAS_LIMIT: tl.constexpr,  # clamped SwiGLU: act(min(gate, LIMIT)) * clamp(up, -LIMIT, LIMIT)
+    GATED: tl.constexpr,  # False: ungated experts (Nemotron-H), a = act(x @ Wup^T)
     BWD: tl.constexpr,
     SAVE_H: tl.constexpr,  # forward: also store the gate/up pre-activation into h (for a backward)
     RECOMPUTE: tl.constexpr,  # backward: recompute gate/up (True) or read them from h (False)
@@ -311,7 +341,11 @@ def _gate_up_kernel(
         offs_k = tl.arange(0, BK)
         e64 = e.to(tl.int64)
         x_ptrs = x_ptr + tok[:, None] * H + offs_k[None, :]  # (BM, BK)
-        wg_ptrs = wgu_ptr + e64 * 2 * I * H + offs_nc[None, :].to(tl.int64) * H + offs_k[:, None]  # (BK, BN)
+        if GATED:  # one expert's wgu rows: [gate; up] (2I) or, ungated, up (I)
+            w_base = wgu_ptr + e64 * 2 * I * H
+        else:
+            w_base = wgu_ptr + e64 * I * H
+        wg_ptrs = w_base + offs_nc[None, :].to(tl.int64) * H + offs_k[:, None]  # (BK, BN)
         dy_ptrs = dy_ptr + tok[:, None] * H + offs_k[None, :]  # (BM, BK), BWD only
         wd_ptrs = wd_ptr + e64 * H * I + offs_k[:, None].to(tl.int64) * I + offs_n[None, :]  # (BK, BN), BWD
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
@@ -322,7 +356,7 @@ def _gate_up_kernel(
         wd_desc = wd_ptrs
         if TMA:  # one descriptor per weight this program reads, over its expert only
             if RECOMPUTE or not BWD:
-                wgu_desc = tl.make_tensor_descriptor(wgu_ptr + e64 * 2 * I * H, shape=[2 * I, H], strides=[H, 1],
+                wgu_desc = tl.make_tensor_descriptor(w_base, shape=[2 * I if GATED else I, H], strides=[H, 1],
                                                      block_shape=[BN, BK])
             if BWD:
                 wd_desc = tl.make_tensor_descriptor(wd_ptr + e64 * H * I, shape=[H, I], strides=[I, 1],
@@ -333,16 +367,20 @@ def _gate_up_kernel(
             while kk < nk:
                 acc_g, acc_u, acc_d = _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, wgu_desc, wd_desc, n0,
                                                     acc_g, acc_u, acc_d, H, I, offs_k, nmask, BWD, RECOMPUTE, BK,
-                                                    EVEN_K, TMA, PREC, UPCAST)
+                                                    EVEN_K, TMA, PREC, UPCAST, GATED)
                 kk += 1
         else:
             for kk in range(0, nk):
                 acc_g, acc_u, acc_d = _gate_up_step(kk, x_ptrs, wg_ptrs, dy_ptrs, wd_ptrs, wgu_desc, wd_desc, n0,
                                                     acc_g, acc_u, acc_d, H, I, offs_k, nmask, BWD, RECOMPUTE, BK,
-                                                    EVEN_K, TMA, PREC, UPCAST)
+                                                    EVEN_K, TMA, PREC, UPCAST, GATED)
         rows64 = rows.to(tl.int64)
         omask = rmask[:, None] & nmask[None, :]
-        h_ptrs = h_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]  # (BM, BN) gate; + I: up
+        if GATED:
+            GI = 2 * I  # the row length of h and dh
+        else:
+            GI = I
+        h_ptrs = h_ptr + rows64[:, None] * GI + offs_n[None, :]  # (BM, BN) gate; + I: up
         a_ptrs = a_ptr + rows64[:, None] * I + offs_n[None, :]
         if BWD and not RECOMPUTE and BN >= 128:
             # the saved form's epilogue in two column halves: each loads its half of h, so only half of
@@ -351,23 +389,26 @@ def _gate_up_kernel(
             d_lo, d_hi = tl.split(tl.permute(tl.reshape(acc_d, (BM, 2, BN // 2)), (0, 2, 1)))
             if HAS_LIMIT:  # the clamps' masks: in column quarters (halves spilled 112 B at 128x128)
                 part = _bwd_saved_halves(d_lo, w, rows64, rmask, pid_n * BN, I, h_ptr, a_ptr, dh_ptr, ACT, LIMIT,
-                                         HAS_LIMIT, BM, BN // 2)
+                                         HAS_LIMIT, GATED, BM, BN // 2)
                 part += _bwd_saved_halves(d_hi, w, rows64, rmask, pid_n * BN + BN // 2, I, h_ptr, a_ptr, dh_ptr,
-                                          ACT, LIMIT, HAS_LIMIT, BM, BN // 2)
+                                          ACT, LIMIT, HAS_LIMIT, GATED, BM, BN // 2)
             else:
                 part = _bwd_saved_cols(d_lo, w, rows64, rmask, pid_n * BN + tl.arange(0, BN // 2),
-                                       I, h_ptr, a_ptr, dh_ptr, ACT, LIMIT, HAS_LIMIT)
+                                       I, h_ptr, a_ptr, dh_ptr, ACT, LIMIT, HAS_LIMIT, GATED)
                 part += _bwd_saved_cols(d_hi, w, rows64, rmask, pid_n * BN + BN // 2 + tl.arange(0, BN // 2),
-                                        I, h_ptr, a_ptr, dh_ptr, ACT, LIMIT, HAS_LIMIT)
+                                        I, h_ptr, a_ptr, dh_ptr, ACT, LIMIT, HAS_LIMIT, GATED)
             if NEED_W:
                 tl.store(dw_ptr + rows64 * num_pid_n + pid_n, part, mask=rmask)
         elif BWD:
             if RECOMPUTE:
-                a, a_g, a_u = _glu_bwd(acc_g, acc_u, ACT, LIMIT, HAS_LIMIT)  # (BM, BN) fp32
+                a, a_g, a_u = _glu_bwd(acc_g, acc_u, ACT, LIMIT, HAS_LIMIT, GATED)  # (BM, BN) fp32
             else:  # saved by the forward (rounded to x's dtype, as eager autograd saves it)
-                a, a_g, a_u = _glu_bwd(tl.load(h_ptrs, mask=omask, other=0.0).to(tl.float32),
-                                       tl.load(h_ptrs + I, mask=omask, other=0.0).to(tl.float32), ACT, LIMIT,
-                                       HAS_LIMIT)
+                g = tl.load(h_ptrs, mask=omask, other=0.0).to(tl.float32)
+                if GATED:
+                    u = tl.load(h_ptrs + I, mask=omask, other=0.0).to(tl.float32)
+                else:
+                    u = g  # (unused)
+                a, a_g, a_u = _glu_bwd(g, u, ACT, LIMIT, HAS_LIMIT, GATED)
             tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=omask)
             if RECOMPUTE:  # masked columns of the recomputed gate/up hold clamped-column values
                 part = tl.sum(tl.where(omask, acc_d * a, 0.0), 1)  # (BM,) partial d(routing weight)
@@ -377,19 +418,21 @@ def _gate_up_kernel(
                 tl.store(dw_ptr + rows64 * num_pid_n + pid_n, part, mask=rmask)
             w = tl.load(rw_ptr + slot, mask=rmask, other=0.0)  # (BM,) fp32
             da = acc_d * w[:, None]
-            dh_ptrs = dh_ptr + rows64[:, None] * (2 * I) + offs_n[None, :]
-            tl.store(dh_ptrs + I, (da * a_u).to(dh_ptr.dtype.element_ty), mask=omask)  # d up
-            tl.store(dh_ptrs, (da * a_g).to(dh_ptr.dtype.element_ty), mask=omask)  # d gate
+            dh_ptrs = dh_ptr + rows64[:, None] * GI + offs_n[None, :]
+            if GATED:
+                tl.store(dh_ptrs + I, (da * a_u).to(dh_ptr.dtype.element_ty), mask=omask)  # d up
+            tl.store(dh_ptrs, (da * a_g).to(dh_ptr.dtype.element_ty), mask=omask)  # d gate (ungated: d up)
         else:
             if SAVE_H:
                 # the backward will read these rounded values: compute a from them too, as eager does
                 g16 = acc_g.to(h_ptr.dtype.element_ty)
                 u16 = acc_u.to(h_ptr.dtype.element_ty)
                 tl.store(h_ptrs, g16, mask=omask)
-                tl.store(h_ptrs + I, u16, mask=omask)
-                a = _glu_fwd(g16.to(tl.float32), u16.to(tl.float32), ACT, LIMIT, HAS_LIMIT)
+                if GATED:
+                    tl.store(h_ptrs + I, u16, mask=omask)
+                a = _glu_fwd(g16.to(tl.float32), u16.to(tl.float32), ACT, LIMIT, HAS_LIMIT, GATED)
             else:
-                a = _glu_fwd(acc_g, acc_u, ACT, LIMIT, HAS_LIMIT)
+                a = _glu_fwd(acc_g, acc_u, ACT, LIMIT, HAS_LIMIT, GATED)
             tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=omask)
 
 
@@ -827,7 +870,7 @@ def aot_specs() -> list:
                            "dy_ptr": p, "wd_ptr": p, "rw_ptr": "*fp32", "dh_ptr": p, "dw_ptr": "*fp32",
                            "h_ptr": p, "H": "i32", "I": "i32", "E": "i32", "M_SLOTS": "i32", "K": "i32",
                            "LIMIT": "fp32"}
-                    const = dict(ACT=0, HAS_LIMIT=False, BWD=bwd, SAVE_H=not bwd, RECOMPUTE=role == "bwd_act", NEED_W=bwd, **tile,
+                    const = dict(ACT=0, HAS_LIMIT=False, GATED=True, BWD=bwd, SAVE_H=not bwd, RECOMPUTE=role == "bwd_act", NEED_W=bwd, **tile,
                                  BLOCK_E=8,
                                  EVEN_K=True, TMA=cfg.TMA, PREC=prec, UPCAST=False, INTERP=False)
                     specs.append(_spec(name, _gate_up_kernel, sig, const, cfg))
@@ -836,6 +879,9 @@ def aot_specs() -> list:
                         # spills at its larger tiles, bounded here; the saved form runs it in column quarters)
                         specs.append(_spec(f"experts_{role}_limit[{dt},{cfg!r}]", _gate_up_kernel, sig,
                                            {**const, "HAS_LIMIT": True}, cfg, 48 if role == "bwd_act" else 0))
+                        # ungated experts (Nemotron-H: relu2 of the up projection)
+                        specs.append(_spec(f"experts_{role}_ungated[{dt},{cfg!r}]", _gate_up_kernel, sig,
+                                           {**const, "GATED": False, "ACT": 4}, cfg))
                     if not bwd:  # and as inference runs it (no h stored), with a many-expert schedule (E=128)
                         specs.append(_spec(f"experts_{role}_infer[{dt},{cfg!r}]", _gate_up_kernel, sig,
                                            {**const, "SAVE_H": False, "BLOCK_E": 128}, cfg))

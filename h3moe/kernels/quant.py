@@ -126,7 +126,7 @@ __all__ = ["w4_gate_up_kernel", "w4_down_kernel", "w8_gate_up_kernel", "w8_down_
            "aot_specs", "ACT_IDS"]
 
 #: activation name -> constexpr id used by the kernels.
-ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4}
 
 #: 1/127 exactly as bitsandbytes' int8_vectorwise_dequant writes it.
 INT8_SCALE = 7.874015718698502e-3
@@ -194,8 +194,11 @@ def _act(g, ACT: tl.constexpr):
         u = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         t = 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0  # tanh(u)
         return 0.5 * g * (1.0 + t)
-    else:
+    elif ACT == 3:
         return tl.maximum(g, 0.0)
+    else:  # relu2
+        r = tl.maximum(g, 0.0)
+        return r * r
 
 
 @triton.jit

@@ -132,6 +132,9 @@ def _act_and_grad(g: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch
         return 0.5 * g * (1 + th), 0.5 * (1 + th) + 0.5 * g * (1 - th * th) * d_inner
     if activation == "relu":
         return torch.relu(g), (g > 0).to(g.dtype)
+    if activation == "relu2":
+        r = torch.relu(g)
+        return r * r, 2 * r
     raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
 
 
@@ -184,7 +187,8 @@ class _GLU(torch.autograd.Function):
         return dh, None, None
 
 
-def _moe_torch(x, w_gate_up, w_down, routing: Routing, activation: str, swiglu_limit=None) -> torch.Tensor:
+def _moe_torch(x, w_gate_up, w_down, routing: Routing, activation: str, swiglu_limit=None,
+               gated: bool = True) -> torch.Tensor:
     T, H = x.shape
     K = routing.top_k
     I = w_down.shape[2]
@@ -192,8 +196,8 @@ def _moe_torch(x, w_gate_up, w_down, routing: Routing, activation: str, swiglu_l
     order = routing.sorted_slots.long()  # (S,) S = T*K, flat slot t*K+k sorted by expert
     offs = routing.offsets[1:]  # (E,) cumulative row ends
     xs = x.index_select(0, order // K)  # (S, H) gathered tokens
-    h = grouped_mm(xs, w_gate_up.transpose(1, 2), offs)  # (S, 2I)
-    a = _GLU.apply(h, activation, swiglu_limit)  # (S, I)
+    h = grouped_mm(xs, w_gate_up.transpose(1, 2), offs)  # (S, 2I); ungated (S, I)
+    a = _GLU.apply(h, activation, swiglu_limit) if gated else ACTIVATIONS[activation](h)  # (S, I)
     o = grouped_mm(a, w_down.transpose(1, 2), offs)  # (S, H)
     w = routing.weights.reshape(-1).index_select(0, order).to(acc)  # (S,)
     o = o.to(acc) * w.unsqueeze(1)
@@ -219,6 +223,7 @@ def moe(
     backend: str = "auto",
     recompute: bool | None = None,
     swiglu_limit: float | None = None,
+    gated: bool = True,
 ) -> torch.Tensor:
     """SwiGLU mixture of experts.
 
@@ -236,19 +241,23 @@ def moe(
         swiglu_limit: None, or L > 0: the clamped SwiGLU of DeepSeek-V4, GLM-5 and Hunyuan-V4 (their
             `swiglu_limit`), act(min(gate, L)) * clamp(up, -L, L) (reference.glu_ref). The cuda backend
             leaves it to Triton.
+        gated: False for experts without a gate projection (Nemotron-H: down(relu2(up))): w_gate_up is then
+            w_up (E, I, H) and the activation applies to it. The cuda backend leaves it to Triton.
     Returns:
         (T, H) in x's dtype (under torch.autocast, fp32 or fp16 x and weights are cast to its dtype first, as for
         torch.nn.functional.linear: the output is then in that dtype); differentiable w.r.t. x, both weight
         tensors and the routing weights.
     """
-    T, H, E, I = _validate.experts(x, w_gate_up, w_down)
+    T, H, E, I = _validate.experts(x, w_gate_up, w_down, gated)
     _validate.activation(activation)
     swiglu_limit = _validate.swiglu_limit(swiglu_limit)
+    if not gated and swiglu_limit is not None:
+        raise ValueError("swiglu_limit: a clamped SwiGLU needs gated experts")
     x, w_gate_up, w_down = autocast_inputs(x, w_gate_up, w_down)  # torch.autocast: to its dtype (not fp64)
     if w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
         raise ValueError(f"w_gate_up/w_down: dtypes {w_gate_up.dtype}/{w_down.dtype} differ from x's {x.dtype}")
     be = _backend.resolve(backend, x.device, "moe")
-    if be == "cuda" and (swiglu_limit is not None or (
+    if be == "cuda" and (swiglu_limit is not None or not gated or activation == "relu2" or (
             backend == "auto" and _backend.auto_requested() and not _cuda_moe_pays(T, E))):
         # (the cuda kernels have no clamped SwiGLU: Triton runs it, as it does where cuda does not pay)
         be = "triton" if _backend.runs("triton", "moe", x.device) else "torch"
@@ -264,4 +273,4 @@ def moe(
         from . import cuda
 
         return cuda.moe(x, w_gate_up, w_down, routing, activation, recompute)
-    return _moe_torch(x, w_gate_up, w_down, routing, activation, swiglu_limit)
+    return _moe_torch(x, w_gate_up, w_down, routing, activation, swiglu_limit, gated)

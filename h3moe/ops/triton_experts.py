@@ -554,10 +554,11 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool
     k = _kernels()
     T, H = x.shape
     E, I = w_down.shape[0], w_down.shape[2]
+    G = w_gate_up.shape[1] // I  # 2: [gate; up] rows; 1: ungated experts (the up rows alone)
     K = rw.shape[1]
     S = T * K
     interp = _backend.interpreter_enabled()
-    h = torch.empty(S, 2 * I, device=x.device, dtype=x.dtype) if save_h else x.new_empty(0)
+    h = torch.empty(S, G * I, device=x.device, dtype=x.dtype) if save_h else x.new_empty(0)
     if S == 0:
         return (x.new_zeros(T, H), h) if save_h else x.new_zeros(T, H)
     mode = _combine_mode()
@@ -571,7 +572,7 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool
         grid = (m * _cdiv(I, cfg.BN),)
         k._gate_up_kernel[grid](
             x, w_gate_up, slots, offsets, a, x, w_down, rw_flat, a, rw_flat, h if save_h else a, H, I, E, m,
-            K=K, LIMIT=0.0 if limit is None else limit, ACT=act_id, HAS_LIMIT=limit is not None, BWD=False,
+            K=K, LIMIT=0.0 if limit is None else limit, ACT=act_id, HAS_LIMIT=limit is not None, GATED=G == 2, BWD=False,
             SAVE_H=save_h, RECOMPUTE=False, NEED_W=False, BM=cfg.BM, BN=cfg.BN,
             BK=cfg.BK, GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0,
             TMA=_use_tma(cfg, (w_gate_up,), (H,)), PREC=_prec(x.dtype), UPCAST=interp, INTERP=interp,
@@ -613,6 +614,7 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
     k = _kernels()
     T, H = x.shape
     E, I = w_down.shape[0], w_down.shape[2]
+    G = w_gate_up.shape[1] // I  # 2: [gate; up] rows; 1: ungated experts
     K = rw.shape[1]
     S = T * K
     interp = _backend.interpreter_enabled()
@@ -630,7 +632,7 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
     prec = _prec(dt)
     rw_flat = rw.reshape(-1)
     act_id = k.ACT_IDS[activation]
-    dh = torch.empty(S, 2 * I, device=dev, dtype=dt)
+    dh = torch.empty(S, G * I, device=dev, dtype=dt)
     a = torch.empty(S, I, device=dev, dtype=dt)
     part = {}
 
@@ -644,7 +646,7 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
         part["dw"] = dwp = torch.empty(S, nb, device=dev, dtype=torch.float32) if need_w else rw_flat
         k._gate_up_kernel[(m * nb,)](
             x, w_gate_up, slots, offsets, a, dy, w_down, rw_flat, dh, dwp, h if saved else dh, H, I, E, m,
-            K=K, LIMIT=0.0 if limit is None else limit, ACT=act_id, HAS_LIMIT=limit is not None, BWD=True,
+            K=K, LIMIT=0.0 if limit is None else limit, ACT=act_id, HAS_LIMIT=limit is not None, GATED=G == 2, BWD=True,
             SAVE_H=False, RECOMPUTE=not saved, NEED_W=need_w, BM=cfg.BM, BN=cfg.BN,
             BK=cfg.BK, GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0,
             TMA=_use_tma(cfg, (w_down, w_gate_up) if not saved else (w_down,), (H, I)), PREC=prec, UPCAST=interp,
@@ -662,10 +664,10 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
         def run_dx(cfg):
             m = _m_slots(S, E, cfg.BM)
             k._down_kernel[(m * _cdiv(H, cfg.BN),)](
-                dh, w_gate_up, slots, offsets, rw_flat, buf, H, 2 * I, E, m,
+                dh, w_gate_up, slots, offsets, rw_flat, buf, H, G * I, E, m,
                 K=K, TRANS_W=True, SCALE=False, ATOMIC=False, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
-                GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=(2 * I) % cfg.BK == 0,
-                TMA=_use_tma(cfg, (dh, w_gate_up), (2 * I, H)), PREC=prec, UPCAST=interp, INTERP=interp,
+                GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=(G * I) % cfg.BK == 0,
+                TMA=_use_tma(cfg, (dh, w_gate_up), (G * I, H)), PREC=prec, UPCAST=interp, INTERP=interp,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
         _launch("dx", S, H, I, E, K, dt, dev, run_dx)
@@ -698,7 +700,7 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
     tok = slots64 // K if (need_gu or need_down) else None  # (S,) token of each sorted row
     if need_gu:  # d(w_gate_up)[e] = dH_e^T @ x[token]_e  (E, 2I, H)
         xs = x.index_select(0, tok)  # (S, H)
-        dwgu = wgrad("wgrad_gu", dh, xs, 2 * I, H)
+        dwgu = wgrad("wgrad_gu", dh, xs, G * I, H)
         del xs
     dh = None  # (S, 2I) no longer needed: freed before d(w_down)'s temporaries (the closures share this cell)
     if need_down:  # d(w_down)[e] = (w * dy[token])_e^T @ A_e  (E, H, I)
@@ -748,7 +750,7 @@ def experts_fwd_saved(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Te
 
 @experts_fwd_saved.register_fake
 def _(x, w_gate_up, w_down, weights, sorted_slots, offsets, activation, swiglu_limit=None):
-    return x.new_empty(x.shape), x.new_empty(weights.shape[0] * weights.shape[1], 2 * w_down.shape[2])
+    return x.new_empty(x.shape), x.new_empty(weights.shape[0] * weights.shape[1], w_gate_up.shape[1])
 
 
 @torch.library.custom_op("h3moe::triton_experts_bwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -836,7 +838,8 @@ _limit_in._dynamo_marked_constant = True  # (torch.compile: evaluated at trace t
 
 def moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, routing: Routing,
         activation: str = "silu", recompute: bool | None = None, swiglu_limit: float | None = None) -> torch.Tensor:
-    """SwiGLU experts with the Triton kernels (swiglu_limit: h3moe.moe's). x (T, H), w_gate_up (E, 2I, H), w_down (E, H, I) in one dtype
+    """SwiGLU experts with the Triton kernels (swiglu_limit: h3moe.moe's; w_gate_up (E, I, H): ungated experts,
+    act(x @ Wup^T), h3moe.moe's gated=False). x (T, H), w_gate_up (E, 2I, H), w_down (E, H, I) in one dtype
     (fp16, bf16 or fp32); routing from h3moe.route. Returns (T, H) in x's dtype, differentiable w.r.t. x,
     both weights and routing.weights.
 
@@ -848,6 +851,12 @@ def moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, routing:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
     swiglu_limit = _limit_in(swiglu_limit, x.dtype)
     _check(x, w_gate_up, w_down)
+    G, rest = divmod(w_gate_up.shape[1], max(w_down.shape[2], 1))
+    if rest or G not in (1, 2):
+        raise ValueError(f"w_gate_up: expected (E, 2I, H) or, ungated, (E, I, H) with I={w_down.shape[2]}; got "
+                         f"{tuple(w_gate_up.shape)}")
+    if G == 1 and swiglu_limit is not None:
+        raise ValueError("swiglu_limit: a clamped SwiGLU needs gated experts")
     if w_down.shape[0] > 4096:
         raise NotImplementedError(f"the triton experts kernels take E <= 4096 experts; got {w_down.shape[0]}")
     if 2 * w_down.shape[2] * x.shape[1] >= 2**31:  # offsets inside one expert's weights are int32 in the kernels
