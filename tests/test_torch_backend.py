@@ -42,6 +42,16 @@ def test_route_equals_reference(T, H, I, E, K, renormalize):
         assert torch.all(seg[1:] > seg[:-1])
 
 
+def _assert_same_fwd_bwd(y, y_ref, leaves, leaves_ref, names=("x", "w_gate_up", "w_down", "logits")):
+    """y equals y_ref, and so does every leaf's gradient after one random backward through both."""
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    for name, a, b in zip(names, leaves, leaves_ref):
+        torch.testing.assert_close(a.grad, b.grad, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 @pytest.mark.parametrize("T,H,I,E,K", CASES)
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 def test_moe_forward_and_grads_fp64(T, H, I, E, K, activation):
@@ -53,12 +63,7 @@ def test_moe_forward_and_grads_fp64(T, H, I, E, K, activation):
     y = h3moe.moe(leaves[0], leaves[1], leaves[2], r, activation=activation, backend="torch")
     w, ids = ref.route_ref(leaves_ref[3], K)
     y_ref = ref.experts_ref(leaves_ref[0], leaves_ref[1], leaves_ref[2], w, ids, activation)
-    torch.testing.assert_close(y, y_ref)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    for name, a, b in zip(("x", "w_gate_up", "w_down", "logits"), leaves, leaves_ref):
-        torch.testing.assert_close(a.grad, b.grad, msg=lambda m, n=name: f"d{n}: {m}")
+    _assert_same_fwd_bwd(y, y_ref, leaves, leaves_ref)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
@@ -301,12 +306,7 @@ def test_ungated_experts_fp64(activation):
                   backend="torch")
     w, ids = ref.route_ref(leaves_ref[3], K)
     y_ref = ref.experts_ref(*leaves_ref[:3], w, ids, activation, gated=False)
-    torch.testing.assert_close(y, y_ref)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    for name, a, b in zip(("x", "w_up", "w_down", "logits"), leaves, leaves_ref):
-        torch.testing.assert_close(a.grad, b.grad, msg=lambda m, n=name: f"d{n}: {m}")
+    _assert_same_fwd_bwd(y, y_ref, leaves, leaves_ref, ("x", "w_up", "w_down", "logits"))
     args = [t.detach().clone().requires_grad_() for t in (x, wu, wd)]
     r = h3moe.route(logits, K, backend="torch")
     assert torch.autograd.gradcheck(
