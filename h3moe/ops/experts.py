@@ -232,7 +232,8 @@ def moe(
         w_gate_up: (E, 2I, H) gate rows first, then up rows (transformers 5.x fused layout).
         w_down: (E, H, I).
         routing: a Routing from h3moe.route, or a (weights (T, K), ids (T, K)) pair.
-        activation: "silu" (SwiGLU), "gelu", "gelu_tanh" or "relu", applied to the gate half.
+        activation: "silu" (SwiGLU), "gelu", "gelu_tanh", "relu" or "relu2" (squared ReLU), applied to the gate
+            half (ungated: to the up projection).
         backend: "auto", "torch", "triton" or "cuda".
         recompute: training memory of the Triton backward (also cuda's, which trains through it): False keeps
             the (T*K, 2I) gate/up pre-activation for the backward, True recomputes it there instead (less

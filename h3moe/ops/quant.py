@@ -509,7 +509,7 @@ def quant_moe(
         gate_up: Packed (E, 2I, H) (gate rows first, then up rows).
         down: Packed (E, H, I).
         routing: a Routing or a (weights (T, K), ids (T, K)) pair.
-        activation: "silu" (SwiGLU), "gelu", "gelu_tanh" or "relu".
+        activation: "silu" (SwiGLU), "gelu", "gelu_tanh", "relu" or "relu2".
         backend: "auto", "torch" or "triton".
         swiglu_limit: None, or L > 0: act(min(gate, L)) * clamp(up, -L, L) (h3moe.moe's; a compile-time
             constant of the Triton kernels: one compile per value).

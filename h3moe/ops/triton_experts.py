@@ -724,7 +724,7 @@ def experts_fwd(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, 
     Args:
         x: (T, H) fp16/bf16/fp32. w_gate_up: (E, 2I, H), w_down: (E, H, I), x's dtype.
         weights: (T, K) fp32 routing weights. sorted_slots: (T*K,) int32. offsets: (E+1,) int32.
-        activation: "silu" | "gelu" | "gelu_tanh" | "relu".
+        activation: "silu" | "gelu" | "gelu_tanh" | "relu" | "relu2".
         swiglu_limit: None, or L > 0: act(min(gate, L)) * clamp(up, -L, L).
     Returns:
         y (T, H) in x's dtype.
