@@ -1,5 +1,5 @@
 """Every experts class the installed transformers ships with @use_experts_implementation, through h3moe's
-experts forward: where h3moe takes it (experts_plan), its output and gradients equal the class's own eager
+experts forward and through h3moe.quantize: where h3moe takes it (experts_plan), its output and gradients equal the class's own eager
 forward; where it does not, it says why and transformers' grouped_mm runs (equal too). The classes are
 found by scanning transformers' modeling files, so a transformers upgrade that adds a family, or changes a
 gate, is checked here without a test edit. Built from each family's own config class, shrunk to tiny
@@ -17,6 +17,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import h3moe  # noqa: E402
 from h3moe.integrations import transformers as h3tf  # noqa: E402
 
 #: family → must h3moe take its experts (True) or fall back (False), where the installed transformers has it
@@ -156,7 +157,6 @@ def test_deepseek_v4_model_end_to_end():
 
     if not hasattr(transformers, "DeepseekV4Config"):
         pytest.skip("this transformers has no DeepSeek-V4")
-    import h3moe
     from h3moe.integrations import bitsandbytes as hb
 
     cfg = transformers.DeepseekV4Config(
@@ -261,3 +261,40 @@ def test_own_gate_under_torch_compile_before_any_eager_call(monkeypatch):
         torch._dynamo.reset()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert seen == [0.8] and _gate._FORMS  # traced through h3moe, probed once
+
+
+@pytest.mark.parametrize("family,stem,name", CLASSES, ids=[f"{f}.{n}" for f, _, n in CLASSES])
+def test_experts_class_quantized(family, stem, name, caplog):
+    """h3moe.quantize on every experts class: either quantized (NF4) and equal to the class's own eager forward
+    over the dequantized weights, or left as it is with a warning saying why (never quantized into a gate it
+    does not compute)."""
+    pytest.importorskip("safetensors")
+    from h3moe.integrations import bitsandbytes as hb
+
+    m = _build(family, stem, name)
+    if m is None:
+        pytest.skip("this sweep cannot build the module from its config")
+    if not isinstance(h3tf.experts_plan(m), str) and h3tf.experts_plan(m)[2] is not None:
+        for attr in ("swiglu_limit", "limit"):  # a limit that binds at these sizes
+            if isinstance(getattr(m, attr, None), (int, float)):
+                setattr(m, attr, 0.9)
+    holder = torch.nn.Module()
+    holder.experts = m
+    with caplog.at_level(logging.WARNING, logger="h3moe"):
+        h3moe.quantize(holder, "nf4", 64)
+    q = holder.experts
+    if q is m:
+        assert "h3moe.quantize: skipping" in caplog.text
+        return
+    assert isinstance(q, hb.QuantizedExperts)
+    E, H = q.num_experts, q.hidden_dim
+    g = torch.Generator().manual_seed(2)
+    T, K = 7, 2
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.softmax(torch.randn(T, K, generator=g), -1)
+    with torch.no_grad():
+        m.gate_up_proj.copy_(q.gate_up_proj.dequantize())
+        m.down_proj.copy_(q.down_proj.dequantize())
+        m.config._experts_implementation = "eager"
+        torch.testing.assert_close(q(x, ids, w), m(x, ids, w), rtol=1e-4, atol=1e-5)

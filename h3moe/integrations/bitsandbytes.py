@@ -489,6 +489,10 @@ def _targets(model: nn.Module):
         elif _list_names(m) is not None:
             out.append((path, "list", m))
         else:
+            if hasattr(m, "is_transposed") and hasattr(m, "has_gate"):  # transformers experts in another layout
+                why = "transposed experts" if m.is_transposed else (
+                    "ungated experts" if not m.has_gate else "not (E, 2I, H) / (E, H, I) expert tensors")
+                log.warning("h3moe.quantize: skipping %s (%s)", path or type(m).__name__, why)
             continue
         claimed.append(path)
     return out
