@@ -323,19 +323,30 @@ def _activation_of(module) -> str | None:
 
 
 def _is_fused_experts(m: nn.Module) -> bool:
-    gu, dn = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
-    if not (isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3):
+    gu, dn = _fused_views(m)
+    if gu is None:
         return False
     E, two_i, H = gu.shape
     return tuple(dn.shape) == (E, H, two_i // 2) and two_i % 2 == 0
+
+
+def _fused_views(m: nn.Module):
+    """(gate_up (E, 2I, H), down (E, H, I)) of a fused-experts module, as views of its tensors (transformers'
+    transposed layout, Aria's (E, H, 2I) / (E, I, H), viewed back); (None, None) if it holds none."""
+    gu, dn = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+    if not (isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3):
+        return None, None
+    if getattr(m, "is_transposed", False):
+        gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
+    return gu, dn
 
 
 def _fused_experts_supported(m: nn.Module) -> tuple[str, float | None] | str:
     """(activation, swiglu_limit) of a fused-experts module h3moe can quantize, or why it cannot (a str).
     A class's own _apply_gate counts only where it computes one of h3moe's forms (integrations/_gate.py):
     quantizing a gate h3moe does not compute would change the model's outputs."""
-    if getattr(m, "is_transposed", False) or getattr(m, "has_bias", False) or hasattr(m, "gate_up_proj_bias"):
-        return "transposed or biased experts (gpt-oss layout)"
+    if getattr(m, "has_bias", False) or hasattr(m, "gate_up_proj_bias"):
+        return "biased experts (gpt-oss layout)"
     if not getattr(m, "is_concatenated", True) or not getattr(m, "has_gate", True):
         return "interleaved or ungated experts"
     if getattr(m, "has_post_expert_norm", False):
@@ -490,8 +501,7 @@ def _targets(model: nn.Module):
             out.append((path, "list", m))
         else:
             if hasattr(m, "is_transposed") and hasattr(m, "has_gate"):  # transformers experts in another layout
-                why = "transposed experts" if m.is_transposed else (
-                    "ungated experts" if not m.has_gate else "not (E, 2I, H) / (E, H, I) expert tensors")
+                why = "ungated experts" if not m.has_gate else "not (E, 2I, H) / (E, H, I) expert tensors"
                 log.warning("h3moe.quantize: skipping %s (%s)", path or type(m).__name__, why)
             continue
         claimed.append(path)
@@ -540,8 +550,8 @@ def quantize(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, dou
             else:
                 root = new
         else:
-            with torch.no_grad():
-                W_gu, W_dn = m.gate_up_proj.detach(), m.down_proj.detach()
+            with torch.no_grad():  # (transposed experts: quantized in h3moe's layout, a copy anyway)
+                W_gu, W_dn = (w.detach().contiguous() for w in _fused_views(m))
                 gu = QuantizedWeight.from_float(W_gu, quant_type, blocksize, double_quant)
                 dn = QuantizedWeight.from_float(W_dn, quant_type, blocksize, double_quant)
             if kind == "moe":
