@@ -113,6 +113,8 @@ def experts_ref(
         h = torch.einsum("th,tnh->tn", x, w_gate_up[e])  # (T, 2I), ungated (T, I)
         if gated:
             a = glu_ref(h[:, :I], h[:, I:], activation, swiglu_limit)  # (T, I)
+        elif swiglu_limit is not None:
+            raise ValueError("swiglu_limit: a clamped SwiGLU needs gated experts")
         else:
             a = ACTIVATIONS[activation](h)
         o = torch.einsum("ti,thi->th", a, w_down[e])  # (T, H)

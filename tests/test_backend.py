@@ -249,4 +249,5 @@ def test_swiglu_limit_leaves_cuda_for_triton(monkeypatch):
     monkeypatch.setattr(triton_experts, "moe", lambda *a: seen.append((a[1].shape[1], a[4])) or a[0])
     h3moe.moe(x, wgu[:, :4], wd, None, backend="cuda", gated=False, activation="relu2")
     h3moe.moe(x, wgu, wd, None, backend="cuda", activation="relu2")
-    assert seen[2:] == [(4, "relu2"), (8, "relu2")]
+    h3moe.moe(x, wgu[:, :4], wd, None, backend="cuda", gated=False)  # ungated silu: by its shape alone
+    assert seen[2:] == [(4, "relu2"), (8, "relu2"), (4, "silu")]

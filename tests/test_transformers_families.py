@@ -301,9 +301,37 @@ def test_experts_class_quantized(family, stem, name, caplog):
     x = torch.randn(T, H, generator=g)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     w = torch.softmax(torch.randn(T, K, generator=g), -1)
+    # the dequantized experts are the module's own, within NF4's error (a transposed layout read the wrong way
+    # round does not come close)
+    from h3moe.integrations.bitsandbytes import _fused_views
+
+    for got, want in zip((q.gate_up_proj.dequantize(), q.down_proj.dequantize()), _fused_views(m)):
+        assert got.shape == want.shape and (got - want).norm() < 0.2 * want.norm()
     with torch.no_grad():  # (transposed experts, Aria: quantized in h3moe's layout, compared in theirs)
         back = (lambda t: t.transpose(1, 2)) if getattr(m, "is_transposed", False) else (lambda t: t)
         m.gate_up_proj.copy_(back(q.gate_up_proj.dequantize()))
         m.down_proj.copy_(back(q.down_proj.dequantize()))
         m.config._experts_implementation = "eager"
         torch.testing.assert_close(q(x, ids, w), m(x, ids, w), rtol=1e-4, atol=1e-5)
+
+
+def test_ungated_experts_ignore_an_apply_gate():
+    """transformers never calls _apply_gate on ungated experts (has_gate=False: act_fn(up)); neither does the
+    plan (a class-level _apply_gate that clamps changes nothing)."""
+    try:
+        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+    except ImportError:
+        pytest.skip("this transformers has no Nemotron-H")
+    m = _build("nemotron_h", "modeling_nemotron_h", "NemotronHExperts")
+    if m is None:
+        pytest.skip("this sweep cannot build the module from its config")
+
+    class Clamping(NemotronHExperts):
+        swiglu_limit = 0.5
+
+        def _apply_gate(self, gate_up):
+            g, u = gate_up.chunk(2, dim=-1)
+            return self.act_fn(g.clamp(max=0.5)) * u.clamp(-0.5, 0.5)
+
+    m.__class__ = Clamping
+    assert h3tf.experts_plan(m) == ("relu2", False, None, False)

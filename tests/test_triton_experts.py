@@ -1169,3 +1169,27 @@ def test_ungated_forward_and_grads(dtype, act, forced, recompute, monkeypatch):
     _assert_close(outs, eager, ref, ATOL[dtype])
     with pytest.raises(ValueError, match="gated"):
         te.moe(x, wu, wd, h3moe.route(logits, K), swiglu_limit=1.0)
+
+
+@needs_triton
+@pytest.mark.interpreter
+@pytest.mark.parametrize("gated", [True, False])
+def test_compiles_with_dynamic_shapes_and_takes_zero_width(gated):
+    """torch.compile(dynamic=True, fullgraph=True) traces the Triton experts, gated or not (their checks are
+    comparisons of symbolic sizes); I=0 experts give zeros and empty gradients."""
+    T, H, I, E, K = 6, 16, 8, 4, 2
+    x, wgu, wd, logits = _inputs(T, H, I, E, torch.float32)
+    w_in = wgu if gated else wgu[:, :I].contiguous()
+    r = h3moe.route(logits, K, backend="torch")
+    f = torch.compile(lambda x, w1, w2: h3moe.moe(x, w1, w2, r, backend="triton", gated=gated), dynamic=True,
+                      fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    try:
+        torch.testing.assert_close(f(x, w_in, wd), h3moe.moe(x, w_in, wd, r, backend="torch", gated=gated))
+    finally:
+        torch._dynamo.reset()
+    leaves = [x.clone().requires_grad_(), w_in[:, :0].clone().requires_grad_(), wd[:, :, :0].clone().requires_grad_()]
+    y = h3moe.moe(*leaves, r, backend="triton", gated=gated)
+    assert torch.equal(y, torch.zeros_like(x))
+    y.sum().backward()
+    assert leaves[1].grad.shape == (E, 0, H) and torch.equal(leaves[0].grad, torch.zeros_like(x))

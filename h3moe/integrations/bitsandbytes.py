@@ -307,19 +307,15 @@ class QuantizedMoE(MoE):
 # ---------------------------------------------------------------------------------------------------------
 # finding and converting expert modules
 
-_ACT_BY_CLASS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu", "GELU": "gelu",
-                 "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
-                 "GELUPytorchTanh": "gelu_tanh", "ReLU": "relu"}
 _LIST_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 
 def _activation_of(module) -> str | None:
+    """The h3moe activation of a per-expert MLP's act_fn (silu without one), or None."""
+    from ._gate import activation_name
+
     act = getattr(module, "act_fn", None)
-    if act is None:
-        return "silu"
-    if isinstance(act, nn.GELU):
-        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
-    return _ACT_BY_CLASS.get(type(act).__name__)
+    return "silu" if act is None else activation_name(act)
 
 
 def _is_fused_experts(m: nn.Module) -> bool:

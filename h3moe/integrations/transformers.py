@@ -75,13 +75,19 @@ def experts_plan(self: torch.nn.Module) -> tuple[str, bool, float | None, bool] 
         why.append("interleaved gate/up")
     if getattr(self, "has_post_expert_norm", False):
         why.append("post-expert norm")
-    form = gate_form(self) if not why else "(not probed)"
+    if not gated:  # transformers applies act_fn to up, never _apply_gate
+        act = activation_name(getattr(self, "act_fn", None))
+        form = (act, None) if act else (f"activation {type(getattr(self, 'act_fn', None)).__name__} not in "
+                                        "silu/gelu/gelu_tanh/relu/relu2")
+    else:
+        form = gate_form(self) if not why else "(not probed)"
     if isinstance(form, str) and not why:
         why.append(form)
     gu = getattr(self, "gate_up_proj" if gated else "up_proj", None)
     dn = getattr(self, "down_proj", None)
     if not (_float3d(gu) and _float3d(dn)):
-        why.append("gate_up_proj/down_proj are not plain float (E, ., .) tensors (quantized?)")
+        why.append(f"{'gate_up_proj' if gated else 'up_proj'}/down_proj are not plain float (E, ., .) tensors "
+                   "(quantized?)")
     elif gu.dtype != dn.dtype:
         why.append(f"gate_up_proj {gu.dtype} and down_proj {dn.dtype} differ")
     if why:

@@ -554,7 +554,7 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool
     k = _kernels()
     T, H = x.shape
     E, I = w_down.shape[0], w_down.shape[2]
-    G = w_gate_up.shape[1] // I  # 2: [gate; up] rows; 1: ungated experts (the up rows alone)
+    G = w_gate_up.shape[1] // I if I else 2  # 2: [gate; up] rows; 1: ungated experts (the up rows alone)
     K = rw.shape[1]
     S = T * K
     interp = _backend.interpreter_enabled()
@@ -614,7 +614,7 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
     k = _kernels()
     T, H = x.shape
     E, I = w_down.shape[0], w_down.shape[2]
-    G = w_gate_up.shape[1] // I  # 2: [gate; up] rows; 1: ungated experts
+    G = w_gate_up.shape[1] // I if I else 2  # 2: [gate; up] rows; 1: ungated experts
     K = rw.shape[1]
     S = T * K
     interp = _backend.interpreter_enabled()
@@ -851,17 +851,17 @@ def moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, routing:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
     swiglu_limit = _limit_in(swiglu_limit, x.dtype)
     _check(x, w_gate_up, w_down)
-    G, rest = divmod(w_gate_up.shape[1], max(w_down.shape[2], 1))
-    if rest or G not in (1, 2):
-        raise ValueError(f"w_gate_up: expected (E, 2I, H) or, ungated, (E, I, H) with I={w_down.shape[2]}; got "
+    I = w_down.shape[2]  # (comparisons only: they trace with symbolic sizes under torch.compile(dynamic=True))
+    if w_gate_up.shape[1] != 2 * I and w_gate_up.shape[1] != I:
+        raise ValueError(f"w_gate_up: expected (E, 2I, H) or, ungated, (E, I, H) with I={I}; got "
                          f"{tuple(w_gate_up.shape)}")
-    if G == 1 and swiglu_limit is not None:
+    if I > 0 and w_gate_up.shape[1] == I and swiglu_limit is not None:
         raise ValueError("swiglu_limit: a clamped SwiGLU needs gated experts")
     if w_down.shape[0] > 4096:
         raise NotImplementedError(f"the triton experts kernels take E <= 4096 experts; got {w_down.shape[0]}")
-    if 2 * w_down.shape[2] * x.shape[1] >= 2**31:  # offsets inside one expert's weights are int32 in the kernels
-        raise NotImplementedError(f"the triton experts kernels take 2*I*H < 2**31 elements per expert; got I="
-                                  f"{w_down.shape[2]}, H={x.shape[1]} (use backend='torch')")
+    if w_gate_up.shape[1] * x.shape[1] >= 2**31:  # offsets inside one expert's weights are int32 in the kernels
+        raise NotImplementedError(f"the triton experts kernels take 2*I*H (ungated I*H) < 2**31 elements per "
+                                  f"expert; got I={w_down.shape[2]}, H={x.shape[1]} (use backend='torch')")
     args = (x, w_gate_up, w_down, routing.weights, routing.sorted_slots, routing.offsets, activation, swiglu_limit)
     with _backend.device_guard(x):  # x's GPU, where it is not the current device (device_map="auto")
         if _backend.eager_direct(x, w_gate_up, w_down, routing.weights):  # inference: skip the dispatcher
