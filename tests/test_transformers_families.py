@@ -155,6 +155,27 @@ def test_experts_class_through_h3moe(family, stem, name, caplog):
         assert not torch.allclose(experts_ref(x, *W, w, ids, plan[0]), want[0], rtol=1e-3, atol=1e-3)
 
 
+def _assert_same_model(eager, fast):
+    """fast (h3moe's experts) equals eager: logits, every gradient of a loss, greedy generation; both left in
+    eval mode. Returns the token ids used."""
+    ids = torch.randint(2, 64, (2, 10))
+    outs = []
+    for model in (eager, fast):
+        o = model(ids, labels=ids)
+        model.zero_grad(set_to_none=True)
+        o.loss.backward()
+        outs.append((o.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    assert outs[0][1].keys() == outs[1][1].keys()
+    for n, g in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][n], g, rtol=1e-4, atol=1e-5, msg=lambda s: f"{n}: {s}")
+    eager.eval(), fast.eval()
+    with torch.no_grad():
+        assert torch.equal(fast.generate(ids[:1], max_new_tokens=6, do_sample=False),
+                           eager.generate(ids[:1], max_new_tokens=6, do_sample=False))
+    return ids
+
+
 def test_deepseek_v4_model_end_to_end():
     """A tiny DeepSeek-V4 (clamped SwiGLU experts, limit binding) through experts_implementation="h3moe":
     logits and gradients equal eager, greedy generation token for token, and h3moe.quantize keeps the limit
@@ -182,20 +203,8 @@ def test_deepseek_v4_model_end_to_end():
     fast = copy.deepcopy(eager)
     fast.set_experts_implementation("h3moe")
     assert all(h3tf.experts_plan(m)[2] == 0.5 for m in experts)
-    ids = torch.randint(2, 64, (2, 10))
-    outs = []
-    for model in (eager, fast):
-        o = model(ids, labels=ids)
-        model.zero_grad(set_to_none=True)
-        o.loss.backward()
-        outs.append((o.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
-    for n, g in outs[0][1].items():
-        torch.testing.assert_close(outs[1][1][n], g, rtol=1e-4, atol=1e-5, msg=lambda s: f"{n}: {s}")
-    eager.eval(), fast.eval()
+    ids = _assert_same_model(eager, fast)
     with torch.no_grad():
-        want = eager.generate(ids[:1], max_new_tokens=6, do_sample=False)
-        assert torch.equal(fast.generate(ids[:1], max_new_tokens=6, do_sample=False), want)
         h3moe.quantize(fast, "nf4", 32)
         q = [m for m in fast.modules() if isinstance(m, hb.QuantizedExperts)]
         assert len(q) == 2 and all(m.swiglu_limit == 0.5 for m in q)
@@ -335,3 +344,28 @@ def test_ungated_experts_ignore_an_apply_gate():
 
     m.__class__ = Clamping
     assert h3tf.experts_plan(m) == ("relu2", False, None, False)
+
+
+def test_nemotron_h_model_end_to_end():
+    """A tiny Nemotron-H (hybrid, ungated relu2 experts) through experts_implementation="h3moe": the patch
+    report names gated=False, logits and gradients equal eager, greedy generation token for token."""
+    import copy
+
+    if not hasattr(transformers, "NemotronHConfig"):
+        pytest.skip("this transformers has no Nemotron-H")
+    cfg = transformers.NemotronHConfig(
+        vocab_size=64, hidden_size=64, layers_block_type=["moe", "full_attention", "moe"], num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, intermediate_size=64, ssm_state_size=16,
+        mamba_num_heads=4, mamba_head_dim=16, n_groups=1, chunk_size=16, n_routed_experts=6, n_shared_experts=1,
+        moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, num_experts_per_tok=2)
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    eager = transformers.NemotronHForCausalLM(cfg)
+    with torch.no_grad():
+        for n, p in eager.named_parameters():
+            if ".experts." in n:
+                p.normal_(0, 0.2)
+    fast = copy.deepcopy(eager)
+    report = h3moe.patch(fast)
+    assert sum("gated=False" in s.detail for s in report.swapped) == 2, report
+    _assert_same_model(eager, fast)
