@@ -756,9 +756,9 @@ assert "wgmma.mma_async" in ptx and "cp.async" in ptx
 # ------------------------------------------------------------------------------------------------ GPU tier
 
 
-def _ref_fp32_and_eager(x, gu, dn, r):
+def _ref_fp32_and_eager(x, gu, dn, r, limit=None):
     """fp32 reference on the dtype-rounded dequantized weights, and eager in x's dtype (the per-expert
-    fallback: dequantize one expert, then its rows), for the tolerance."""
+    fallback: dequantize one expert, then its rows), for the tolerance; limit: the swiglu_limit."""
     T, H = x.shape
     K = r.top_k
     want = torch.zeros(T, H, dtype=torch.float32, device=x.device)
@@ -770,9 +770,9 @@ def _ref_fp32_and_eager(x, gu, dn, r):
         wd = dn.dequantize(e, x.dtype).float()
         I = wd.shape[1]
         h = x[tok].float() @ wg.t()
-        o = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]) @ wd.t()
+        o = ref.glu_ref(h[:, :I], h[:, I:], "silu", limit) @ wd.t()
         want.index_add_(0, tok, o * r.weights[tok, slot, None])
-    eager = oq.quant_moe(x, gu.packed, dn.packed, r, backend="torch").float()
+    eager = oq.quant_moe(x, gu.packed, dn.packed, r, backend="torch", swiglu_limit=limit).float()
     return want, eager
 
 
@@ -795,6 +795,26 @@ def test_gpu_kernels_equal_dequantize_reference(monkeypatch, quant_type, nested,
     y = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton")
     assert y.dtype == dtype and not torch.isnan(y).any()
     want, eager = _ref_fp32_and_eager(x, gu, dn, r)
+    err, eager_err = (y.float() - want).abs().max(), (eager - want).abs().max()
+    assert err <= 2 * eager_err + 1e-3 * want.abs().max(), (err, eager_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+@pytest.mark.parametrize("T,kernel", [(1, None), (16, None), (64, None), (20, "dot")])  # GEMV, tensor cores, tl.dot
+def test_gpu_swiglu_limit_equals_reference(monkeypatch, quant_type, T, kernel):
+    """The clamped SwiGLU (swiglu_limit, a constexpr of every gate_up kernel) on each kernel family, bf16,
+    against dequantize + the clamped reference; the clamp binds."""
+    if kernel:
+        monkeypatch.setenv("H3MOE_QUANT_KERNEL", kernel)
+    E, H, I, K, L = 8, 1024, 768, 2, 0.5
+    gu, dn = _quantized(E, H, I, quant_type, 64, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+    r = route(torch.randn(T, E, device="cuda"), K)
+    _poison(monkeypatch)
+    y = oq.quant_moe(x, gu.packed, dn.packed, r, backend="triton", swiglu_limit=L)
+    want, eager = _ref_fp32_and_eager(x, gu, dn, r, L)
+    assert (want - _ref_fp32_and_eager(x, gu, dn, r)[0]).abs().max() > 0.1 * want.abs().max()
     err, eager_err = (y.float() - want).abs().max(), (eager - want).abs().max()
     assert err <= 2 * eager_err + 1e-3 * want.abs().max(), (err, eager_err)
 
