@@ -1,8 +1,8 @@
 """torch.autocast for h3moe's expert ops: under an enabled autocast region of the inputs' device, fp32
 (and other floating) activations and expert weights enter the experts in the region's dtype (bf16 / fp16),
-as autocast casts the operands of torch.nn.functional.linear (what transformers' eager experts run), and the output comes out in
-that dtype. The casts are ordinary differentiable .to() calls: fp32 master weights get fp32 gradients.
-Without this, custom ops see fp32 inputs under autocast and run the fp32 kernels (tf32x3 on the GPU: several
+as autocast casts the operands of torch.nn.functional.linear (what transformers' eager experts run), and the
+output comes out in that dtype. The casts are ordinary differentiable .to() calls: fp32 master weights get
+fp32 gradients. Without this, custom ops see fp32 inputs under autocast and run the fp32 kernels (tf32x3 on the GPU: several
 times slower than bf16), the case of a model loaded in fp32 and trained with mixed precision (Trainer(bf16=True)).
 fp64 is left alone, as autocast leaves it; so are integer tensors (ids) and packed quantized weights (uint8)."""
 from __future__ import annotations

@@ -25,12 +25,14 @@ def activation(act: str) -> None:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {act!r}")
 
 
-def swiglu_limit(limit) -> float | None:
-    """None, or a finite positive number (returned as a float)."""
+def swiglu_limit(limit, gated: bool = True) -> float | None:
+    """None, or a finite positive number (returned as a float), on gated experts only."""
     if limit is None:
         return None
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < float("inf"):
         raise ValueError(f"swiglu_limit: expected None or a finite number > 0, got {limit!r}")
+    if not gated:
+        raise ValueError("swiglu_limit: a clamped SwiGLU needs gated experts")
     return float(limit)
 
 

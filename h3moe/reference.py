@@ -113,10 +113,10 @@ def experts_ref(
         h = torch.einsum("th,tnh->tn", x, w_gate_up[e])  # (T, 2I), ungated (T, I)
         if gated:
             a = glu_ref(h[:, :I], h[:, I:], activation, swiglu_limit)  # (T, I)
-        elif swiglu_limit is not None:
-            raise ValueError("swiglu_limit: a clamped SwiGLU needs gated experts")
-        else:
+        elif swiglu_limit is None:
             a = ACTIVATIONS[activation](h)
+        else:
+            raise ValueError("swiglu_limit: a clamped SwiGLU needs gated experts")
         o = torch.einsum("ti,thi->th", a, w_down[e])  # (T, H)
         y = y + weights[:, k, None].to(acc_dtype) * o.to(acc_dtype)
     return y.to(x.dtype)

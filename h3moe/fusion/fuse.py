@@ -94,8 +94,10 @@ def load_dense(model, *, base=None, dtype=None, what: str = "model"):
 #: it silently.
 MIXTRAL_LIKE = ("llama", "mistral")
 #: a Mixtral-like decoder layer's parameters (outside the FFN, which becomes the experts)
-_LAYER_PARAMS = {f"self_attn.{p}_proj.weight" for p in "qkvo"} | {f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")} \
+_LAYER_PARAMS = (
+    {f"self_attn.{p}_proj.weight" for p in "qkvo"} | {f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
     | {"input_layernorm.weight", "post_attention_layernorm.weight"}
+)
 
 
 def _check_architecture(model, layers, what: str) -> None:

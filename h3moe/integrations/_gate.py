@@ -88,7 +88,7 @@ def _own_form(cls: type, act: str | None) -> tuple[str, bool] | None:
     for name in dict.fromkeys(n for n in (act, "silu") if n):
         # the instance's own activation stands in for its act_fn; the other candidate (silu, for gates that
         # call F.silu themselves: GLM-5-Next, Hunyuan-V4) gets an act_fn that matches nothing, so a gate that
-        # calls self.act_fn with an activation h3moe lacks (relu2, quick_gelu, ...) is not taken for silu
+        # calls self.act_fn with an activation h3moe lacks (quick_gelu, gelu_10, ...) is not taken for silu
         act_fn = ACTIVATIONS[name] if name == act else _matches_nothing
         fake = types.SimpleNamespace(act_fn=act_fn, limit=_PROBE_LIMIT, swiglu_limit=_PROBE_LIMIT)
         try:
@@ -120,15 +120,16 @@ def _limit_of(m) -> float | None:
     return vals.pop() if len(vals) == 1 and 0 < next(iter(vals)) < float("inf") else None
 
 
-def gate_form(m: torch.nn.Module, default_act: str | None = None) -> tuple[str, float | None] | str:
+def gate_form(m: torch.nn.Module, default_act: str | None = None, gated: bool = True) -> tuple[str, float | None] | str:
     """(activation, swiglu_limit) h3moe computes exactly as experts module m's gate, or why not (a str).
-    default_act: the activation when m has no act_fn (None: that is a reason)."""
+    default_act: the activation when m has no act_fn (None: that is a reason). Ungated experts (gated=False)
+    apply act_fn to up alone: transformers never calls their _apply_gate."""
     act_fn = getattr(m, "act_fn", None)
     act = activation_name(act_fn) if act_fn is not None else default_act
     apply_gate = getattr(type(m), "_apply_gate", None)
     moe_mod = sys.modules.get("transformers.integrations.moe")
     default = getattr(moe_mod, "_default_apply_gate", None)
-    if apply_gate is None or apply_gate is default:
+    if not gated or apply_gate is None or apply_gate is default:
         if act is None:
             return f"activation {type(act_fn).__name__} not in silu/gelu/gelu_tanh/relu/relu2"
         return act, None

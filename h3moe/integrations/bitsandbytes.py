@@ -297,7 +297,7 @@ class QuantizedMoE(MoE):
         routing = route(logits, self.top_k, renormalize=self.renormalize, backend=self.backend)
         self.router_logits, self.routing = logits, routing
         y = quant_moe(x2, self.gate_up_proj.packed, self.down_proj.packed, routing, activation=self.activation,
-                      backend=self.backend, swiglu_limit=getattr(self, "swiglu_limit", None))
+                      backend=self.backend, swiglu_limit=self.swiglu_limit)
         return y.reshape(shape)
 
     def reset_parameters(self) -> None:  # packed weights are not re-initialized
@@ -477,7 +477,8 @@ class QuantReport:
 
 
 def _targets(model: nn.Module):
-    """(path, kind, module) of every expert container, outermost first, skipping ones already quantized."""
+    """(path, kind, module, form) of every expert container, outermost first, skipping ones already quantized;
+    form: a fused-experts module's (activation, swiglu_limit) (_fused_experts_supported), else None."""
     out, claimed = [], []
     for path, m in model.named_modules():
         if any(path.startswith(c + ".") for c in claimed):
@@ -486,15 +487,15 @@ def _targets(model: nn.Module):
             claimed.append(path)
             continue
         if isinstance(m, MoE):
-            out.append((path, "moe", m))
+            out.append((path, "moe", m, None))
         elif _is_fused_experts(m):
-            why = _fused_experts_supported(m)
-            if isinstance(why, str):
-                log.warning("h3moe.quantize: skipping %s (%s)", path or type(m).__name__, why)
+            form = _fused_experts_supported(m)
+            if isinstance(form, str):
+                log.warning("h3moe.quantize: skipping %s (%s)", path or type(m).__name__, form)
                 continue
-            out.append((path, "experts", m))
+            out.append((path, "experts", m, form))
         elif _list_names(m) is not None:
-            out.append((path, "list", m))
+            out.append((path, "list", m, None))
         else:
             if hasattr(m, "is_transposed") and hasattr(m, "has_gate"):  # transformers experts in another layout
                 why = "ungated experts" if not m.has_gate else "not (E, 2I, H) / (E, H, I) expert tensors"
@@ -532,7 +533,7 @@ def quantize(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, dou
     exp_before = exp_after = 0
     meta = {}
     root = model
-    for path, kind, m in targets:
+    for path, kind, m, form in targets:
         exp_before += module_bytes(m)
         if kind == "list":
             names = _list_names(m)
@@ -555,7 +556,7 @@ def quantize(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, dou
                 m.backend = backend if backend != "auto" else m.backend
                 new = m
             else:
-                act, limit = _fused_experts_supported(m)
+                act, limit = form
                 new = QuantizedExperts(gu, dn, act, backend, limit)
                 if path:
                     _set_child(model, path, new)
@@ -564,7 +565,7 @@ def quantize(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, dou
         exp_after += module_bytes(new)
         meta[path] = _describe(kind, new)
     after = module_bytes(root)
-    report = QuantReport(quant_type, blocksize, double_quant, [p for p, _, _ in targets], exp_before, exp_after,
+    report = QuantReport(quant_type, blocksize, double_quant, [t[0] for t in targets], exp_before, exp_after,
                          before, after)
     root.h3moe_quant_report = report
     root.h3moe_quant_meta = meta

@@ -14,9 +14,9 @@ Two levels:
    run h3moe.moe(gated=False).
    Transposed weights are viewed back as (E, 2I, H)/(E, H, I) and run on the torch backend under "auto"
    (the GPU kernels would copy every expert at every call). Any other variant (gpt-oss: transposed +
-   interleaved + biases + alpha SwiGLU; MiniMax-M3's and Inkling-2's gates; post-expert norm;
-   quantized weights; another activation) falls back to transformers' `grouped_mm` forward, with one log line per variant. Expert-parallel
-   sentinels (ids >= E, weight 0) are clamped to a real expert with weight 0.
+   interleaved + biases + alpha SwiGLU; MiniMax-M3's and Inkling-2's gates; post-expert norm; quantized
+   weights; another activation) falls back to transformers' `grouped_mm` forward, with one log line per
+   variant. Expert-parallel sentinels (ids >= E, weight 0) are clamped to a real expert with weight 0.
 
 2. `patch(model)` sets that experts implementation and also swaps each known router's forward for h3moe's
    (see h3moe/integrations/routers.py: the fused softmax-top-k kernel for Mixtral/Qwen/OLMoE and gpt-oss,
@@ -39,7 +39,7 @@ import torch
 from .. import _backend
 from ..ops.experts import _use_torch_gmm, moe
 from . import routers as _routers
-from ._gate import activation_name, gate_form
+from ._gate import activation_name, gate_form  # noqa: F401 (activation_name: part of this module's API)
 
 __all__ = ["patch", "unpatch", "PatchReport", "Swap", "h3moe_experts_forward", "register", "install_import_hook"]
 
@@ -47,8 +47,6 @@ logger = logging.getLogger("h3moe")
 
 NAME = "h3moe"
 _TARGET = "transformers.integrations.moe"
-
-# --- activations (h3moe/integrations/_gate.py) -----------------------------------------------------------
 
 # --- the experts forward -------------------------------------------------------------------------------
 
@@ -75,12 +73,7 @@ def experts_plan(self: torch.nn.Module) -> tuple[str, bool, float | None, bool] 
         why.append("interleaved gate/up")
     if getattr(self, "has_post_expert_norm", False):
         why.append("post-expert norm")
-    if not gated:  # transformers applies act_fn to up, never _apply_gate
-        act = activation_name(getattr(self, "act_fn", None))
-        form = (act, None) if act else (f"activation {type(getattr(self, 'act_fn', None)).__name__} not in "
-                                        "silu/gelu/gelu_tanh/relu/relu2")
-    else:
-        form = gate_form(self) if not why else "(not probed)"
+    form = gate_form(self, gated=gated) if not why else "(not probed)"
     if isinstance(form, str) and not why:
         why.append(form)
     gu = getattr(self, "gate_up_proj" if gated else "up_proj", None)

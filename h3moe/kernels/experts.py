@@ -870,7 +870,8 @@ def aot_specs() -> list:
                            "dy_ptr": p, "wd_ptr": p, "rw_ptr": "*fp32", "dh_ptr": p, "dw_ptr": "*fp32",
                            "h_ptr": p, "H": "i32", "I": "i32", "E": "i32", "M_SLOTS": "i32", "K": "i32",
                            "LIMIT": "fp32"}
-                    const = dict(ACT=0, HAS_LIMIT=False, GATED=True, BWD=bwd, SAVE_H=not bwd, RECOMPUTE=role == "bwd_act", NEED_W=bwd, **tile,
+                    const = dict(ACT=0, HAS_LIMIT=False, GATED=True, BWD=bwd, SAVE_H=not bwd,
+                                 RECOMPUTE=role == "bwd_act", NEED_W=bwd, **tile,
                                  BLOCK_E=8,
                                  EVEN_K=True, TMA=cfg.TMA, PREC=prec, UPCAST=False, INTERP=False)
                     specs.append(_spec(name, _gate_up_kernel, sig, const, cfg))

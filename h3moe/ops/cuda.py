@@ -335,7 +335,8 @@ def moe(x, w_gate_up, w_down, routing: Routing, activation: str = "silu", recomp
     """SwiGLU experts (see h3moe.moe) with the mma.sync kernels; forward only — with autograd on, or for
     dtypes / sizes the kernels do not take, it falls back (one log line)."""
     ok, why = supports("moe", x, w_gate_up, w_down, routing.weights)
-    if ok and (activation not in _ACT or w_gate_up.shape[1] != 2 * w_down.shape[2]):
+    gated = w_gate_up.shape[1] == 2 * w_down.shape[2]
+    if ok and (activation not in _ACT or not gated):
         ok, why = False, "relu2 or ungated experts (no cuda kernel)"
     if not ok:
         if _fallback_backend("moe", x.device, why) == "triton":
@@ -344,7 +345,7 @@ def moe(x, w_gate_up, w_down, routing: Routing, activation: str = "silu", recomp
             return triton_experts.moe(x, w_gate_up, w_down, routing, activation, recompute)
         from .experts import _moe_torch
 
-        return _moe_torch(x, w_gate_up, w_down, routing, activation, None, w_gate_up.shape[1] == 2 * w_down.shape[2])
+        return _moe_torch(x, w_gate_up, w_down, routing, activation, None, gated)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
     x, w_gate_up, w_down = (t.contiguous() for t in (x, w_gate_up, w_down))

@@ -251,16 +251,15 @@ def moe(
     """
     T, H, E, I = _validate.experts(x, w_gate_up, w_down, gated)
     _validate.activation(activation)
-    swiglu_limit = _validate.swiglu_limit(swiglu_limit)
-    if not gated and swiglu_limit is not None:
-        raise ValueError("swiglu_limit: a clamped SwiGLU needs gated experts")
+    swiglu_limit = _validate.swiglu_limit(swiglu_limit, gated)
     x, w_gate_up, w_down = autocast_inputs(x, w_gate_up, w_down)  # torch.autocast: to its dtype (not fp64)
     if w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
         raise ValueError(f"w_gate_up/w_down: dtypes {w_gate_up.dtype}/{w_down.dtype} differ from x's {x.dtype}")
     be = _backend.resolve(backend, x.device, "moe")
     if be == "cuda" and (swiglu_limit is not None or not gated or activation == "relu2" or (
             backend == "auto" and _backend.auto_requested() and not _cuda_moe_pays(T, E))):
-        # (the cuda kernels have no clamped SwiGLU: Triton runs it, as it does where cuda does not pay)
+        # (the cuda kernels have no clamped SwiGLU, ungated experts or relu2: Triton runs them, as it does
+        # where cuda does not pay)
         be = "triton" if _backend.runs("triton", "moe", x.device) else "torch"
     # a (weights, ids) pair gets its sort metadata from the Triton kernels where the GPU backends run
     sort_be = "triton" if be in ("triton", "cuda") and _backend.runs("triton", "route", x.device) else "torch"

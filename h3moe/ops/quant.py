@@ -232,6 +232,7 @@ def _w4_gate_up_impl(
 ) -> torch.Tensor:
     from ..kernels import quant as kq
 
+    act = dict(ACT=kq.ACT_IDS[activation], LIMIT=swiglu_limit or 0.0)  # the epilogue's constexprs
     T, H = x.shape
     S, I, E = sorted_slots.shape[0], intermediate, offsets.shape[0] - 1
     out = _empty(S, I, dtype=x.dtype, device=x.device)
@@ -245,7 +246,7 @@ def _w4_gate_up_impl(
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
         kq.w4_gate_up_tc_kernel[grid](
             x, *packed(True), sorted_slots, offsets, out, *_w4_blocks(absmax, absmax2), E=E, EP=_pow2(E), H=H, I=I,
-            TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation], LIMIT=swiglu_limit or 0.0, BM=cfg["BM"], BN=cfg["BN"],
+            TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, **act, BM=cfg["BM"], BN=cfg["BN"],
             LOOKUP=_lookup("tc"), DEPTH=cfg["DEPTH"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return out
@@ -254,7 +255,7 @@ def _w4_gate_up_impl(
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["ROWS"]))
         kq.w4_gate_up_gemv_kernel[grid](
             x, *packed(True), sorted_slots, offsets, out, *_w4_blocks(absmax, absmax2), E=E, EP=_pow2(E), H=H, I=I,
-            TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation], LIMIT=swiglu_limit or 0.0, ROWS=cfg["ROWS"],
+            TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, **act, ROWS=cfg["ROWS"],
             BN=cfg["BN"], NBLK=cfg["NBLK"], LOOKUP=_lookup("gemv"), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
@@ -263,7 +264,7 @@ def _w4_gate_up_impl(
     grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w4_gate_up_kernel[grid](
         x, *packed(False), sorted_slots, offsets, out, *_w4_blocks(absmax, absmax2), E=E, H=H, I=I,
-        TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, ACT=kq.ACT_IDS[activation], LIMIT=swiglu_limit or 0.0,
+        TOPK=top_k, BLOCKSIZE=blocksize, NESTED=nested, **act,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], DOT_PREC=_dot_prec(x.dtype),
         LOOKUP=_lookup("dot"), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
@@ -347,6 +348,7 @@ def _w8_gate_up_impl(
 ) -> torch.Tensor:
     from ..kernels import quant as kq
 
+    act = dict(ACT=kq.ACT_IDS[activation], LIMIT=swiglu_limit or 0.0)  # the epilogue's constexprs
     T, H = x.shape
     S, I, E = sorted_slots.shape[0], q.shape[1] // 2, offsets.shape[0] - 1
     out = _empty(S, I, dtype=x.dtype, device=x.device)
@@ -358,7 +360,7 @@ def _w8_gate_up_impl(
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
         kq.w8_gate_up_tc_kernel[grid](
             x, _words(q), scale, sorted_slots, offsets, out, E=E, EP=_pow2(E), H=H, I=I, TOPK=top_k,
-            ACT=kq.ACT_IDS[activation], LIMIT=swiglu_limit or 0.0, BM=cfg["BM"], BN=cfg["BN"], SUB=cfg["SUB"], DEPTH=cfg["DEPTH"],
+            **act, BM=cfg["BM"], BN=cfg["BN"], SUB=cfg["SUB"], DEPTH=cfg["DEPTH"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return out
@@ -366,14 +368,14 @@ def _w8_gate_up_impl(
         cfg = kq.pick_decode_config(T, S, E, 8, 0, H, I, "gate_up")
         grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["ROWS"]))
         kq.w8_gate_up_gemv_kernel[grid](
-            x, q, scale, sorted_slots, offsets, out, E=E, EP=_pow2(E), H=H, I=I, TOPK=top_k, ACT=kq.ACT_IDS[activation], LIMIT=swiglu_limit or 0.0,
+            x, q, scale, sorted_slots, offsets, out, E=E, EP=_pow2(E), H=H, I=I, TOPK=top_k, **act,
             ROWS=cfg["ROWS"], BN=cfg["BN"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return out
     cfg = kq.pick_config(S, 8, 0, H, I, x.dtype == torch.float32)
     grid = (_cdiv(I, cfg["BN"]), _m_tiles(S, E, cfg["BM"]))
     kq.w8_gate_up_kernel[grid](
-        x, q, scale, sorted_slots, offsets, out, E=E, H=H, I=I, TOPK=top_k, ACT=kq.ACT_IDS[activation], LIMIT=swiglu_limit or 0.0,
+        x, q, scale, sorted_slots, offsets, out, E=E, H=H, I=I, TOPK=top_k, **act,
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], DOT_PREC=_dot_prec(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

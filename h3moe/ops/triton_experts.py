@@ -572,8 +572,8 @@ def _fwd(x, w_gate_up, w_down, rw, slots, offsets, activation: str, save_h: bool
         grid = (m * _cdiv(I, cfg.BN),)
         k._gate_up_kernel[grid](
             x, w_gate_up, slots, offsets, a, x, w_down, rw_flat, a, rw_flat, h if save_h else a, H, I, E, m,
-            K=K, LIMIT=0.0 if limit is None else limit, ACT=act_id, HAS_LIMIT=limit is not None, GATED=G == 2, BWD=False,
-            SAVE_H=save_h, RECOMPUTE=False, NEED_W=False, BM=cfg.BM, BN=cfg.BN,
+            K=K, LIMIT=0.0 if limit is None else limit, ACT=act_id, HAS_LIMIT=limit is not None, GATED=G == 2,
+            BWD=False, SAVE_H=save_h, RECOMPUTE=False, NEED_W=False, BM=cfg.BM, BN=cfg.BN,
             BK=cfg.BK, GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0,
             TMA=_use_tma(cfg, (w_gate_up,), (H,)), PREC=_prec(x.dtype), UPCAST=interp, INTERP=interp,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -646,8 +646,8 @@ def _bwd(dy, x, w_gate_up, w_down, rw, slots, offsets, activation, need_x, need_
         part["dw"] = dwp = torch.empty(S, nb, device=dev, dtype=torch.float32) if need_w else rw_flat
         k._gate_up_kernel[(m * nb,)](
             x, w_gate_up, slots, offsets, a, dy, w_down, rw_flat, dh, dwp, h if saved else dh, H, I, E, m,
-            K=K, LIMIT=0.0 if limit is None else limit, ACT=act_id, HAS_LIMIT=limit is not None, GATED=G == 2, BWD=True,
-            SAVE_H=False, RECOMPUTE=not saved, NEED_W=need_w, BM=cfg.BM, BN=cfg.BN,
+            K=K, LIMIT=0.0 if limit is None else limit, ACT=act_id, HAS_LIMIT=limit is not None, GATED=G == 2,
+            BWD=True, SAVE_H=False, RECOMPUTE=not saved, NEED_W=need_w, BM=cfg.BM, BN=cfg.BN,
             BK=cfg.BK, GROUP_M=cfg.GROUP_M, BLOCK_E=_block_e(E), EVEN_K=H % cfg.BK == 0,
             TMA=_use_tma(cfg, (w_down, w_gate_up) if not saved else (w_down,), (H, I)), PREC=prec, UPCAST=interp,
             INTERP=interp, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -826,10 +826,9 @@ def _recompute_default() -> bool:
     return os.environ.get("H3MOE_RECOMPUTE", "0") == "1"
 
 
-def _limit_in(limit, dtype: torch.dtype) -> float | None:
-    """The validated swiglu_limit rounded to the activations' dtype: eager's torch.clamp(h, max=L) on bf16/fp16
+def _limit_in(limit: float | None, dtype: torch.dtype) -> float | None:
+    """A (validated) swiglu_limit rounded to the activations' dtype: eager's torch.clamp(h, max=L) on bf16/fp16
     h clamps at (and passes the gradient up to) L in h's dtype, so the kernels compare against that value."""
-    limit = _validate.swiglu_limit(limit)
     return None if limit is None else float(torch.tensor(limit, dtype=dtype))
 
 
@@ -849,14 +848,13 @@ def moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, routing:
     bf16 for Mixtral-8x7B at 4096 tokens) for 4*T*K*H*I more FLOPs (+33% on the backward)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    swiglu_limit = _limit_in(swiglu_limit, x.dtype)
     _check(x, w_gate_up, w_down)
     I = w_down.shape[2]  # (comparisons only: they trace with symbolic sizes under torch.compile(dynamic=True))
     if w_gate_up.shape[1] != 2 * I and w_gate_up.shape[1] != I:
         raise ValueError(f"w_gate_up: expected (E, 2I, H) or, ungated, (E, I, H) with I={I}; got "
                          f"{tuple(w_gate_up.shape)}")
-    if I > 0 and w_gate_up.shape[1] == I and swiglu_limit is not None:
-        raise ValueError("swiglu_limit: a clamped SwiGLU needs gated experts")
+    gated = I == 0 or w_gate_up.shape[1] == 2 * I
+    swiglu_limit = _limit_in(_validate.swiglu_limit(swiglu_limit, gated), x.dtype)
     if w_down.shape[0] > 4096:
         raise NotImplementedError(f"the triton experts kernels take E <= 4096 experts; got {w_down.shape[0]}")
     if w_gate_up.shape[1] * x.shape[1] >= 2**31:  # offsets inside one expert's weights are int32 in the kernels
